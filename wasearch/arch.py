@@ -1,0 +1,303 @@
+"""``Arch``: one immutable, serializable description of a network configuration.
+
+An ``Arch`` names the backbone (name, width multiplier, classes, input size) and, for every
+searchable convolution by its module name, a :class:`LayerChoice` ``{conv, tile, bits,
+granularity}``. The model builder, train.py, the latency models, the search and the reports all
+speak it, and every checkpoint embeds it.
+
+YAML form (short and hand-editable; ``default`` applies to every layer not listed under
+``layers`` and gives the bit-width of the non-searchable quantized parts, the 1x1 shortcuts)::
+
+    backbone: resnet18
+    width: 0.5
+    num_classes: 10
+    input_size: 32
+    default: {conv: normal, bits: 8}
+    layers:
+      layer3.0.conv1: {conv: flex, tile: 4, bits: 8}
+      layer3.1.conv2: {conv: static, tile: 2, bits: 8, granularity: tap}
+
+``save`` writes every layer explicitly, so a saved file reads as the whole network.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .layers import CONV_KINDS, GRANULARITIES
+from .models import BACKBONES, ConvSpec, searchable_convs
+from .quant import MAX_BITS, MIN_BITS
+from .winograd import MAX_TILE
+
+__all__ = ["Arch", "ArchError", "LayerChoice"]
+
+_CHOICE_KEYS = ("conv", "tile", "bits", "granularity")
+_ARCH_KEYS = ("backbone", "width", "num_classes", "input_size", "default", "layers")
+
+
+class ArchError(ValueError):
+    """An invalid architecture; the message names the layer (or key) and the bad value."""
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """How one searchable convolution runs.
+
+    ``conv``: ``normal`` (direct convolution), ``static`` or ``flex`` Winograd; ``tile``: the output
+    tile m of F(m x m, 3 x 3), None for normal; ``bits``: 2..16, or None for floating point;
+    ``granularity``: the Winograd-domain quantizers' ranges, per ``tensor`` or per ``tap``.
+    """
+
+    conv: str = "normal"
+    tile: int | None = None
+    bits: int | None = None
+    granularity: str = "tensor"
+
+    def check(self, where: str = "layer") -> LayerChoice:
+        """Validate the values on their own (not against a geometry); return self."""
+        if self.conv not in CONV_KINDS:
+            raise ArchError(
+                f"{where}: unknown conv kind {self.conv!r}; use one of {', '.join(CONV_KINDS)}"
+            )
+        if self.conv == "normal":
+            if self.tile is not None:
+                raise ArchError(f"{where}: tile={self.tile!r} given for a normal conv; drop it")
+        elif isinstance(self.tile, bool) or not isinstance(self.tile, int) or not (
+            2 <= self.tile <= MAX_TILE
+        ):
+            raise ArchError(
+                f"{where}: tile={self.tile!r} for a {self.conv} Winograd conv; use an integer "
+                f"in 2..{MAX_TILE} (2, 4, 6 usual)"
+            )
+        if self.bits is not None and (
+            isinstance(self.bits, bool)
+            or not isinstance(self.bits, int)
+            or not MIN_BITS <= self.bits <= MAX_BITS
+        ):
+            raise ArchError(
+                f"{where}: bits={self.bits!r} is out of range; use {MIN_BITS}..{MAX_BITS} "
+                "or null for floating point"
+            )
+        if self.granularity not in GRANULARITIES:
+            raise ArchError(
+                f"{where}: granularity={self.granularity!r}; use one of {', '.join(GRANULARITIES)}"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        """Short text such as ``normal/8``, ``F4-flex/8``, ``F2-static/fp``, ``F4-static/8t``."""
+        bits = "fp" if self.bits is None else str(self.bits)
+        if self.conv == "normal":
+            return f"normal/{bits}"
+        tap = "t" if self.granularity == "tap" else ""
+        return f"F{self.tile}-{self.conv}/{bits}{tap}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"conv": self.conv}
+        if self.tile is not None:
+            d["tile"] = self.tile
+        d["bits"] = self.bits
+        if self.granularity != "tensor":
+            d["granularity"] = self.granularity
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "layer") -> LayerChoice:
+        if isinstance(data, str):  # shorthand: "normal"
+            data = {"conv": data}
+        if not isinstance(data, Mapping):
+            raise ArchError(f"{where}: expected a mapping like {{conv: flex, tile: 4, bits: 8}}, "
+                            f"got {data!r}")
+        unknown = sorted(set(data) - set(_CHOICE_KEYS))
+        if unknown:
+            raise ArchError(f"{where}: unknown key(s) {unknown}; allowed: {list(_CHOICE_KEYS)}")
+        return cls(**dict(data)).check(where)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A network configuration: backbone and one :class:`LayerChoice` per searchable conv."""
+
+    backbone: str = "resnet18"
+    width: float = 0.5
+    num_classes: int = 10
+    input_size: int = 32
+    default: LayerChoice = field(default_factory=LayerChoice)
+    layers: tuple[tuple[str, LayerChoice], ...] = ()
+
+    def __post_init__(self) -> None:
+        # Resolve: every searchable layer gets a choice (listed, else the default), in order.
+        given = dict(self.layers)
+        specs = self.specs()
+        names = [s.name for s in specs]
+        unknown = [n for n in given if n not in names]
+        if unknown:
+            raise ArchError(
+                f"unknown layer {unknown[0]!r} for {self.backbone} (searchable: {names[0]} .. "
+                f"{names[-1]}, {len(names)} layers)"
+            )
+        resolved = tuple((n, given.get(n, self.default)) for n in names)
+        object.__setattr__(self, "layers", resolved)
+        self.validate()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def uniform(
+        cls,
+        conv: str = "normal",
+        tile: int | None = None,
+        bits: int | None = None,
+        *,
+        granularity: str = "tensor",
+        backbone: str = "resnet18",
+        width: float = 0.5,
+        num_classes: int = 10,
+        input_size: int = 32,
+        fallback: bool = True,
+    ) -> Arch:
+        """Every searchable conv the same choice.
+
+        Layers whose input cannot hold the tile (F6 on a 4x4 input) fall back to the largest tile
+        that fits when ``fallback`` is set (the paper's uniform F6 networks do the same), and
+        raise otherwise.
+        """
+        choice = LayerChoice(conv, tile if conv != "normal" else None, bits, granularity)
+        choice.check("uniform choice")
+        layers = []
+        for spec in searchable_convs(backbone, width, input_size):
+            c = choice
+            if conv != "normal" and fallback:
+                while c.tile > 2 and not _tile_fits(spec, c.tile):
+                    c = replace(c, tile=c.tile - 2)
+            layers.append((spec.name, c))
+        return cls(backbone, width, num_classes, input_size, choice, tuple(layers))
+
+    def with_layers(self, changes: Mapping[str, LayerChoice]) -> Arch:
+        """A copy with some layers' choices replaced."""
+        merged = dict(self.layers)
+        merged.update(changes)
+        return replace(self, layers=tuple(merged.items()))
+
+    # -- access -------------------------------------------------------------------------------
+    def specs(self) -> list[ConvSpec]:
+        if self.backbone not in BACKBONES:
+            raise ArchError(f"backbone: unknown {self.backbone!r}; available: {list(BACKBONES)}")
+        return searchable_convs(self.backbone, self.width, self.input_size)
+
+    def choice(self, name: str) -> LayerChoice:
+        for n, c in self.layers:
+            if n == name:
+                return c
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[tuple[str, LayerChoice]]:
+        return iter(self.layers)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [n for n, _ in self.layers]
+
+    def summary(self) -> str:
+        """One short line, e.g. ``normal/8 x10, F4-flex/8 x6``."""
+        counts: dict[str, int] = {}
+        for _, c in self.layers:
+            counts[c.label] = counts.get(c.label, 0) + 1
+        return ", ".join(f"{k} x{v}" for k, v in counts.items())
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> Arch:
+        if isinstance(self.width, bool) or not isinstance(self.width, int | float) or (
+            self.width <= 0
+        ):
+            raise ArchError(f"width: {self.width!r} must be a positive number")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or (
+            self.num_classes < 2
+        ):
+            raise ArchError(f"num_classes: {self.num_classes!r} must be an integer >= 2")
+        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or (
+            self.input_size < 8
+        ):
+            raise ArchError(f"input_size: {self.input_size!r} must be an integer >= 8")
+        self.default.check("default")
+        for spec, (name, choice) in zip(self.specs(), self.layers, strict=True):
+            choice.check(name)
+            if choice.conv != "normal" and not _tile_fits(spec, choice.tile):
+                raise ArchError(
+                    f"{name}: tile={choice.tile} does not fit: F({choice.tile}x{choice.tile}, 3x3) "
+                    f"reads {choice.tile + 2}x{choice.tile + 2} input tiles and the layer's padded "
+                    f"input is {spec.height + 2}x{spec.width + 2}"
+                )
+        return self
+
+    # -- serialization ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "width": self.width,
+            "num_classes": self.num_classes,
+            "input_size": self.input_size,
+            "default": self.default.to_dict(),
+            "layers": {n: c.to_dict() for n, c in self.layers},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "arch") -> Arch:
+        if not isinstance(data, Mapping):
+            raise ArchError(f"{source}: expected a mapping with keys {list(_ARCH_KEYS)}")
+        unknown = sorted(set(data) - set(_ARCH_KEYS))
+        if unknown:
+            raise ArchError(f"{source}: unknown key(s) {unknown}; allowed: {list(_ARCH_KEYS)}")
+        default = LayerChoice.from_dict(data.get("default", {"conv": "normal"}), "default")
+        layers = data.get("layers") or {}
+        if not isinstance(layers, Mapping):
+            raise ArchError(f"{source}: 'layers' must map layer names to choices")
+        choices = tuple((str(n), LayerChoice.from_dict(c, str(n))) for n, c in layers.items())
+        kwargs = {k: data[k] for k in ("backbone", "width", "num_classes", "input_size")
+                  if k in data}
+        return cls(default=default, layers=choices, **kwargs)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "arch") -> Arch:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ArchError(f"{source}: not valid YAML: {err}".splitlines()[0]) from None
+        return cls.from_dict(data, source)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the YAML form atomically (temporary file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Arch:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ArchError(f"{path}: cannot read architecture file ({err.strerror})") from None
+        try:
+            return cls.from_yaml(text, str(path))
+        except ArchError as err:
+            msg = str(err)
+            raise ArchError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+
+
+def _tile_fits(spec: ConvSpec, tile: int) -> bool:
+    """An F(m x m, 3 x 3) input tile (m + 2) must fit the layer's padded input."""
+    return tile + 2 <= min(spec.height, spec.width) + 2
+

@@ -1,0 +1,177 @@
+"""Winograd-aware and quantized layers.
+
+``WinogradConv2d`` is the Winograd-aware (WA) layer of Fernandez-Marques et al., "Searching for
+Winograd-aware Quantized Networks" (MLSys 2020): a 3x3 convolution that runs the whole Winograd
+pipeline of Lavin & Gray (2016), equation (8), in its forward pass, every stage fake-quantized, so
+that training sees the error that deploying it as Winograd would make. With ``mode="flex"`` the
+transforms ``A^T``, ``G`` and ``B^T`` are trainable parameters, initialised from the Cook-Toom
+matrices; with ``mode="static"`` they are fixed buffers.
+
+Winograd here is stride 1 only (a strided Winograd convolution computes, and throws away, most of
+its outputs); the backbone therefore replaces stride-2 3x3 convolutions with 2x2 max-pooling
+followed by a stride-1 convolution, as the paper's code does.
+
+``Conv2d`` and ``Linear`` are their torch namesakes with input, weight and output fake-quantized.
+All three keep ``.weight`` in torch's shape, so a checkpoint of a direct-convolution network loads
+into any Winograd-aware one and back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import FakeQuantize, check_bits
+from .winograd import MAX_TILE, transform_matrices, winograd_conv2d
+
+__all__ = ["CONV_KINDS", "GRANULARITIES", "Conv2d", "Linear", "WinogradConv2d"]
+
+CONV_KINDS = ("normal", "static", "flex")
+GRANULARITIES = ("tensor", "tap")
+
+
+class Conv2d(nn.Conv2d):
+    """``torch.nn.Conv2d`` with fake-quantized input, weight and output (``bits=None``: float)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        *,
+        bias: bool = False,
+        bits: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, bias=bias, **kwargs
+        )
+        self.bits = check_bits(bits)
+        self.q_input = FakeQuantize(bits)
+        self.q_weight = FakeQuantize(bits, running=False)
+        self.q_output = FakeQuantize(bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits is None:
+            return super().forward(x)
+        w = self.q_weight(self.weight)
+        y = self._conv_forward(self.q_input(x), w, self.bias)
+        return self.q_output(y)
+
+
+class Linear(nn.Linear):
+    """``torch.nn.Linear`` with fake-quantized input, weight and output (``bits=None``: float)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool = True, bits: int | None = None
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.bits = check_bits(bits)
+        self.q_input = FakeQuantize(bits)
+        self.q_weight = FakeQuantize(bits, running=False)
+        self.q_output = FakeQuantize(bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits is None:
+            return super().forward(x)
+        y = F.linear(self.q_input(x), self.q_weight(self.weight), self.bias)
+        return self.q_output(y)
+
+
+class WinogradConv2d(nn.Module):
+    """3x3 stride-1 padding-1 convolution computed as Winograd F(m x m, 3 x 3), Winograd-aware.
+
+    Args:
+        in_channels, out_channels: as ``nn.Conv2d``.
+        tile: output tile size m (2, 4, 6; any 1..8 works); the input tile is m + 2.
+        mode: ``"static"`` (Cook-Toom transforms, fixed) or ``"flex"`` (transforms learned).
+        bits: 2..16 to fake-quantize every stage, or None for floating point.
+        bias: add a learned bias (after the output transform).
+        granularity: ``"tensor"`` (one range per Winograd-domain quantizer, the paper's) or
+            ``"tap"`` (one range per tile position, Andri et al. 2022).
+        points: the finite interpolation points of the transforms (default: see ``winograd``).
+
+    Quantized stages when ``bits`` is set: the input, the weights, the transforms (static: their
+    exact values are fixed, so the quantized ones are too; flex: re-quantized every step), the
+    weights in the Winograd domain ``G g G^T``, the input in the Winograd domain ``B^T d B``, the
+    Hadamard product summed over input channels, and the output. Weight-like tensors use their
+    own range; activation-like ones a running range (see ``quant``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        tile: int = 4,
+        mode: str = "static",
+        bits: int | None = None,
+        *,
+        bias: bool = False,
+        granularity: str = "tensor",
+        points=None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("static", "flex"):
+            raise ValueError(f"mode={mode!r}; use 'static' or 'flex'")
+        if not isinstance(tile, int) or not 1 <= tile <= MAX_TILE:
+            raise ValueError(f"tile={tile!r}; use an integer in 1..{MAX_TILE} (2, 4 or 6 usual)")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r}; use one of {GRANULARITIES}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.tile = tile
+        self.mode = mode
+        self.bits = check_bits(bits)
+        self.granularity = granularity
+        self.kernel_size = (3, 3)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        # Same initialisation as nn.Conv2d, so the two are interchangeable from scratch too.
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+        A_t, G, B_t = transform_matrices(tile, 3, points)
+        if mode == "flex":
+            self.A_t = nn.Parameter(A_t)
+            self.G = nn.Parameter(G)
+            self.B_t = nn.Parameter(B_t)
+        else:
+            self.register_buffer("A_t", A_t)
+            self.register_buffer("G", G)
+            self.register_buffer("B_t", B_t)
+
+        a2 = (tile + 2) ** 2
+        tap = {"granularity": granularity, "channels": a2}
+        self.q_input = FakeQuantize(bits)
+        self.q_weight = FakeQuantize(bits, running=False)
+        self.q_transform = FakeQuantize(bits, running=False)
+        self.q_weight_wd = FakeQuantize(bits, running=False, **tap)
+        self.q_input_wd = FakeQuantize(bits, **tap)
+        self.q_product = FakeQuantize(bits, **tap)
+        self.q_output = FakeQuantize(bits)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, F({self.tile}x{self.tile}, 3x3), "
+            f"mode={self.mode}, bits={self.bits}, granularity={self.granularity}"
+        )
+
+    def transforms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The transforms as used in the forward pass (fake-quantized when ``bits`` is set)."""
+        mats = (self.A_t, self.G, self.B_t)
+        if self.bits is None:
+            return mats
+        return tuple(self.q_transform(t) for t in mats)  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A_t, G, B_t = self.transforms()
+        if self.bits is None:
+            return winograd_conv2d(x, self.weight, A_t, G, B_t, bias=self.bias)
+        quant = {"weight_wd": self.q_weight_wd, "input_wd": self.q_input_wd,
+                 "product": self.q_product}
+        y = winograd_conv2d(
+            self.q_input(x), self.q_weight(self.weight), A_t, G, B_t, bias=self.bias, quant=quant
+        )
+        return self.q_output(y)

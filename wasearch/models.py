@@ -1,0 +1,165 @@
+"""The ResNet-18-like CIFAR backbone of the Winograd-aware paper, built from an ``Arch``.
+
+Layout (width multiplier w, default 0.5): a 3x3 stem convolution of ``64 w`` channels in floating
+point, four stages of two BasicBlocks with ``64 w, 128 w, 256 w, 512 w`` channels, global average
+pooling and a floating-point classifier. Winograd has no stride-2 form worth having, so where
+ResNet-18 uses a stride-2 3x3 convolution the block starts with a 2x2 max-pool and both of its
+paths continue at stride 1 (the paper's code does the same); the projection shortcut is a 1x1
+quantized direct convolution. Every 3x3 convolution inside a block is *searchable*: its kind
+(normal, static or flex Winograd), tile and bit-width come from the ``Arch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .layers import Conv2d, WinogradConv2d
+
+if TYPE_CHECKING:
+    from .arch import Arch, LayerChoice
+
+__all__ = ["BACKBONES", "ConvSpec", "ResNetWA", "build", "searchable_convs", "make_conv"]
+
+BACKBONES = ("resnet18",)
+_STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels at width 1, first-block stride)
+_BLOCKS_PER_STAGE = 2
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A searchable convolution: its module name and input geometry (per image)."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    height: int
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.in_channels, self.out_channels, self.height, self.width)
+
+
+def _channels(base: int, width: float) -> int:
+    return max(1, int(round(base * width)))
+
+
+def _check_backbone(backbone: str) -> None:
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; available: {', '.join(BACKBONES)}")
+
+
+def searchable_convs(
+    backbone: str = "resnet18", width: float = 0.5, input_size: int = 32
+) -> list[ConvSpec]:
+    """The searchable convolutions of a backbone, in forward order, with their input geometry."""
+    _check_backbone(backbone)
+    if width <= 0:
+        raise ValueError(f"width={width!r} must be positive")
+    specs = []
+    c_in = _channels(64, width)
+    size = input_size
+    for s, (base, stride) in enumerate(_STAGES, start=1):
+        c_out = _channels(base, width)
+        for b in range(_BLOCKS_PER_STAGE):
+            if b == 0 and stride == 2:
+                size //= 2
+            specs.append(ConvSpec(f"layer{s}.{b}.conv1", c_in, c_out, size, size))
+            specs.append(ConvSpec(f"layer{s}.{b}.conv2", c_out, c_out, size, size))
+            c_in = c_out
+    return specs
+
+
+def make_conv(in_channels: int, out_channels: int, choice: LayerChoice) -> nn.Module:
+    """A 3x3, stride-1, padding-1 convolution of the chosen kind."""
+    if choice.conv == "normal":
+        return Conv2d(in_channels, out_channels, 3, 1, 1, bits=choice.bits)
+    return WinogradConv2d(
+        in_channels,
+        out_channels,
+        tile=choice.tile,
+        mode=choice.conv,
+        bits=choice.bits,
+        granularity=choice.granularity,
+    )
+
+
+class BasicBlock(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        downsample: bool,
+        conv1: LayerChoice,
+        conv2: LayerChoice,
+        shortcut_bits: int | None,
+    ) -> None:
+        super().__init__()
+        # Max-pool instead of a stride-2 conv: Winograd is stride 1 only.
+        self.pool = nn.MaxPool2d(2) if downsample else nn.Identity()
+        self.conv1 = make_conv(in_channels, out_channels, conv1)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = make_conv(out_channels, out_channels, conv2)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        if in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                Conv2d(in_channels, out_channels, 1, bits=shortcut_bits),
+                nn.BatchNorm2d(out_channels),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNetWA(nn.Module):
+    """ResNet-18-like CIFAR network whose block convolutions follow an ``Arch``."""
+
+    def __init__(self, arch: Arch) -> None:
+        super().__init__()
+        arch.validate()
+        self.arch = arch
+        stem = _channels(64, arch.width)
+        self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)  # floating point, as in the paper
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        c_in = stem
+        for s, (base, stride) in enumerate(_STAGES, start=1):
+            c_out = _channels(base, arch.width)
+            blocks = []
+            for b in range(_BLOCKS_PER_STAGE):
+                prefix = f"layer{s}.{b}"
+                blocks.append(
+                    BasicBlock(
+                        c_in,
+                        c_out,
+                        downsample=(b == 0 and stride == 2),
+                        conv1=arch.choice(f"{prefix}.conv1"),
+                        conv2=arch.choice(f"{prefix}.conv2"),
+                        shortcut_bits=arch.default.bits,
+                    )
+                )
+                c_in = c_out
+            self.add_module(f"layer{s}", nn.Sequential(*blocks))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, arch.num_classes)  # floating point, as in the paper
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def build(arch: Arch) -> ResNetWA:
+    """Build the network an ``Arch`` describes (weights freshly initialised)."""
+    return ResNetWA(arch)

@@ -1,0 +1,277 @@
+"""Cook-Toom transforms for Winograd minimal filtering F(m, r), and the Winograd convolution.
+
+Winograd's minimal filtering algorithm F(m, r) computes m outputs of an r-tap correlation with
+m + r - 1 multiplications instead of m * r (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+Networks", CVPR 2016). In 2-D, F(m x m, r x r) is the nesting of the 1-D algorithm with itself,
+equation (8) in Lavin & Gray:
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A
+
+for an (m + r - 1)^2 input tile ``d`` and an r x r filter ``g``; ``*`` is the element-wise
+(Hadamard) product. Summed over input channels, the Hadamard product becomes one matrix product per
+tile position, which is how :func:`winograd_conv2d` computes it.
+
+The matrices come from the Toom-Cook construction: pick ``alpha - 1`` distinct finite
+interpolation points plus the point at infinity (``alpha = m + r - 1``). Polynomial products are
+evaluated at the points (``G`` evaluates the filter, ``A^T`` evaluates the output polynomial's
+Vandermonde transpose) and recovered by Lagrange interpolation (``B^T``). The matrices are built in
+exact rational arithmetic (:class:`fractions.Fraction`) and only then converted to float tensors,
+so a float64 static Winograd convolution equals a direct one to rounding error. (The original
+Winograd-aware code's F(6x6, 3x3) matrices used wrong diagonal scalings and computed no convolution
+at all; building from points avoids that class of bug.)
+
+Default points (r = 3): ``0, 1, -1`` for F2, ``0, 1, -1, 2, -2`` for F4, and for F6 ``0, 1, -1, 2,
+-2, 1/2, -1/2``. For F6 we take the pair +-1/2 rather than +-3/2 (or +-3): the largest point
+stays 2, so the largest entries of ``A^T`` (powers of the points, up to p^5) stay at 32 instead of
+243 for +-3, and the spread between the largest and smallest transform entries, which is what
+quantization has to cover, is the smallest of the usual choices (Barabasz et al., "Error Analysis
+and Improving the Accuracy of Winograd Convolution for Deep Neural Networks", 2020, find
+reciprocal pairs such as +-1/2 among the most accurate). Other m up to 8 take the next points of
+the same sequence (``3, -3``), or any points the caller gives.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DEFAULT_POINTS",
+    "MAX_TILE",
+    "CookToom",
+    "cook_toom",
+    "default_points",
+    "transform_matrices",
+    "winograd_conv2d",
+    "tile_counts",
+]
+
+#: The finite interpolation points in the order defaults take them; the point at infinity is
+#: always added. F(m, r) uses the first ``m + r - 2``.
+DEFAULT_POINTS: tuple[Fraction, ...] = tuple(
+    Fraction(p) for p in ("0", "1", "-1", "2", "-2", "1/2", "-1/2", "3", "-3")
+)
+#: The largest output tile this module builds transforms for (as documented in the README).
+MAX_TILE = 8
+
+Rational = Fraction | int | str
+
+
+@dataclass(frozen=True)
+class CookToom:
+    """Exact matrices of F(m, r): ``A_t`` (m x alpha), ``G`` (alpha x r), ``B_t`` (alpha x alpha)."""
+
+    m: int
+    r: int
+    points: tuple[Fraction, ...]
+    A_t: tuple[tuple[Fraction, ...], ...]
+    G: tuple[tuple[Fraction, ...], ...]
+    B_t: tuple[tuple[Fraction, ...], ...]
+
+    @property
+    def alpha(self) -> int:
+        """Input tile size ``m + r - 1``."""
+        return self.m + self.r - 1
+
+
+def default_points(m: int, r: int = 3) -> tuple[Fraction, ...]:
+    """The default finite points of F(m, r): the first ``m + r - 2`` of :data:`DEFAULT_POINTS`."""
+    n = m + r - 2
+    if n > len(DEFAULT_POINTS):
+        raise ValueError(
+            f"no default points for F({m}, {r}): it needs {n} finite points and the defaults "
+            f"hold {len(DEFAULT_POINTS)}; pass points=..."
+        )
+    return DEFAULT_POINTS[:n]
+
+
+def _poly_from_roots(roots: Sequence[Fraction]) -> list[Fraction]:
+    """Coefficients, lowest degree first, of prod (x - root)."""
+    coeffs = [Fraction(1)]
+    for root in roots:
+        shifted = [Fraction(0)] + coeffs  # x * p(x)
+        for i, c in enumerate(coeffs):
+            shifted[i] -= root * c
+        coeffs = shifted
+    return coeffs
+
+
+def cook_toom(m: int, r: int = 3, points: Sequence[Rational] | None = None) -> CookToom:
+    """Build the exact Cook-Toom matrices of F(m, r).
+
+    Args:
+        m: output tile size, 1..:data:`MAX_TILE`.
+        r: filter size.
+        points: ``m + r - 2`` distinct finite interpolation points (ints, Fractions or strings
+            such as ``"1/2"``); the point at infinity is added. Defaults to :func:`default_points`.
+
+    The construction: with finite points ``p_i`` and ``N(x) = prod_k (x - p_k)``, the 1-D
+    correlation of ``d`` (length alpha) with ``g`` (length r) is the transpose of the linear
+    convolution of ``g`` with an m-tap signal, which Toom-Cook computes by evaluating both factors at
+    the points and interpolating. So ``A^T[j, i] = p_i^j``, ``G[i, k] = p_i^k / f_i`` with
+    ``f_i = prod_{k != i} (p_i - p_k)``, and row i of ``B^T`` holds the coefficients of
+    ``N(x) / (x - p_i)``; the point at infinity contributes the leading coefficients (a unit column
+    of ``A^T``, a unit row of ``G`` and the coefficients of ``N(x)`` in ``B^T``). Rows of ``G`` and
+    ``B^T`` are sign-normalised so that every ``f_i`` divides as a positive number.
+    """
+    if not isinstance(m, int) or not 1 <= m <= MAX_TILE:
+        raise ValueError(f"output tile m={m!r} is not supported; use an integer in 1..{MAX_TILE}")
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"filter size r={r!r} must be a positive integer")
+    alpha = m + r - 1
+    if points is None:
+        pts = default_points(m, r)
+    else:
+        try:
+            pts = tuple(Fraction(p) for p in points)
+        except (TypeError, ValueError, ZeroDivisionError) as err:
+            raise ValueError(f"interpolation points {list(points)!r} are not rationals: {err}")
+        if len(pts) != alpha - 1:
+            raise ValueError(
+                f"F({m}, {r}) needs {alpha - 1} finite interpolation points (plus infinity), "
+                f"got {len(pts)}: {[str(p) for p in pts]}"
+            )
+        if len(set(pts)) != len(pts):
+            dup = sorted({str(p) for p in pts if pts.count(p) > 1})
+            raise ValueError(f"interpolation points must be distinct; repeated: {dup}")
+
+    n_fin = alpha - 1
+    A_t = [[Fraction(0)] * alpha for _ in range(m)]
+    G = [[Fraction(0)] * r for _ in range(alpha)]
+    B_t = [[Fraction(0)] * alpha for _ in range(alpha)]
+    for i, p in enumerate(pts):
+        f_i = math.prod((p - q for k, q in enumerate(pts) if k != i), start=Fraction(1))
+        sign = 1 if f_i > 0 else -1
+        for j in range(m):
+            A_t[j][i] = p**j
+        for k in range(r):
+            G[i][k] = p**k / abs(f_i)
+        others = [q for k, q in enumerate(pts) if k != i]
+        coeffs = _poly_from_roots(others)  # degree alpha - 2
+        for t, c in enumerate(coeffs):
+            B_t[i][t] = sign * c
+    # The point at infinity: leading coefficients.
+    A_t[m - 1][n_fin] = Fraction(1)
+    G[n_fin][r - 1] = Fraction(1)
+    for t, c in enumerate(_poly_from_roots(pts)):
+        B_t[n_fin][t] = c
+    return CookToom(
+        m=m,
+        r=r,
+        points=pts,
+        A_t=tuple(map(tuple, A_t)),
+        G=tuple(map(tuple, G)),
+        B_t=tuple(map(tuple, B_t)),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(m: int, r: int, points: tuple[Fraction, ...] | None) -> CookToom:
+    return cook_toom(m, r, points)
+
+
+def transform_matrices(
+    m: int,
+    r: int = 3,
+    points: Sequence[Rational] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float tensors ``(A_t, G, B_t)`` of F(m, r), shapes (m, a), (a, r), (a, a)."""
+    key = None if points is None else tuple(Fraction(p) for p in points)
+    ct = _cached(m, r, key)
+
+    def to_tensor(rows: tuple[tuple[Fraction, ...], ...]) -> torch.Tensor:
+        # Fraction -> float rounds once, correctly; float64 then holds the exact value's nearest.
+        return torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64).to(
+            device=device, dtype=dtype
+        )
+
+    return to_tensor(ct.A_t), to_tensor(ct.G), to_tensor(ct.B_t)
+
+
+def tile_counts(height: int, width: int, m: int) -> tuple[int, int]:
+    """Number of m x m output tiles covering an output of ``height x width``."""
+    return -(-height // m), -(-width // m)
+
+
+
+
+def winograd_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    A_t: torch.Tensor,
+    G: torch.Tensor,
+    B_t: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    quant: dict[str, torch.nn.Module] | None = None,
+) -> torch.Tensor:
+    """3x3, stride 1, padding 1 convolution computed as Winograd F(m x m, 3 x 3).
+
+    Equivalent to ``F.conv2d(x, weight, bias, padding=1)`` when the transforms are exact and no
+    quantizer is given. The output is computed in whole m x m tiles: the input is zero-padded to
+    cover them and the result cropped back, so any H and W work.
+
+    Each 2-D transform is applied as one matrix product with a Kronecker matrix
+    (``kron(B^T, B^T)`` acting on tiles flattened to alpha^2 values), and the Winograd-domain
+    product is a batched matrix multiply over the alpha^2 tile positions,
+    ``(a2, K, C) @ (a2, C, N*T)``, never a broadcast over output channels.
+
+    ``quant`` optionally maps stage names to fake quantizers (callables on tensors):
+    ``"weight_wd"`` (G g G^T), ``"input_wd"`` (B^T d B) and ``"product"`` (the Hadamard product
+    summed over input channels). The tap-wise quantizers take the position as dimension 0.
+    """
+    n, c, h, w = x.shape
+    k = weight.shape[0]
+    m, a = A_t.shape
+    if weight.shape[1:] != (c, 3, 3) or G.shape != (a, 3) or B_t.shape != (a, a):
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"A_t {tuple(A_t.shape)}, G {tuple(G.shape)}, B_t {tuple(B_t.shape)}"
+        )
+    q = quant or {}
+    th, tw = tile_counts(h, w, m)
+    t = th * tw
+    a2 = a * a
+
+    # Weights to the Winograd domain: U = G g G^T for every (k, c), as kron(G, G) @ vec(g).
+    kg = torch.kron(G, G)  # (a2, 9)
+    u = kg @ weight.reshape(k * c, 9).t()  # (a2, K*C)
+    u = u.reshape(a2, k, c)
+    if "weight_wd" in q:
+        u = q["weight_wd"](u)
+
+    # Input tiles: alpha x alpha windows with stride m over the input padded by 1 (the conv's
+    # padding) and, bottom/right, up to whole tiles. im2col (F.unfold) is much faster than
+    # Tensor.unfold in the backward pass (col2im against a generic unfold_backward).
+    if th * m == h and tw * m == w:
+        cols = F.unfold(x, a, padding=1, stride=m)
+    else:
+        xp = F.pad(x, (1, tw * m + 1 - w, 1, th * m + 1 - h))
+        cols = F.unfold(xp, a, stride=m)
+    # (N, C*a2, T) -> (a2, C*N*T): position-major, for the transform and the batched product.
+    tiles = cols.view(n, c, a2, t).permute(2, 1, 0, 3).reshape(a2, c * n * t)
+    v = torch.kron(B_t, B_t) @ tiles  # (a2, C*N*T)
+    v = v.reshape(a2, c, n * t)
+    if "input_wd" in q:
+        v = q["input_wd"](v)
+
+    mprod = torch.bmm(u, v)  # (a2, K, N*T): the Hadamard product summed over C
+    if "product" in q:
+        mprod = q["product"](mprod)
+
+    y = torch.kron(A_t, A_t) @ mprod.reshape(a2, k * n * t)  # (m2, K*N*T)
+    y = y.reshape(m, m, k, n, th, tw).permute(3, 2, 4, 0, 5, 1).reshape(n, k, th * m, tw * m)
+    if th * m != h or tw * m != w:
+        y = y[:, :, :h, :w]
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y

@@ -49,8 +49,8 @@ class ArchError(ValueError):
 class LayerChoice:
     """How one searchable convolution runs.
 
-    ``conv``: ``normal`` (direct convolution), ``static`` or ``flex`` Winograd; ``tile``: the output
-    tile m of F(m x m, 3 x 3), None for normal; ``bits``: 2..16, or None for floating point;
+    ``conv``: ``normal`` (direct convolution), ``static`` or ``flex`` Winograd; ``tile``: the
+    output tile m of F(m x m, 3 x 3), None for normal; ``bits``: 2..16, or None for floating point;
     ``granularity``: the Winograd-domain quantizers' ranges, per ``tensor`` or per ``tap``.
     """
 
@@ -68,8 +68,10 @@ class LayerChoice:
         if self.conv == "normal":
             if self.tile is not None:
                 raise ArchError(f"{where}: tile={self.tile!r} given for a normal conv; drop it")
-        elif isinstance(self.tile, bool) or not isinstance(self.tile, int) or not (
-            2 <= self.tile <= MAX_TILE
+        elif (
+            isinstance(self.tile, bool)
+            or not isinstance(self.tile, int)
+            or not (2 <= self.tile <= MAX_TILE)
         ):
             raise ArchError(
                 f"{where}: tile={self.tile!r} for a {self.conv} Winograd conv; use an integer "
@@ -113,8 +115,9 @@ class LayerChoice:
         if isinstance(data, str):  # shorthand: "normal"
             data = {"conv": data}
         if not isinstance(data, Mapping):
-            raise ArchError(f"{where}: expected a mapping like {{conv: flex, tile: 4, bits: 8}}, "
-                            f"got {data!r}")
+            raise ArchError(
+                f"{where}: expected a mapping like {{conv: flex, tile: 4, bits: 8}}, got {data!r}"
+            )
         unknown = sorted(set(data) - set(_CHOICE_KEYS))
         if unknown:
             raise ArchError(f"{where}: unknown key(s) {unknown}; allowed: {list(_CHOICE_KEYS)}")
@@ -213,16 +216,22 @@ class Arch:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> Arch:
-        if isinstance(self.width, bool) or not isinstance(self.width, int | float) or (
-            self.width <= 0
+        if (
+            isinstance(self.width, bool)
+            or not isinstance(self.width, int | float)
+            or (self.width <= 0)
         ):
             raise ArchError(f"width: {self.width!r} must be a positive number")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or (
-            self.num_classes < 2
+        if (
+            isinstance(self.num_classes, bool)
+            or not isinstance(self.num_classes, int)
+            or (self.num_classes < 2)
         ):
             raise ArchError(f"num_classes: {self.num_classes!r} must be an integer >= 2")
-        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or (
-            self.input_size < 8
+        if (
+            isinstance(self.input_size, bool)
+            or not isinstance(self.input_size, int)
+            or (self.input_size < 8)
         ):
             raise ArchError(f"input_size: {self.input_size!r} must be an integer >= 8")
         self.default.check("default")
@@ -230,9 +239,9 @@ class Arch:
             choice.check(name)
             if choice.conv != "normal" and not _tile_fits(spec, choice.tile):
                 raise ArchError(
-                    f"{name}: tile={choice.tile} does not fit: F({choice.tile}x{choice.tile}, 3x3) "
-                    f"reads {choice.tile + 2}x{choice.tile + 2} input tiles and the layer's padded "
-                    f"input is {spec.height + 2}x{spec.width + 2}"
+                    f"{name}: tile={choice.tile} does not fit: F({choice.tile}x{choice.tile}, "
+                    f"3x3) reads {choice.tile + 2}x{choice.tile + 2} input tiles and the layer's "
+                    f"padded input is {spec.height + 2}x{spec.width + 2}"
                 )
         return self
 
@@ -259,8 +268,9 @@ class Arch:
         if not isinstance(layers, Mapping):
             raise ArchError(f"{source}: 'layers' must map layer names to choices")
         choices = tuple((str(n), LayerChoice.from_dict(c, str(n))) for n, c in layers.items())
-        kwargs = {k: data[k] for k in ("backbone", "width", "num_classes", "input_size")
-                  if k in data}
+        kwargs = {
+            k: data[k] for k in ("backbone", "width", "num_classes", "input_size") if k in data
+        }
         return cls(default=default, layers=choices, **kwargs)
 
     def to_yaml(self) -> str:
@@ -300,4 +310,3 @@ class Arch:
 def _tile_fits(spec: ConvSpec, tile: int) -> bool:
     """An F(m x m, 3 x 3) input tile (m + 2) must fit the layer's padded input."""
     return tile + 2 <= min(spec.height, spec.width) + 2
-

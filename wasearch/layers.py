@@ -169,8 +169,11 @@ class WinogradConv2d(nn.Module):
         A_t, G, B_t = self.transforms()
         if self.bits is None:
             return winograd_conv2d(x, self.weight, A_t, G, B_t, bias=self.bias)
-        quant = {"weight_wd": self.q_weight_wd, "input_wd": self.q_input_wd,
-                 "product": self.q_product}
+        quant = {
+            "weight_wd": self.q_weight_wd,
+            "input_wd": self.q_input_wd,
+            "product": self.q_product,
+        }
         y = winograd_conv2d(
             self.q_input(x), self.q_weight(self.weight), A_t, G, B_t, bias=self.bias, quant=quant
         )

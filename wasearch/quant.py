@@ -189,8 +189,9 @@ class FakeQuantize(nn.Module):
             return x
         axis = 0 if self.granularity == "tap" else None
         if self.running and not self.training and bool(self.initialized):
-            return fake_quantize(x, torch.maximum(self.min_val.abs(), self.max_val.abs()),
-                                 self.bits, axis)
+            return fake_quantize(
+                x, torch.maximum(self.min_val.abs(), self.max_val.abs()), self.bits, axis
+            )
         lo, hi = self._batch_range(x)
         x_amax = torch.maximum(lo.abs(), hi.abs())
         if not self.running or not self.training:

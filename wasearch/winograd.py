@@ -65,7 +65,7 @@ Rational = Fraction | int | str
 
 @dataclass(frozen=True)
 class CookToom:
-    """Exact matrices of F(m, r): ``A_t`` (m x alpha), ``G`` (alpha x r), ``B_t`` (alpha x alpha)."""
+    """Exact matrices of F(m, r): ``A_t`` (m x a), ``G`` (a x r), ``B_t`` (a x a), a = alpha."""
 
     m: int
     r: int
@@ -113,8 +113,8 @@ def cook_toom(m: int, r: int = 3, points: Sequence[Rational] | None = None) -> C
 
     The construction: with finite points ``p_i`` and ``N(x) = prod_k (x - p_k)``, the 1-D
     correlation of ``d`` (length alpha) with ``g`` (length r) is the transpose of the linear
-    convolution of ``g`` with an m-tap signal, which Toom-Cook computes by evaluating both factors at
-    the points and interpolating. So ``A^T[j, i] = p_i^j``, ``G[i, k] = p_i^k / f_i`` with
+    convolution of ``g`` with an m-tap signal, which Toom-Cook computes by evaluating both factors
+    at the points and interpolating. So ``A^T[j, i] = p_i^j``, ``G[i, k] = p_i^k / f_i`` with
     ``f_i = prod_{k != i} (p_i - p_k)``, and row i of ``B^T`` holds the coefficients of
     ``N(x) / (x - p_i)``; the point at infinity contributes the leading coefficients (a unit column
     of ``A^T``, a unit row of ``G`` and the coefficients of ``N(x)`` in ``B^T``). Rows of ``G`` and
@@ -131,7 +131,8 @@ def cook_toom(m: int, r: int = 3, points: Sequence[Rational] | None = None) -> C
         try:
             pts = tuple(Fraction(p) for p in points)
         except (TypeError, ValueError, ZeroDivisionError) as err:
-            raise ValueError(f"interpolation points {list(points)!r} are not rationals: {err}")
+            msg = f"interpolation points {list(points)!r} are not rationals: {err}"
+            raise ValueError(msg) from None
         if len(pts) != alpha - 1:
             raise ValueError(
                 f"F({m}, {r}) needs {alpha - 1} finite interpolation points (plus infinity), "
@@ -200,8 +201,6 @@ def transform_matrices(
 def tile_counts(height: int, width: int, m: int) -> tuple[int, int]:
     """Number of m x m output tiles covering an output of ``height x width``."""
     return -(-height // m), -(-width // m)
-
-
 
 
 def winograd_conv2d(

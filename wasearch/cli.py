@@ -1,0 +1,33 @@
+"""Shared plumbing of the command-line scripts: user errors end in one line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["UserError", "run_main"]
+
+
+class UserError(Exception):
+    """A problem the user caused (a bad flag, file or value): one line, no traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .arch import ArchError
+    from .data import DataError
+
+    return (UserError, ArchError, DataError)
+
+
+def run_main(
+    main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None
+) -> int:
+    """Call ``main(argv)``; print user errors as ``error: ...`` on stderr and return 2."""
+    try:
+        return main(argv)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

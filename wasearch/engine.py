@@ -1,0 +1,514 @@
+"""Training and evaluation: fit, evaluate, checkpoints, resume, adaptation from a checkpoint.
+
+Defaults are the Winograd-aware paper's: Adam, lr 1e-3, weight decay 4e-5, the learning rate
+multiplied by 0.1 at 3/5 and 4/5 of the epochs, batch 64. The loss and accuracy of an epoch are
+averaged over samples (the original code averaged batch means over the dataset size).
+
+A checkpoint (``best.pt``, ``last.pt``) holds the ``Arch``, the training config, the data
+normalisation and the metrics besides the weights: :func:`load_checkpoint` rebuilds and evaluates
+a model from the file alone.
+
+Adaptation (:func:`init_from_checkpoint`): conv kernels have the same shape in every mode, so a
+checkpoint of any architecture initialises any other of the same backbone and width. Weights,
+BatchNorm and matching quantizer ranges are copied; static transforms keep their exact Cook-Toom
+values; the Winograd-domain quantizers of every layer whose algorithm changed start empty and are
+warmed up on the first training batches (:func:`warmup_ranges`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import Arch
+from .data import BatchLoader, DataSplits, ImageSet
+from .models import ResNetWA, build
+from .quant import FakeQuantize
+
+__all__ = [
+    "Checkpoint",
+    "atomic_write_text",
+    "count_params",
+    "DivergenceError",
+    "FitResult",
+    "TrainConfig",
+    "evaluate",
+    "fit",
+    "init_from_checkpoint",
+    "load_checkpoint",
+    "select_device",
+    "warmup_ranges",
+]
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = 1
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Saved with every run and inside every checkpoint."""
+
+    epochs: int = 120  # the paper's from-scratch budget
+    batch_size: int = 64
+    lr: float = 1e-3  # Adam
+    weight_decay: float = 4e-5
+    lr_decay_at: tuple[float, ...] = (0.6, 0.8)  # fractions of the epochs where lr *= 0.1
+    seed: int = 0
+    augment: bool = True  # random crop (4-pixel padding) and horizontal flip
+    eval_batch_size: int = 256
+    warmup_batches: int = 10  # Winograd-domain range warm-up after init_from_checkpoint
+    max_batches_per_epoch: int | None = None  # cap (quick runs and tests)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be positive")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        self.lr_decay_at = tuple(self.lr_decay_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lr_decay_at"] = list(self.lr_decay_at)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class FitResult:
+    best_val_acc: float
+    best_epoch: int
+    last_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    out_dir: Path | None = None
+
+
+@dataclass
+class Checkpoint:
+    arch: Arch
+    model: ResNetWA
+    config: TrainConfig
+    data: dict[str, Any]
+    epoch: int
+    best_val_acc: float
+    history: list[dict[str, float]]
+    extra: dict[str, Any]
+
+
+def select_device(requested: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else the CPU; otherwise the device asked for."""
+    if requested in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(requested)!r} requested but CUDA is not available")
+    return device
+
+
+def _loader(
+    data: DataSplits, split: ImageSet, *, batch_size: int, train: bool, device, seed: int = 0
+) -> BatchLoader:
+    return BatchLoader(
+        split,
+        batch_size=batch_size,
+        mean=data.mean,
+        std=data.std,
+        shuffle=train,
+        augment=train,
+        device=device,
+        seed=seed,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a loader (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    total, loss_sum, correct = 0, 0.0, 0
+    for x, y in loader:
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        total += y.numel()
+    model.train(was_training)
+    if total == 0:
+        return float("nan"), float("nan")
+    return loss_sum / total, correct / total
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that readers see the old or the new content, never a torn one."""
+    _atomic_write_bytes(Path(path), text.encode())
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def _write_metrics(out_dir: Path, history: list[dict[str, float]]) -> None:
+    if not history:
+        return
+    atomic_write_text(out_dir / "metrics.json", json.dumps(history, indent=1))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
+
+
+def _checkpoint_payload(
+    model, arch, config, data_info, epoch, best, history, optimizer, scheduler, extra
+) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "arch": arch.to_dict(),
+        "config": config.to_dict(),
+        "data": data_info,
+        "epoch": epoch,
+        "best_val_acc": best,
+        "history": history,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "extra": extra,
+    }
+
+
+def _read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # a torn or foreign file
+        raise ValueError(f"checkpoint {path} cannot be read: {err}".splitlines()[0]) from None
+    if not isinstance(payload, dict) or "arch" not in payload or "model" not in payload:
+        raise ValueError(f"{path} is not a wasearch checkpoint (no 'arch'/'model' entries)")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model a checkpoint describes, with its weights, ready to evaluate."""
+    payload = _read_checkpoint(path, map_location=device)
+    arch = Arch.from_dict(payload["arch"], str(path))
+    model = build(arch).to(device)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    return Checkpoint(
+        arch=arch,
+        model=model,
+        config=TrainConfig.from_dict(payload.get("config", {})),
+        data=payload.get("data", {}),
+        epoch=payload.get("epoch", 0),
+        best_val_acc=payload.get("best_val_acc", float("nan")),
+        history=payload.get("history", []),
+        extra=payload.get("extra", {}),
+    )
+
+
+_WINOGRAD_DOMAIN = ("weight_wd", "input_wd", "product")
+
+
+def _layer_changed(src: Arch, dst: Arch, name: str) -> bool:
+    a, b = src.choice(name), dst.choice(name)
+    return (a.conv, a.tile, a.granularity) != (b.conv, b.tile, b.granularity)
+
+
+def init_from_checkpoint(model: ResNetWA, path: str | os.PathLike) -> list[str]:
+    """Initialise ``model`` from a checkpoint of another architecture (the adaptation shortcut).
+
+    Returns the names of the quantizers left empty (to be warmed up by :func:`warmup_ranges`).
+    Raises ValueError when backbone, width or classes differ.
+    """
+    payload = _read_checkpoint(path)
+    src_arch = Arch.from_dict(payload["arch"], str(path))
+    dst_arch = model.arch
+    for key in ("backbone", "width", "num_classes"):
+        if getattr(src_arch, key) != getattr(dst_arch, key):
+            raise ValueError(
+                f"checkpoint {path} has {key}={getattr(src_arch, key)!r} but the model has "
+                f"{getattr(dst_arch, key)!r}; adaptation needs the same backbone, width, classes"
+            )
+    src_state = payload["model"]
+    own = model.state_dict()
+    changed = {n for n in dst_arch.layer_names if _layer_changed(src_arch, dst_arch, n)}
+    load = {}
+    for key, value in own.items():
+        if key not in src_state or src_state[key].shape != value.shape:
+            continue
+        if ".q_" in key:
+            module_name, rest = key.split(".q_", 1)
+            if module_name in changed and rest.split(".")[0] in _WINOGRAD_DOMAIN:
+                continue  # Winograd-domain ranges of another algorithm mean nothing here
+        else:
+            module_name, leaf = key.rsplit(".", 1)
+            if leaf in ("A_t", "G", "B_t") and (
+                module_name in changed or dst_arch.choice(module_name).conv == "static"
+            ):
+                continue  # static transforms stay exact; other tiles' transforms do not apply
+        load[key] = src_state[key]
+    model.load_state_dict(load, strict=False)
+    # Quantizers the checkpoint did not initialise (new stages, or ranges skipped above).
+    empty = []
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantize) and module.running and module.bits is not None:
+            key = f"{name}.initialized"
+            if key not in load or not bool(load[key]):
+                module.reset_range()
+                empty.append(name)
+    return empty
+
+
+@torch.no_grad()
+def warmup_ranges(model: nn.Module, loader: BatchLoader, batches: int = 10) -> int:
+    """Initialise empty running quantizer ranges on ``batches`` training batches.
+
+    Only the quantizers that have no range yet observe, as the mean of the batches' ranges; the
+    rest of the model runs in evaluation mode, so BatchNorm statistics and existing ranges do not
+    move. Returns the number of batches used.
+    """
+    quantizers = [
+        m
+        for m in model.modules()
+        if isinstance(m, FakeQuantize)
+        and m.running
+        and m.bits is not None
+        and not bool(m.initialized)
+    ]
+    if not quantizers or batches <= 0:
+        return 0
+    was_training = model.training
+    model.eval()
+    saved = [(q, q.momentum) for q in quantizers]
+    used = 0
+    for x, _ in loader:
+        for q, _m in saved:
+            q.train()
+            q.momentum = 1.0 / (used + 1)  # running mean of the warm-up batches' ranges
+        model(x)
+        used += 1
+        if used >= batches:
+            break
+    for q, momentum in saved:
+        q.momentum = momentum
+    model.train(was_training)
+    return used
+
+
+def _milestones(config: TrainConfig) -> list[int]:
+    return sorted({max(1, int(round(f * config.epochs))) for f in config.lr_decay_at})
+
+
+def fit(
+    model: ResNetWA,
+    data: DataSplits,
+    config: TrainConfig,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    resume: bool = False,
+    init_from: str | os.PathLike | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    extra: dict[str, Any] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``data.train``, select on ``data.val`` (``data.test`` when no val).
+
+    With ``out_dir`` the run writes ``metrics.csv``/``metrics.json`` every epoch, ``last.pt``
+    every epoch and ``best.pt`` when validation accuracy improves, all atomically. ``resume``
+    continues from ``out_dir/last.pt``. ``init_from`` initialises the weights from another
+    checkpoint and warms up the new quantizer ranges. ``on_epoch`` sees each epoch's metrics
+    (a search uses it to report and prune). A NaN or infinite loss raises
+    :class:`DivergenceError` after the last good epoch was saved.
+    """
+    log = log or logger.info
+    device = select_device(device)
+    torch.manual_seed(config.seed)
+    model.to(device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    data_info = {
+        "dataset": data.name,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "classes": list(data.classes),
+        "synthetic": data.synthetic,
+    }
+    extra = dict(extra or {})
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n.endswith("weight")]
+    no_decay = [
+        p for n, p in model.named_parameters() if not (p.ndim > 1 and n.endswith("weight"))
+    ]
+    optimizer = torch.optim.Adam(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, _milestones(config), gamma=0.1)
+    train_loader = _loader(
+        data, data.train, batch_size=config.batch_size, train=True, device=device, seed=config.seed
+    )
+    val_split = data.val if data.val is not None and len(data.val) else data.test
+    val_loader = _loader(
+        data, val_split, batch_size=config.eval_batch_size, train=False, device=device
+    )
+
+    start_epoch, best, best_epoch, history = 1, -1.0, 0, []
+    if resume:
+        if out is None or not (out / "last.pt").is_file():
+            raise FileNotFoundError(f"nothing to resume: {out}/last.pt does not exist")
+        payload = _read_checkpoint(out / "last.pt", map_location=device)
+        if Arch.from_dict(payload["arch"]) != model.arch:
+            raise ValueError(f"{out}/last.pt holds another architecture; cannot resume into it")
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        start_epoch = payload["epoch"] + 1
+        best, history = payload["best_val_acc"], payload["history"]
+        best_epoch = max((h["epoch"] for h in history if h["val_acc"] == best), default=0)
+        extra = {**payload.get("extra", {}), **extra}
+        log(f"resuming {out} at epoch {start_epoch}/{config.epochs}")
+    elif init_from is not None:
+        empty = init_from_checkpoint(model, init_from)
+        used = warmup_ranges(model, train_loader, config.warmup_batches) if empty else 0
+        log(
+            f"initialised from {init_from}; {len(empty)} quantizer ranges warmed up on "
+            f"{used} batches"
+        )
+        extra.setdefault("init_from", str(init_from))
+
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        train_loader.set_epoch(epoch)
+        n_batches = len(train_loader)
+        if config.max_batches_per_epoch:
+            n_batches = min(n_batches, config.max_batches_per_epoch)
+        seen, loss_sum, correct = 0, 0.0, 0
+        bar = _progress(n_batches, f"epoch {epoch}/{config.epochs}", progress)
+        for i, (x, y) in enumerate(train_loader):
+            if i >= n_batches:
+                break
+            out_logits = model(x)
+            loss = F.cross_entropy(out_logits, y)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise DivergenceError(
+                    f"loss became {loss.item()} at epoch {epoch}, batch {i + 1}; "
+                    + (
+                        f"the last good checkpoint is {out / 'last.pt'}"
+                        if out and (out / "last.pt").exists()
+                        else "no checkpoint was written"
+                    )
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                seen += y.numel()
+                loss_sum += loss.item() * y.numel()
+                correct += (out_logits.argmax(1) == y).sum().item()
+            bar.update(1)
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val_loss, val_acc = evaluate(model, val_loader)
+        row = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        improved = val_acc > best
+        if improved:
+            best, best_epoch = val_acc, epoch
+        if out is not None:
+            payload = _checkpoint_payload(
+                model,
+                model.arch,
+                config,
+                data_info,
+                epoch,
+                best,
+                history,
+                optimizer,
+                scheduler,
+                extra,
+            )
+            _save_torch(payload, out / "last.pt")
+            if improved:
+                _save_torch(payload, out / "best.pt")
+            _write_metrics(out, history)
+        log(
+            f"epoch {epoch}/{config.epochs}  lr {lr:.2e}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}"
+            f"{'  *' if improved else ''}  ({row['seconds']:.1f}s)"
+        )
+        if on_epoch is not None:
+            on_epoch(row)
+    return FitResult(
+        best_val_acc=best,
+        best_epoch=best_epoch,
+        last_epoch=history[-1]["epoch"] if history else 0,
+        history=history,
+        seconds=time.perf_counter() - t_start,
+        out_dir=out,
+    )
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters (flex transforms included)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,280 @@
+"""The ``train.py`` / ``adapt.py`` command line: train one architecture.
+
+The classic flags of the Winograd-aware paper's code keep their meaning (``--use_normal_conv |
+--static | --flex``, ``--F``, ``--Q``, ``--bits``, ``--mult``, ``--epochs``, ``--batch_size``,
+``--lr``, ``--use_cpu``, ``--seed``, ``--outDir``, ``--modelDir``/``--modelToLoad``); ``--arch
+FILE.yaml`` trains a per-layer architecture instead. A run writes one folder, named after its
+configuration, holding ``config.json``, ``arch.yaml``, ``summary.txt``, ``metrics.csv``/``.json``,
+``best.pt``, ``last.pt`` and ``final.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from .arch import Arch
+from .cli import UserError
+from .data import DATASETS, load_dataset
+from .engine import (
+    DivergenceError,
+    TrainConfig,
+    _loader,
+    atomic_write_text,
+    count_params,
+    evaluate,
+    fit,
+    load_checkpoint,
+    select_device,
+)
+from .models import build, searchable_convs
+
+__all__ = ["build_parser", "main", "summary_table"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Adapt a trained run to another architecture (weights, BN and ranges carried over)."
+            if adapt
+            else "Train one Winograd-aware (or normal) network."
+        ),
+    )
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--use_normal_conv", action="store_true", help="direct convolutions")
+    kind.add_argument("--static", action="store_true", help="Winograd, Cook-Toom transforms")
+    kind.add_argument("--flex", action="store_true", help="Winograd, learned transforms")
+    kind.add_argument("--arch", metavar="FILE.yaml", help="per-layer architecture file")
+    p.add_argument("--F", type=int, default=4, choices=(2, 4, 6),
+                   help="Winograd output tile m of F(m x m, 3 x 3) (default 4)")
+    p.add_argument("--Q", action="store_true", help="quantize (with --bits)")
+    p.add_argument("--bits", type=int, default=8, help="bit-width with --Q (2..16, default 8)")
+    p.add_argument("--granularity", choices=("tensor", "tap"), default="tensor",
+                   help="Winograd-domain quantizer ranges: per tensor (paper) or per tap")
+    p.add_argument("--mult", type=_positive_float, default=0.5, help="width multiplier (0.5)")
+    p.add_argument("--epochs", type=_positive_int, default=120, help="epochs (default 120)")
+    p.add_argument("--batch_size", type=_positive_int, default=64, help="batch size (64)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3)")
+    p.add_argument("--weight-decay", type=float, default=4e-5, help="weight decay (4e-5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="dataset (cifar10)")
+    p.add_argument("--data-dir", help="dataset folder (default ~/.cache/wasearch/data)")
+    p.add_argument("--download", action="store_true", help="download CIFAR when missing")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of train held out for validation (0.1)")
+    p.add_argument("--limit-train", type=_positive_int, help="use at most N training images")
+    p.add_argument("--limit-test", type=_positive_int, help="use at most N test images")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--use_cpu", action="store_true", help="same as --device cpu")
+    p.add_argument("--outDir", "--out-dir", dest="out_dir", default="runs",
+                   help="parent folder of run folders (runs)")
+    p.add_argument("--run-name", help="run folder name (default: from the configuration)")
+    p.add_argument("--resume", action="store_true", help="continue the run folder's last.pt")
+    p.add_argument("--modelDir", help="adapt from this trained run folder")
+    p.add_argument("--modelToLoad", default="best.pt",
+                   help="checkpoint file inside --modelDir (best.pt)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(adapt=adapt)
+    return p
+
+
+def _arch_from_args(args: argparse.Namespace) -> Arch:
+    if args.arch:
+        return Arch.load(args.arch)
+    bits = args.bits if args.Q else None
+    if args.Q and not 2 <= args.bits <= 16:
+        raise UserError(f"--bits {args.bits} is out of range; use 2..16")
+    conv = "flex" if args.flex else "static" if args.static else "normal"
+    return Arch.uniform(
+        conv,
+        args.F if conv != "normal" else None,
+        bits,
+        granularity=args.granularity,
+        width=args.mult,
+    )
+
+
+def _run_name(args: argparse.Namespace, arch: Arch) -> str:
+    if args.run_name:
+        return args.run_name
+    if args.arch:
+        kind = Path(args.arch).stem
+    elif args.flex or args.static:
+        kind = f"{'flex' if args.flex else 'static'}_F{args.F}"
+        if args.granularity == "tap":
+            kind += "_tap"
+    else:
+        kind = "normal"
+    bits = f"{args.bits}bit" if args.Q else "fp32"
+    if args.arch:
+        bits = "arch"
+    prefix = "adapt_" if args.modelDir else ""
+    return f"{prefix}{args.dataset}_{kind}_{bits}_w{arch.width:g}_seed{args.seed}"
+
+
+def summary_table(arch: Arch, model) -> str:
+    """Per searchable layer: weight and input shape, algorithm, flex, bits, parameters."""
+    rows = [("layer", "weight", "input", "Winograd", "flex", "bits", "params")]
+    modules = dict(model.named_modules())
+    total = 0
+    for spec in searchable_convs(arch.backbone, arch.width, arch.input_size):
+        c = arch.choice(spec.name)
+        module = modules[spec.name]
+        params = sum(p.numel() for p in module.parameters())
+        total += params
+        rows.append(
+            (
+                spec.name,
+                "x".join(map(str, module.weight.shape)),
+                f"{spec.in_channels}x{spec.height}x{spec.width}",
+                f"F({c.tile}x{c.tile},3x3)" if c.conv != "normal" else "-",
+                "yes" if c.conv == "flex" else "-",
+                ("fp32" if c.bits is None else str(c.bits))
+                + (" tap" if c.granularity == "tap" and c.conv != "normal" else ""),
+                f"{params:,}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"searchable params {total:,}; whole model {count_params(model):,}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bool = False) -> int:
+    args = build_parser(prog, adapt=adapt).parse_args(argv)
+    if adapt and not args.modelDir:
+        raise UserError("adapt.py needs --modelDir (the trained run folder to adapt from)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        arch = _arch_from_args(args)
+    except ValueError as err:  # ArchError is a ValueError
+        raise UserError(str(err)) from None
+    init_from = None
+    if args.modelDir:
+        init_from = Path(args.modelDir) / args.modelToLoad
+        if not init_from.is_file():
+            raise UserError(f"--modelDir/--modelToLoad: {init_from} does not exist")
+    try:
+        device = select_device("cpu" if args.use_cpu else args.device)
+    except (ValueError, RuntimeError) as err:
+        raise UserError(f"--device: {err}") from None
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    data = load_dataset(
+        args.dataset,
+        data_dir=args.data_dir,
+        download=args.download,
+        val_fraction=args.val_fraction,
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        seed=args.seed,
+    )
+    if data.num_classes != arch.num_classes:
+        if args.arch:
+            raise UserError(
+                f"--arch {args.arch} has num_classes={arch.num_classes} but {data.name} has "
+                f"{data.num_classes} classes"
+            )
+        arch = Arch.from_dict({**arch.to_dict(), "num_classes": data.num_classes})
+    if data.image_size != (arch.input_size, arch.input_size):
+        raise UserError(
+            f"{data.name} images are {data.image_size[0]}x{data.image_size[1]} but the "
+            f"architecture expects {arch.input_size}x{arch.input_size}"
+        )
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+    )
+    run_dir = Path(args.out_dir) / _run_name(args, arch)
+    if (run_dir / "last.pt").exists() and not args.resume:
+        raise UserError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or --run-name/--outDir "
+            "for a new one"
+        )
+    if args.resume and not (run_dir / "last.pt").exists():
+        raise UserError(f"--resume: {run_dir}/last.pt does not exist")
+
+    model = build(arch)
+    table = summary_table(arch, model)
+    label = " (SYNTHETIC data)" if data.synthetic else ""
+    print(f"{prog}: {arch.summary()} on {data.name}{label}, {device}")
+    print(f"train {len(data.train)}, val {len(data.val) if data.val else 0}, "
+          f"test {len(data.test)} images; run folder {run_dir}")
+    print(table)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flags = dict(vars(args))
+    run_config = {
+        "train": config.to_dict(),
+        "flags": flags,
+        "dataset": data.name,
+        "synthetic": data.synthetic,
+        "device": str(device),
+        "init_from": str(init_from) if init_from else None,
+    }
+    atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=1, default=str))
+    arch.save(run_dir / "arch.yaml")
+    atomic_write_text(run_dir / "summary.txt", table + "\n")
+    try:
+        result = fit(
+            model,
+            data,
+            config,
+            out_dir=run_dir,
+            device=device,
+            resume=args.resume,
+            init_from=init_from,
+            progress=not args.no_progress,
+            log=print,
+            extra={"flags": flags},
+        )
+    except DivergenceError as err:
+        raise UserError(f"training diverged: {err}") from None
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
+    best = load_checkpoint(run_dir / "best.pt", device=device)
+    test_loader = _loader(data, data.test, batch_size=config.eval_batch_size, train=False,
+                          device=device)
+    test_loss, test_acc = evaluate(best.model, test_loader)
+    final = {
+        "best_val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "train_seconds": result.seconds,
+        "arch": arch.summary(),
+        "dataset": data.name,
+        "synthetic": data.synthetic,
+    }
+    atomic_write_text(run_dir / "final.json", json.dumps(final, indent=1))
+    print(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}); "
+          f"test acc {test_acc:.4f}; {run_dir}")
+    return 0
+

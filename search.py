@@ -19,15 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each part of the library registers its own sub-commands.
-    from wasearch.latency.cli import register as register_latency
+    import importlib
 
-    register_latency(sub)
-    try:
-        from wasearch.search.cli import register as register_search
-    except ImportError:  # the search sub-commands land separately
-        register_search = None
-    if register_search is not None:
-        register_search(sub)
+    for module in ("wasearch.search.cli", "wasearch.report", "wasearch.latency.cli"):
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -137,6 +137,7 @@ class Arch:
 
     def __post_init__(self) -> None:
         # Resolve: every searchable layer gets a choice (listed, else the default), in order.
+        self._check_scalars()
         given = dict(self.layers)
         specs = self.specs()
         names = [s.name for s in specs]
@@ -216,24 +217,8 @@ class Arch:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> Arch:
-        if (
-            isinstance(self.width, bool)
-            or not isinstance(self.width, int | float)
-            or (self.width <= 0)
-        ):
-            raise ArchError(f"width: {self.width!r} must be a positive number")
-        if (
-            isinstance(self.num_classes, bool)
-            or not isinstance(self.num_classes, int)
-            or (self.num_classes < 2)
-        ):
-            raise ArchError(f"num_classes: {self.num_classes!r} must be an integer >= 2")
-        if (
-            isinstance(self.input_size, bool)
-            or not isinstance(self.input_size, int)
-            or (self.input_size < 8)
-        ):
-            raise ArchError(f"input_size: {self.input_size!r} must be an integer >= 8")
+        """Check every value, and every layer's choice against its input geometry."""
+        self._check_scalars()
         self.default.check("default")
         for spec, (name, choice) in zip(self.specs(), self.layers, strict=True):
             choice.check(name)
@@ -244,6 +229,18 @@ class Arch:
                     f"padded input is {spec.height + 2}x{spec.width + 2}"
                 )
         return self
+
+    def _check_scalars(self) -> None:
+        def bad_int(value: Any, low: int) -> bool:
+            return isinstance(value, bool) or not isinstance(value, int) or value < low
+
+        width_ok = isinstance(self.width, int | float) and not isinstance(self.width, bool)
+        if not width_ok or self.width <= 0:
+            raise ArchError(f"width: {self.width!r} must be a positive number")
+        if bad_int(self.num_classes, 2):
+            raise ArchError(f"num_classes: {self.num_classes!r} must be an integer >= 2")
+        if bad_int(self.input_size, 8):
+            raise ArchError(f"input_size: {self.input_size!r} must be an integer >= 8")
 
     # -- serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

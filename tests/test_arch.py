@@ -1,0 +1,79 @@
+import pytest
+
+from wasearch.arch import Arch, ArchError, LayerChoice
+from wasearch.models import searchable_convs
+
+
+def test_searchable_convs_geometry():
+    specs = searchable_convs("resnet18", 0.5, 32)
+    assert len(specs) == 16
+    assert specs[0].name == "layer1.0.conv1" and specs[0].shape == (32, 32, 32, 32)
+    assert specs[4].name == "layer2.0.conv1" and specs[4].shape == (32, 64, 16, 16)
+    assert specs[-1].name == "layer4.1.conv2" and specs[-1].shape == (256, 256, 4, 4)
+
+
+def test_yaml_round_trip(tmp_path):
+    arch = Arch.uniform("normal", bits=8, width=0.25).with_layers(
+        {
+            "layer2.0.conv1": LayerChoice("flex", 4, 8),
+            "layer3.1.conv2": LayerChoice("static", 6, 16, "tap"),
+            "layer4.0.conv2": LayerChoice("static", 2, None),
+        }
+    )
+    path = arch.save(tmp_path / "a.yaml")
+    again = Arch.load(path)
+    assert again == arch
+    assert again.choice("layer3.1.conv2").granularity == "tap"
+    assert "F4-flex/8 x1" in again.summary()
+
+
+def test_default_applies_to_unlisted_layers():
+    arch = Arch.from_yaml(
+        "width: 0.5\ndefault: {conv: static, tile: 2, bits: 8}\n"
+        "layers:\n  layer1.0.conv1: {conv: normal, bits: 8}\n"
+    )
+    assert arch.choice("layer1.0.conv1") == LayerChoice("normal", None, 8)
+    assert arch.choice("layer4.1.conv2") == LayerChoice("static", 2, 8)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("layers: {layer1.0.conv1: {conv: fancy}}", "layer1.0.conv1: unknown conv kind 'fancy'"),
+        ("layers: {layer2.0.conv2: {conv: flex, tile: 4, bits: 1}}", "layer2.0.conv2: bits=1"),
+        ("layers: {layer3.0.conv1: {conv: flex, tile: 4, bits: 17}}", "layer3.0.conv1: bits=17"),
+        ("layers: {layer4.0.conv1: {conv: static, tile: 6, bits: 8}}",
+         "layer4.0.conv1: tile=6 does not fit"),
+        ("layers: {layer1.0.conv1: {conv: static, tile: 3}}", None),
+        ("layers: {layer1.0.conv1: {conv: static}}", "layer1.0.conv1: tile=None"),
+        ("layers: {layer9.0.conv1: {conv: normal}}", "unknown layer 'layer9.0.conv1'"),
+        ("layers: {layer1.0.conv1: {conv: normal, tiles: 2}}", "unknown key"),
+        ("colour: blue", "unknown key"),
+        ("backbone: vgg", "backbone"),
+        ("width: -1", "width"),
+        ("layers: [", "not valid YAML"),
+    ],
+)
+def test_validation_errors_name_layer_and_value(text, message):
+    if message is None:  # tile 3 is legal (any 2..8), just unusual
+        Arch.from_yaml(text)
+        return
+    with pytest.raises(ArchError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        Arch.from_yaml(text)
+
+
+def test_uniform_f6_falls_back_on_small_inputs():
+    arch = Arch.uniform("flex", 6, 8)
+    assert arch.choice("layer3.0.conv1").tile == 6
+    assert arch.choice("layer4.0.conv1").tile == 4  # 4x4 input: F6 needs an 8x8 tile
+    with pytest.raises(ArchError, match="layer4.0.conv1"):
+        Arch.uniform("flex", 6, 8, fallback=False)
+
+
+def test_load_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("layers: {layer1.0.conv1: {conv: fancy}}")
+    with pytest.raises(ArchError, match="bad.yaml: layer1.0.conv1"):
+        Arch.load(bad)
+    with pytest.raises(ArchError, match="missing.yaml"):
+        Arch.load(tmp_path / "missing.yaml")

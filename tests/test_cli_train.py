@@ -1,0 +1,78 @@
+"""train.py and adapt.py end to end, as a user runs them (subprocess, synthetic data)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "synthetic", "--mult", "0.125", "--limit-train", "300", "--limit-test",
+        "100", "--val-fraction", "0.2", "--batch_size", "32", "--no-progress"]
+
+
+def run(script, *args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd,
+        timeout=600,
+    )
+
+
+def test_train_then_adapt_then_arch(tmp_path):
+    out = tmp_path / "runs"
+    r = run("train.py", "--use_normal_conv", "--Q", "--bits", "8", "--epochs", "1",
+            "--outDir", str(out), *TINY)
+    assert r.returncode == 0, r.stderr
+    run_dir = out / "synthetic_normal_8bit_w0.125_seed0"
+    assert "layer4.1.conv2" in r.stdout and "SYNTHETIC" in r.stdout
+    files = ("config.json", "arch.yaml", "summary.txt", "metrics.csv", "best.pt", "final.json")
+    for name in files:
+        assert (run_dir / name).is_file(), name
+    assert 0 <= json.loads((run_dir / "final.json").read_text())["test_acc"] <= 1
+
+    # The run folder exists: a second identical run refuses instead of overwriting.
+    again = run("train.py", "--use_normal_conv", "--Q", "--bits", "8", "--epochs", "1",
+                "--outDir", str(out), *TINY)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    assert "Traceback" not in again.stderr
+
+    r = run("adapt.py", "--modelDir", str(run_dir), "--flex", "--F", "4", "--epochs", "1",
+            "--Q", "--bits", "8", "--outDir", str(out), *TINY)
+    assert r.returncode == 0, r.stderr
+    adapted = out / "adapt_synthetic_flex_F4_8bit_w0.125_seed0"
+    assert "initialised from" in r.stdout and (adapted / "best.pt").is_file()
+
+    arch_file = tmp_path / "mixed.yaml"
+    arch_file.write_text(
+        "width: 0.125\ndefault: {conv: normal, bits: 8}\n"
+        "layers:\n  layer2.0.conv1: {conv: static, tile: 2, bits: 8, granularity: tap}\n"
+    )
+    r = run("train.py", "--arch", str(arch_file), "--epochs", "1", "--outDir", str(out), *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "F(2x2,3x3)" in r.stdout and (out / "synthetic_mixed_arch_w0.125_seed0").is_dir()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--arch", "missing.yaml"], "missing.yaml"),
+        (["--Q", "--bits", "40"], "--bits 40"),
+        (["--F", "5"], "--F"),
+        (["--epochs", "0"], "--epochs"),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "--download"),
+        (["--device", "cuda:7"], "--device"),
+        (["--dataset", "synthetic", "--val-fraction", "1.5"], "--val-fraction"),
+    ],
+)
+def test_bad_input_gives_one_line_and_nonzero_exit(args, needle, tmp_path):
+    r = run("train.py", *args, "--outDir", str(tmp_path))
+    assert r.returncode == 2
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_adapt_requires_model_dir(tmp_path):
+    r = run("adapt.py", "--flex", "--outDir", str(tmp_path))
+    assert r.returncode == 2 and "--modelDir" in r.stderr

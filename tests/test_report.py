@@ -1,0 +1,470 @@
+"""Reports: CSV tables agree with the study, the page renders in a real headless browser.
+
+The studies are built here with optuna directly, as docs/study_format.md says a search stores
+them (reference architectures, infeasible and failed trials, a differentiable-search trial).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from wasearch.arch import Arch, LayerChoice
+from wasearch.cli import UserError, run_main
+from wasearch.report import register, trials_frame, write_comparison, write_report
+
+CHROMIUM = Path("/usr/bin/chromium")
+WIDTH = 0.125  # a small backbone: the report never builds it, only lists its layers
+
+# Relative cost of a layer per choice (normal = 1): stands in for a latency model.
+_SPEED = {"normal": 1.0, "F2": 0.62, "F4": 0.45, "F6": 0.41}
+
+
+def _layer_ms(arch: Arch) -> dict[str, float]:
+    out = {}
+    for i, (name, c) in enumerate(arch.layers):
+        base = 0.3 + 0.05 * (i % 4)
+        factor = _SPEED["normal" if c.conv == "normal" else f"F{c.tile}"]
+        out[name] = round(base * factor * (0.9 if c.conv == "flex" else 1.0), 5)
+    return out
+
+
+def _attrs(arch: Arch, **extra: object) -> dict[str, object]:
+    layer = _layer_ms(arch)
+    latency = round(sum(layer.values()) + 0.8, 5)  # + the rest of the network
+    return {
+        "arch": arch.to_yaml(),
+        "arch_summary": arch.summary(),
+        "latency_ms": latency,
+        "layer_latency_ms": layer,
+        "latency_estimated": False,
+        "params": 150_000 + 1000 * sum(c.conv == "flex" for _, c in arch.layers),
+        "train_seconds": 12.5,
+        "feasible": True,
+        "source": "optuna",
+        **extra,
+    }
+
+
+def _random_arch(rng: random.Random) -> Arch:
+    f6 = Arch.uniform("flex", 6, 8, width=WIDTH)  # F6 falls back where it does not fit
+    changes = {}
+    for name, fitted in f6.layers:
+        conv = rng.choice(["normal", "static", "flex"])
+        tile = min(rng.choice([2, 4, 6]), fitted.tile)
+        changes[name] = LayerChoice(conv, None if conv == "normal" else tile, 8)
+    return Arch.uniform("normal", bits=8, width=WIDTH).with_layers(changes)
+
+
+def make_study(
+    root: Path,
+    name: str = "demo",
+    *,
+    n_random: int = 14,
+    seed: int = 0,
+    empty: bool = False,
+) -> tuple[Path, optuna.Study]:
+    """A study under ``root/<name>/study.db`` as the search writes it."""
+    study_dir = root / name
+    study_dir.mkdir(parents=True)
+    study = optuna.create_study(
+        directions=["maximize", "minimize"],
+        storage=f"sqlite:///{study_dir / 'study.db'}",
+        study_name=name,
+    )
+    normal = Arch.uniform("normal", bits=8, width=WIDTH)
+    ref_attrs = _attrs(normal)
+    for key, value in {
+        "objectives": ["accuracy", "latency_ms"],
+        "space_path": "spaces/demo.yaml",
+        "space": {"name": name, "backbone": "resnet18", "width": WIDTH},
+        "dataset": "cifar10",
+        "synthetic": True,
+        "latency_model": {"kind": "analytical", "profile": "cortex-a73"},
+        "latency_device": "Cortex-A73 (analytical)",
+        "sampler": "NSGAIISampler",
+        "created": "2025-01-02T03:04:05+00:00",
+        "reference_latency_ms": ref_attrs["latency_ms"],
+    }.items():
+        study.set_user_attr(key, value)
+    if empty:
+        arch = _random_arch(random.Random(seed))
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState.FAIL,
+                user_attrs=_attrs(arch, fail_reason="CUDA out of memory"),
+            )
+        )
+        return study_dir, study
+
+    rng = random.Random(seed)
+    trials = [(normal, 0.93, {"reference": "all-normal"})]
+    for conv in ("static", "flex"):
+        for tile in (2, 4):
+            arch = Arch.uniform(conv, tile, 8, width=WIDTH)
+            acc = {2: 0.905, 4: 0.86}[tile] + (0.01 if conv == "flex" else 0.0)
+            trials.append((arch, acc, {"reference": f"{conv}-F{tile}"}))
+    for _ in range(n_random):
+        arch = _random_arch(rng)
+        winograd = sum(c.conv != "normal" for _, c in arch.layers)
+        trials.append((arch, round(0.935 - 0.0015 * winograd - rng.random() * 0.01, 4), {}))
+    for arch, acc, extra in trials:
+        attrs = _attrs(arch, val_acc=acc, **extra)
+        study.add_trial(
+            optuna.trial.create_trial(values=[acc, attrs["latency_ms"]], user_attrs=attrs)
+        )
+    # An infeasible trial, two failed ones (one with a latency, one without) and a pruned one.
+    arch = _random_arch(rng)
+    attrs = _attrs(arch, val_acc=0.5, feasible=False)
+    study.add_trial(optuna.trial.create_trial(values=[0.5, attrs["latency_ms"]], user_attrs=attrs))
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.FAIL,
+            user_attrs=_attrs(_random_arch(rng), fail_reason="loss is NaN at epoch 2\ntrace..."),
+        )
+    )
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.FAIL, user_attrs={"fail_reason": "worker died"}
+        )
+    )
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.PRUNED, user_attrs=_attrs(_random_arch(rng))
+        )
+    )
+    # A differentiable-search result with per-epoch per-layer candidate probabilities.
+    arch = _random_arch(rng)
+    cands = ["normal/8", "F2-static/8", "F4-flex/8"]
+    probs = []
+    for epoch in range(4):
+        per_layer = {}
+        for i, (layer, _) in enumerate(arch.layers):
+            w = [1.0, 1.0 + epoch * (i % 3), 1.0 + epoch * ((i + 1) % 2)]
+            per_layer[layer] = {c: x / sum(w) for c, x in zip(cands, w, strict=True)}
+        probs.append(per_layer)
+    attrs = _attrs(arch, val_acc=0.905, source="differentiable", probabilities=probs)
+    study.add_trial(
+        optuna.trial.create_trial(values=[0.905, attrs["latency_ms"]], user_attrs=attrs)
+    )
+    return study_dir, study
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, optuna.Study]]:
+    """The studies every test reads, built once: a full one, two to compare, an empty one."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    results = tmp_path_factory.mktemp("results")
+    return {
+        "demo": make_study(results),
+        "a": make_study(results, "a", n_random=5, seed=1),
+        "b": make_study(results, "b", n_random=7, seed=2),
+        "empty": make_study(results, "empty", empty=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def demo(tree: dict[str, tuple[Path, optuna.Study]]) -> tuple[Path, optuna.Study]:
+    study_dir, study = tree["demo"]
+    write_report(study_dir)
+    return study_dir, study
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+def _pareto_numbers(study: optuna.Study) -> set[int]:
+    """The front by brute force over feasible completed trials."""
+    done = [
+        t
+        for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+        if t.user_attrs.get("feasible", True)
+    ]
+    front = set()
+    for t in done:
+        dominated = any(
+            o.values[0] >= t.values[0]
+            and o.values[1] <= t.values[1]
+            and (o.values[0] > t.values[0] or o.values[1] < t.values[1])
+            for o in done
+        )
+        if not dominated:
+            front.add(t.number)
+    return front
+
+
+def test_trials_csv_round_trips_and_agrees_with_study(demo):
+    study_dir, study = demo
+    df = pd.read_csv(study_dir / "trials.csv")
+    trials = study.get_trials()
+    assert df["number"].tolist() == [t.number for t in trials]
+    assert df["state"].tolist() == [t.state.name for t in trials]
+    ref_latency = study.user_attrs["reference_latency_ms"]
+    for t in trials:
+        row = df[df["number"] == t.number].iloc[0]
+        if t.state.name == "COMPLETE":
+            assert row["accuracy"] == pytest.approx(t.values[0])
+            assert row["latency_ms"] == pytest.approx(t.values[1])
+            assert row["speedup"] == pytest.approx(ref_latency / t.values[1])
+        else:
+            assert math.isnan(row["accuracy"])
+        arch_text = t.user_attrs.get("arch")
+        if arch_text:
+            arch = Arch.from_yaml(arch_text)
+            for layer, choice in arch.layers:
+                assert row[f"choice:{layer}"] == choice.label
+                assert row[f"latency_ms:{layer}"] == pytest.approx(
+                    t.user_attrs["layer_latency_ms"][layer]
+                )
+            assert row["train_seconds"] == pytest.approx(12.5)
+        assert (row["reference"] if isinstance(row["reference"], str) else None) == (
+            t.user_attrs.get("reference")
+        )
+    fails = df[df["state"] == "FAIL"]
+    assert fails["fail_reason"].tolist() == ["loss is NaN at epoch 2", "worker died"]
+    assert df.loc[df["feasible"] == False, "number"].tolist() == [  # noqa: E712
+        t.number for t in trials if t.user_attrs.get("feasible") is False
+    ]
+    assert set(df.loc[df["pareto"] == True, "number"]) == _pareto_numbers(study)  # noqa: E712
+    # The in-memory frame is the same table.
+    frame = trials_frame(study)
+    assert list(frame.columns) == list(df.columns)
+
+
+def test_pareto_csv(demo):
+    study_dir, study = demo
+    pareto = pd.read_csv(study_dir / "pareto.csv")
+    assert set(pareto["number"]) == _pareto_numbers(study)
+    assert pareto["latency_ms"].is_monotonic_increasing
+    assert (pareto["state"] == "COMPLETE").all()
+    for n, cmd in zip(pareto["number"], pareto["command"], strict=True):
+        assert cmd.startswith("python train.py --arch ")
+        assert cmd.endswith(f"demo/pareto/trial_{n}.yaml")
+    # all-normal is the most accurate, so on the front, at speed-up 1.
+    normal = pareto[pareto["reference"] == "all-normal"]
+    assert normal["speedup"].tolist() == [pytest.approx(1.0)]
+
+
+def test_page_contents(demo):
+    study_dir, study = demo
+    text = (study_dir / "report.html").read_text()
+    assert text.count("Plotly.newPlot(") >= 4
+    # plotly.js embedded exactly once, no script fetched.
+    assert text.count("* plotly.js v") == 1
+    assert not re.search(r"<script[^>]*\ssrc=", text)
+    for needle in (
+        'id="front-table"',
+        'id="choice-grid"',
+        "Latency by layer",
+        "Candidate probabilities",
+        "spaces/demo.yaml",
+        "Cortex-A73 (analytical)",
+        "NSGAIISampler",
+        "cifar10 (synthetic)",
+        "static-F4",
+        "F4-flex/8",
+    ):
+        assert needle in text, needle
+    assert not list(study_dir.glob(".*.tmp"))
+
+
+def test_empty_study_page_says_so(tree):
+    study_dir, _ = tree["empty"]
+    page = write_report(study_dir)
+    text = page.read_text()
+    assert 'id="no-complete"' in text and "No completed trial yet" in text
+    assert "1 fail" in text
+    assert "Plotly.newPlot" not in text  # no figure, no 4 MB bundle
+    df = pd.read_csv(study_dir / "trials.csv")
+    assert df["state"].tolist() == ["FAIL"]
+    assert pd.read_csv(study_dir / "pareto.csv").empty
+
+
+def test_storage_with_one_other_named_study_and_out(tree, tmp_path):
+    other = tmp_path / "renamed"
+    other.mkdir()
+    shutil.copy(tree["a"][0] / "study.db", other / "study.db")
+    page = write_report(other, out=tmp_path / "pages" / "r.html")
+    assert page == tmp_path / "pages" / "r.html" and page.is_file()
+    assert (other / "trials.csv").is_file()
+
+
+def test_comparison(tree, tmp_path):
+    page = write_comparison([tree["a"][0], tree["b"][0]], out=tmp_path / "compare.html")
+    text = page.read_text()
+    assert "a vs b" in text and 'id="studies"' in text
+    assert text.count("Plotly.newPlot(") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="search.py")
+    register(parser.add_subparsers(dest="command", required=True))
+
+    def main(args: list[str] | None) -> int:
+        ns = parser.parse_args(args)
+        return int(ns.func(ns) or 0)
+
+    return run_main(main, argv)
+
+
+def test_cli_writes_report_and_comparison(tree, tmp_path, capsys, monkeypatch):
+    study_dir = tmp_path / "results" / "cli"
+    study_dir.mkdir(parents=True)
+    shutil.copy(tree["a"][0] / "study.db", study_dir / "study.db")
+    monkeypatch.chdir(tmp_path)
+    assert _cli(["report", "results/cli"]) == 0
+    assert (study_dir / "report.html").is_file() and (study_dir / "pareto.csv").is_file()
+    assert (
+        "python train.py --arch results/cli/pareto/trial_"
+        in (study_dir / "pareto.csv").read_text()
+    )
+    assert _cli(["report", "results/cli", str(tree["b"][0])]) == 0
+    assert (tmp_path / "results" / "compare.html").is_file()
+    assert "compare.html" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tree, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bad")
+    (root / "bare").mkdir()
+    (root / "two").mkdir()
+    shutil.copy(tree["a"][0] / "study.db", root / "two" / "study.db")
+    optuna.create_study(storage=f"sqlite:///{root / 'two' / 'study.db'}", study_name="q")
+    (root / "one").mkdir()
+    shutil.copy(tree["a"][0] / "study.db", root / "one" / "study.db")
+    return root
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["report", "nowhere"], "nowhere: no such study folder"),
+        (["report", "bare"], "bare: no study.db"),
+        (["report", "two", "--study-name", "zzz"], "unknown study 'zzz'"),
+        (["report", "two"], "no study named 'two'"),
+        (["report", "bare", "--storage", "nosuch.log"], "not a database URL"),
+        (["report", "one", "one", "--study-name", "one"], "--study-name picks one study"),
+    ],
+)
+def test_cli_user_errors(bad_inputs, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(bad_inputs)
+    assert _cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (bad_inputs / "bare" / "study.db").exists()  # a bad call creates nothing
+    assert not list(bad_inputs.glob("*/report.html"))
+
+
+def test_library_raises_user_error(tmp_path):
+    with pytest.raises(UserError, match="no such study folder"):
+        write_report(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real headless browser
+# ---------------------------------------------------------------------------------------------
+_CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--no-first-run",
+    "--mute-audio",
+    "--hide-scrollbars",
+    "--enable-logging=stderr",
+    "--v=0",
+    "--virtual-time-budget=8000",
+]
+
+
+def _browser() -> Path:
+    if CHROMIUM.exists():
+        return CHROMIUM
+    if os.environ.get("CI"):
+        pytest.fail(f"{CHROMIUM} is missing: run .ci/install_browser.sh")
+    pytest.skip(f"{CHROMIUM} is missing (bash .ci/install_browser.sh installs it)")
+
+
+def _chromium(page: Path, profile: Path, *extra: str) -> tuple[str, list[str]]:
+    """Load ``page``; return stdout and the console messages chromium logged."""
+    proc = subprocess.run(
+        [str(_browser()), *_CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln or "Uncaught" in ln]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, console
+
+
+def _status(dom: str) -> dict[str, str]:
+    tag = re.search(r'<div id="report-status"[^>]*>', dom)
+    assert tag, "no status element in the DOM"
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', tag.group(0)))
+
+
+def test_console_check_catches_a_broken_page(tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text(
+        '<html><body><div id="report-status"></div>'
+        "<script>document.body.dataset.x = 1; notAFunction();</script></body></html>"
+    )
+    _, console = _chromium(page, tmp_path / "profile", "--dump-dom")
+    assert any("Uncaught ReferenceError" in line for line in console), console
+
+
+def test_report_renders_in_headless_chromium(demo, tmp_path):
+    study_dir, study = demo
+    page = study_dir / "report.html"
+    dom, console = _chromium(page, tmp_path / "profile", "--dump-dom")
+    assert console == [], console
+    status = _status(dom)
+    assert "js-errors" not in status, status
+    assert status["plots-rendered"] == status["plots-expected"], status
+    assert int(status["plots-expected"]) >= 5
+    complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    failed_with_latency = [
+        t
+        for t in study.get_trials(states=[optuna.trial.TrialState.FAIL])
+        if "latency_ms" in t.user_attrs
+    ]
+    assert int(status["trial-points"]) == len(complete)
+    assert int(status["failed-points"]) == len(failed_with_latency)
+    # The markers plotly drew: each completed trial once, plus the failed ones.
+    assert int(status["svg-points"]) == len(complete) + len(failed_with_latency)
+    assert 'class="main-svg"' in dom
+
+    shot = tmp_path / "report.png"
+    _chromium(page, tmp_path / "profile2", f"--screenshot={shot}", "--window-size=1400,2000")
+    assert shot.is_file() and shot.stat().st_size > 50_000
+    if os.environ.get("WASEARCH_KEEP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["WASEARCH_KEEP_SCREENSHOT"])
+
+
+def test_comparison_renders_in_headless_chromium(tree, tmp_path):
+    (a, sa), (b, sb) = tree["a"], tree["b"]
+    page = write_comparison([a, b], out=tmp_path / "compare.html")
+    dom, console = _chromium(page, tmp_path / "profile", "--dump-dom")
+    assert console == [], console
+    status = _status(dom)
+    n = sum(len(s.get_trials(states=[optuna.trial.TrialState.COMPLETE])) for s in (sa, sb))
+    assert status["plots-rendered"] == status["plots-expected"] == "2"
+    assert int(status["trial-points"]) == n == int(status["svg-points"])

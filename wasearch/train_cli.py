@@ -97,6 +97,9 @@ def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.Arg
     p.add_argument("--modelDir", help="adapt from this trained run folder")
     p.add_argument("--modelToLoad", default="best.pt",
                    help="checkpoint file inside --modelDir (best.pt)")
+    p.add_argument("--latency-model", default="cortex-a73",
+                   help="price the architecture with: a shipped profile (cortex-a73, "
+                   "cortex-a53), a profile .yaml or a latency table .csv (cortex-a73)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(adapt=adapt)
     return p
@@ -224,6 +227,13 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
 
     model = build(arch)
     table = summary_table(arch, model)
+    try:
+        from .latency import format_latency_table, load_latency_model
+
+        latency = load_latency_model(args.latency_model)
+        table += "\n\n" + format_latency_table(arch, latency.price(arch, batch=1))
+    except (ValueError, OSError) as err:  # LatencyError is a ValueError
+        raise UserError(f"--latency-model {args.latency_model}: {err}") from None
     label = " (SYNTHETIC data)" if data.synthetic else ""
     print(f"{prog}: {arch.summary()} on {data.name}{label}, {device}")
     print(f"train {len(data.train)}, val {len(data.val) if data.val else 0}, "

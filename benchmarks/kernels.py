@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Deploy Winograd kernels against ``torch.nn.functional.conv2d``, per layer geometry.
+
+For every distinct searchable-conv geometry of the ResNet-18-like backbone (width 0.5 and 1.0,
+32x32 input) at batch 1 and 32: the median time of F.conv2d (the faster of NCHW and
+channels-last inputs, so the baseline is torch's best) and of the deploy Winograd kernels
+F2/F4/F6 in float32 (``wasearch.deploy.WinogradConv``), as ratios to conv2d. ``--before`` adds
+the training-time ``winograd_conv2d`` (NCHW, Kronecker transforms, weights transformed on every
+call) for F4, the kernel before the deploy optimisations. The kernels of one geometry are timed
+in interleaved rounds (one call each per round, shuffled), so that load from other processes on
+a shared machine hits them alike. Target (issue 3): F4 at or below conv2d's time on layers with
+64 or more channels at batch 32.
+
+Prints a table, then one JSON line of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from wasearch.deploy import WinogradConv
+from wasearch.latency.measure import Timing, device_identity
+from wasearch.models import searchable_convs
+from wasearch.winograd import transform_matrices, winograd_conv2d
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--widths", type=float, nargs="+", default=[0.5, 1.0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--tiles", type=int, nargs="+", default=[2, 4, 6])
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the 2 cores here are shared)",
+    )
+    p.add_argument("--repeats", type=int, default=9, help="timed rounds (one call per kernel)")
+    p.add_argument(
+        "--stat",
+        choices=("median", "min", "mean"),
+        default="median",
+        help="statistic of the samples (default: median)",
+    )
+    p.add_argument(
+        "--before",
+        action="store_true",
+        help="also time the training-time winograd_conv2d (F4) as 'before'",
+    )
+    p.add_argument(
+        "--transforms",
+        choices=("auto", "kron", "separable"),
+        default="auto",
+        help="2-D transform form of the deploy kernel (default: auto)",
+    )
+    return p
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], *, repeats: int, rng: random.Random
+) -> dict[str, Timing]:
+    """One call of every kernel per round, in a shuffled order, ``repeats`` rounds: on a shared
+    machine a burst of load then hits every kernel alike, not the one timed at that moment."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    with torch.inference_mode():
+        for fn in fns.values():  # warm-up: oneDNN primitives, caches, allocator
+            fn()
+            fn()
+        for _ in range(repeats):
+            rng.shuffle(names)
+            for name in names:
+                t0 = time.perf_counter()
+                fns[name]()
+                samples[name].append(time.perf_counter() - t0)
+    return {name: Timing(tuple(v)) for name, v in samples.items()}
+
+
+def geometries(widths: Sequence[float]) -> list[tuple[float, int, int, int]]:
+    seen: dict[tuple[float, int, int, int], None] = {}
+    for w in widths:
+        for s in searchable_convs("resnet18", w, 32):
+            seen[(w, s.in_channels, s.out_channels, s.height)] = None
+    return list(seen)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    load = os.getloadavg()[0]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ident = device_identity("cpu", threads=args.threads)
+    print(
+        f"{ident['device']}, {ident['cores']} cores, {args.threads} thread(s), torch "
+        f"{ident['torch']}; load average at start {load:.2f}"
+        + (" (> 1.5: the cores were shared, times are noisy)" if load > 1.5 else "")
+    )
+    cols = [f"F{t}" for t in args.tiles] + (["F4 before"] if args.before else [])
+    print(
+        f"{'width':>5} {'batch':>5} {'C->K @HxW':<16} {'conv2d ms':>10} "
+        + " ".join(f"{c:>10}" for c in cols)
+        + f"   (ratio to conv2d, {args.stat} of {args.repeats}; < 1 is faster)"
+    )
+    results = []
+    t_start = time.perf_counter()
+    order = random.Random(0)
+    for batch in args.batches:
+        for width, c, k, h in geometries(args.widths):
+            x = torch.randn(batch, c, h, h)
+            xl = x.contiguous(memory_format=torch.channels_last)
+            w = torch.randn(k, c, 3, 3) / (3 * c**0.5)
+            b = torch.randn(k)
+            fns = {
+                "conv2d_nchw": functools.partial(F.conv2d, x, w, b, padding=1),
+                "conv2d_cl": functools.partial(F.conv2d, xl, w, b, padding=1),
+            }
+            errs = {}
+            for m in args.tiles:
+                if m > h:
+                    continue
+                A_t, G, B_t = transform_matrices(m)
+                mod = WinogradConv(w, b, A_t, G, B_t, transform=args.transforms)
+                fns[f"F{m}"] = functools.partial(mod, xl)
+                with torch.no_grad():
+                    ref = F.conv2d(x, w, b, padding=1)
+                    errs[f"F{m}"] = float((mod(xl) - ref).abs().max() / ref.abs().max())
+            if args.before and h >= 4:
+                A_t, G, B_t = transform_matrices(4)
+                fns["F4_before"] = functools.partial(winograd_conv2d, x, w, A_t, G, B_t, bias=b)
+            times = interleaved(fns, repeats=args.repeats, rng=order)
+            stat = {name: t.stat(args.stat) for name, t in times.items()}
+            base = min(stat["conv2d_nchw"], stat["conv2d_cl"])
+            row = {
+                "width": width,
+                "batch": batch,
+                "in": c,
+                "out": k,
+                "size": h,
+                "conv2d_s": base,
+                "conv2d_nchw_s": stat["conv2d_nchw"],
+                "conv2d_cl_s": stat["conv2d_cl"],
+            }
+            cells = []
+            for name in [f"F{m}" for m in args.tiles] + (["F4_before"] if args.before else []):
+                if name not in stat:
+                    cells.append(f"{'-':>10}")
+                    continue
+                row[f"{name}_s"], row[f"{name}_ratio"] = stat[name], stat[name] / base
+                if name in errs:
+                    row[f"{name}_relerr"] = errs[name]
+                cells.append(f"{stat[name] / base:>10.2f}")
+            results.append(row)
+            print(
+                f"{width:>5} {batch:>5} {f'{c}->{k} @{h}x{h}':<16} {base * 1e3:>10.3f} "
+                + " ".join(cells),
+                flush=True,
+            )
+
+    target = [
+        r for r in results if r["batch"] == 32 and min(r["in"], r["out"]) >= 64 and "F4_ratio" in r
+    ]
+    met = [r for r in target if r["F4_ratio"] <= 1.0]
+    print(
+        f"\nF4 <= conv2d on {len(met)} of {len(target)} layers with >= 64 channels at batch 32"
+        + (
+            ""
+            if len(met) == len(target)
+            else "; not on: "
+            + ", ".join(
+                f"w{r['width']} {r['in']}->{r['out']}@{r['size']} ({r['F4_ratio']:.2f}x)"
+                for r in target
+                if r["F4_ratio"] > 1.0
+            )
+        )
+    )
+    summary = {
+        "benchmark": "kernels",
+        "device": ident["device"],
+        "threads": args.threads,
+        "torch": ident["torch"],
+        "load_average_start": round(load, 2),
+        "shared_cores": load > 1.5,
+        "transforms": args.transforms,
+        "stat": args.stat,
+        "repeats": args.repeats,
+        "f4_target_met": f"{len(met)}/{len(target)}",
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "rows": [
+            {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
+            for r in results
+        ],
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Deploy kernels: the inference model equals the float training model; integer kernels."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wasearch import Arch, build
+from wasearch.deploy import (
+    DirectConv,
+    WinogradConv,
+    has_int_kernel,
+    int8_available,
+    to_deploy,
+    winograd_deploy_conv2d,
+)
+from wasearch.winograd import transform_matrices
+
+WIDTH = 0.125
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, so folding is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("conv", "tile"), [("normal", None), ("static", 2), ("static", 4), ("static", 6), ("flex", 4)]
+)
+def test_deploy_equals_float_training_model(conv: str, tile: int | None) -> None:
+    torch.manual_seed(0)
+    model = _randomize(build(Arch.uniform(conv, tile, None, width=WIDTH)))
+    if conv == "flex":  # learned transforms: perturb them away from Cook-Toom
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(getattr(m, "G", None), torch.nn.Parameter):
+                    for t in (m.A_t, m.G, m.B_t):
+                        t.add_(0.05 * torch.randn_like(t))
+    x = torch.randn(2, 3, 32, 32)
+    deployed = to_deploy(model)
+    with torch.no_grad():
+        expected = model(x)
+        got = deployed(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not model.training  # conversion leaves the model's mode alone
+    assert set(deployed.kernels.values()) == {"fp32"}
+
+
+def test_mixed_arch_and_flex_f6_deploy() -> None:
+    torch.manual_seed(1)
+    arch = Arch.uniform("normal", width=WIDTH).with_layers(
+        {
+            "layer1.0.conv1": Arch.uniform("flex", 6, width=WIDTH).choice("layer1.0.conv1"),
+            "layer2.1.conv2": Arch.uniform("static", 2, width=WIDTH).choice("layer2.1.conv2"),
+            "layer4.1.conv1": Arch.uniform("static", 4, width=WIDTH).choice("layer4.1.conv1"),
+        }
+    )
+    model = _randomize(build(arch))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(to_deploy(model)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tile", [2, 4, 6])
+@pytest.mark.parametrize("transform", ["kron", "separable"])
+@pytest.mark.parametrize("size", [(7, 9), (8, 8)])
+def test_winograd_kernel_matches_conv2d(tile: int, transform: str, size: tuple[int, int]) -> None:
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, *size)
+    w, b = torch.randn(6, 5, 3, 3), torch.randn(6)
+    A_t, G, B_t = transform_matrices(tile)
+    conv = WinogradConv(w, b, A_t, G, B_t, transform=transform)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        y = conv(x.contiguous(memory_format=fmt))
+        torch.testing.assert_close(y, F.conv2d(x, w, b, padding=1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_tiles", [None, 1, 5])
+def test_winograd_function_in_image_groups(chunk_tiles: int | None) -> None:
+    torch.manual_seed(5)
+    A_t, G, B_t = transform_matrices(4)
+    x, w = torch.randn(3, 4, 6, 6), torch.randn(5, 4, 3, 3)
+    u_t = (torch.kron(G, G) @ w.reshape(20, 9).t()).reshape(36, 5, 4).transpose(1, 2)
+    y = winograd_deploy_conv2d(x, u_t.contiguous(), A_t, B_t, chunk_tiles=chunk_tiles)
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
+
+
+needs_int8 = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 kernel here")
+
+
+@needs_int8
+@pytest.mark.parametrize("signed", [False, True])
+def test_int8_direct_kernel_is_exact_on_its_grid(signed: bool) -> None:
+    """Quantized values in, the kernel's float output equals conv2d of the dequantized values:
+    the 7-bit side (see deploy's doc) keeps AVX2's int16 pair sums from saturating."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 16, 6, 6)
+    if not signed:
+        x = x.relu()
+    w, b = torch.randn(8, 16, 3, 3), torch.randn(8)
+    conv = DirectConv(w, b, padding=1, bits=8, act_amax=float(x.abs().max()), signed_input=signed)
+    levels = 127  # both grids hold +-127 (signed) or 0..127 (non-negative) levels
+    scale = float(x.abs().max()) / levels
+    xq = (torch.round(x / scale).clamp(-levels, levels)) * scale
+    wq = conv.qweight.float() * conv.w_scales.view(-1, 1, 1, 1)
+    torch.testing.assert_close(conv(x), F.conv2d(xq, wq, b, padding=1), rtol=1e-4, atol=1e-3)
+
+
+@needs_int8
+@pytest.mark.parametrize(("conv", "tile"), [("normal", None), ("static", 2), ("static", 4)])
+def test_int8_deploy_tracks_float_deploy(conv: str, tile: int | None) -> None:
+    torch.manual_seed(4)
+    model = build(Arch.uniform(conv, tile, 8, width=WIDTH, granularity="tap", input_size=16))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 16, 16))  # give the running quantizers a range
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    q, f = to_deploy(model), to_deploy(model, int8=False)
+    assert q.kernels["layer1.0.conv1"] == "int8" and f.kernels["layer1.0.conv1"] == "fp32"
+    with torch.no_grad():
+        yq, yf = q(x), f(x)
+    corr = torch.corrcoef(torch.stack([yq.flatten(), yf.flatten()]))[0, 1]
+    assert corr > 0.99
+
+
+def test_bit_widths_without_kernel_are_flagged() -> None:
+    model = _randomize(build(Arch.uniform("static", 4, 16, width=WIDTH)))
+    assert not has_int_kernel(16) and has_int_kernel(None)
+    with pytest.warns(UserWarning, match="no integer kernel"):
+        deployed = to_deploy(model)
+    assert "layer1.0.conv1" in deployed.substituted
+    assert deployed.kernels["layer1.0.conv1"] == "fp32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a float twin asked for explicitly: no warning
+        to_deploy(model, int8=False)
+
+
+def test_to_deploy_rejects_other_modules() -> None:
+    with pytest.raises(TypeError, match="ResNetWA"):
+        to_deploy(torch.nn.Conv2d(3, 3, 3))

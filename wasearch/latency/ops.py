@@ -1,0 +1,174 @@
+"""The operations a latency model prices: their keys, and the list of them that makes a network.
+
+Every entry of a latency table, and every quantity a latency model computes, is the time of one
+*operation* of the deploy model (``wasearch.deploy``) at one geometry and batch:
+
+==========  =====================================================  ================================
+op          what runs                                              geometry (per image)
+==========  =====================================================  ================================
+conv3x3     a searchable 3x3 convolution, BN folded                input C x H x W, K outputs;
+            (``conv``: normal / static / flex, ``tile``, ``bits``)  conv, tile, bits
+conv1x1     a projection shortcut, BN folded (``bits``)            input C x H x W, K outputs
+stem        the float 3x3 stem convolution and its ReLU            input 3 x H x W, K outputs
+maxpool     2x2 max-pooling at the start of a downsampling block   input C x H x W (before pooling)
+relu        the ReLU after a block's first convolution             C x H x W
+add_relu    the residual addition and the block's last ReLU        C x H x W
+head        global average pooling and the float classifier        C x H x W in, K = classes
+==========  =====================================================  ================================
+
+Geometry columns are always the op's *input* (C, H, W) and its output channels K; ops with no
+channel change have K = C.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..arch import Arch, LayerChoice
+from ..models import ConvSpec, searchable_convs
+
+__all__ = ["OPS", "SEARCHABLE_OP", "NetOp", "OpKey", "conv_key", "network_ops"]
+
+SEARCHABLE_OP = "conv3x3"
+OPS = (SEARCHABLE_OP, "conv1x1", "stem", "maxpool", "relu", "add_relu", "head")
+
+
+@dataclass(frozen=True, slots=True)
+class OpKey:
+    """One operation at one geometry, batch and algorithm: the unit a latency model prices.
+
+    ``conv`` and ``tile`` are set for ``conv3x3`` only (tile None for normal); ``bits`` is None for
+    floating point and is meaningful for ``conv3x3`` and ``conv1x1``.
+    """
+
+    op: str
+    in_channels: int
+    out_channels: int
+    height: int
+    width: int
+    batch: int = 1
+    conv: str | None = None
+    tile: int | None = None
+    bits: int | None = None
+
+    def with_batch(self, batch: int) -> OpKey:
+        return OpKey(
+            self.op,
+            self.in_channels,
+            self.out_channels,
+            self.height,
+            self.width,
+            batch,
+            self.conv,
+            self.tile,
+            self.bits,
+        )
+
+    @property
+    def algorithm(self) -> str:
+        """``direct``, ``F4`` ...: the kernel family (flex and static deploy alike)."""
+        if self.op != SEARCHABLE_OP or self.conv == "normal":
+            return "direct" if self.op in (SEARCHABLE_OP, "conv1x1", "stem") else self.op
+        return f"F{self.tile}"
+
+    def describe(self) -> str:
+        bits = "fp32" if self.bits is None else f"{self.bits}-bit"
+        geo = f"{self.in_channels}->{self.out_channels} @{self.height}x{self.width} b{self.batch}"
+        if self.op == SEARCHABLE_OP:
+            algo = "normal" if self.conv == "normal" else f"F{self.tile}-{self.conv}"
+            return f"conv3x3 {algo} {bits} {geo}"
+        if self.op == "conv1x1":
+            return f"conv1x1 {bits} {geo}"
+        return f"{self.op} {geo}"
+
+
+def conv_key(spec: ConvSpec, choice: LayerChoice, batch: int = 1) -> OpKey:
+    """The key of a searchable convolution under a choice."""
+    return OpKey(
+        SEARCHABLE_OP,
+        spec.in_channels,
+        spec.out_channels,
+        spec.height,
+        spec.width,
+        batch,
+        choice.conv,
+        None if choice.conv == "normal" else choice.tile,
+        choice.bits,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NetOp:
+    """One operation of a network, by name, in forward order.
+
+    Searchable convolutions carry their ``spec`` (and are named as the model names them); the
+    other parts are named ``stem``, ``<block>.pool``, ``<block>.relu``, ``<block>.shortcut``,
+    ``<block>.add_relu`` and ``head``.
+    """
+
+    name: str
+    key: OpKey  # at batch 1; searchable ones with the arch's choice
+    spec: ConvSpec | None = None
+
+    @property
+    def searchable(self) -> bool:
+        return self.spec is not None
+
+
+def network_ops(arch: Arch, *, input_size: int | None = None) -> list[NetOp]:
+    """Every operation of the deploy form of ``arch``'s network, in forward order.
+
+    Derived from ``searchable_convs``: a block's ``conv1`` that halves the size follows a max-pool,
+    one that changes the channel count has a 1x1 projection shortcut (at ``arch.default.bits``,
+    as ``models.BasicBlock`` builds it).
+    """
+    size = arch.input_size if input_size is None else input_size
+    specs = searchable_convs(arch.backbone, arch.width, size)
+    choices = dict(arch.layers)
+    ops: list[NetOp] = []
+    stem_c = specs[0].in_channels
+    ops.append(NetOp("stem", OpKey("stem", 3, stem_c, size, size)))
+    prev_c, prev_h, prev_w = stem_c, size, size
+    for spec in specs:
+        block, conv = spec.name.rsplit(".", 1)
+        choice = choices.get(spec.name, arch.default)
+        if conv == "conv1":
+            if (spec.height, spec.width) != (prev_h, prev_w):
+                ops.append(
+                    NetOp(f"{block}.pool", OpKey("maxpool", prev_c, prev_c, prev_h, prev_w))
+                )
+            block_in = spec
+            ops.append(NetOp(spec.name, conv_key(spec, choice), spec))
+            ops.append(
+                NetOp(
+                    f"{block}.relu",
+                    OpKey("relu", spec.out_channels, spec.out_channels, spec.height, spec.width),
+                )
+            )
+        else:
+            ops.append(NetOp(spec.name, conv_key(spec, choice), spec))
+            if block_in.in_channels != block_in.out_channels:
+                ops.append(
+                    NetOp(
+                        f"{block}.shortcut",
+                        OpKey(
+                            "conv1x1",
+                            block_in.in_channels,
+                            block_in.out_channels,
+                            block_in.height,
+                            block_in.width,
+                            bits=arch.default.bits,
+                        ),
+                    )
+                )
+            ops.append(
+                NetOp(
+                    f"{block}.add_relu",
+                    OpKey(
+                        "add_relu", spec.out_channels, spec.out_channels, spec.height, spec.width
+                    ),
+                )
+            )
+        prev_c, prev_h, prev_w = spec.out_channels, spec.height, spec.width
+    ops.append(NetOp("head", OpKey("head", prev_c, arch.num_classes, prev_h, prev_w)))
+    return ops

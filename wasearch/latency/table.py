@@ -1,0 +1,412 @@
+"""Latency tables: CSV files of measured operation times, and the model that looks them up.
+
+Schema (one row per operation; the header names the columns, in any order; see docs/latency.md):
+
+=============  ========  =========================================================================
+column         required  meaning
+=============  ========  =========================================================================
+op             yes       ``conv3x3``, ``conv1x1``, ``stem``, ``maxpool``, ``relu``, ``add_relu``,
+                         ``head`` (see ``wasearch.latency.ops``)
+in_channels    yes       input channels C (``stem``: 3)
+out_channels   yes       output channels K (``head``: classes; pools, ReLUs: C)
+height, width  yes       the op's input size per image (``maxpool``: before pooling)
+batch          yes       images per call
+conv           yes       ``conv3x3``: ``normal``, ``static`` or ``flex``; other ops: empty
+tile           yes       output tile m of a Winograd conv3x3 (2..8); otherwise empty
+bits           yes       ``fp32`` (or empty): floating point; else 2..16 (conv3x3, conv1x1 only)
+seconds        yes       time of one call (the ``stat`` of the samples, median if absent), >= 0
+spread         no        interquartile range of the timed samples, seconds
+repeats        no        number of timed samples
+stat           no        ``median``, ``mean`` or ``min``: what ``seconds`` is of the samples
+device         no        what it ran on (CPU model or GPU name)
+cores          no        logical CPUs of the machine
+threads        no        intra-op threads used
+torch          no        torch version
+measured_at    no        ISO time of the measurement
+note           no        free text (``measure`` writes ``same kernel as static`` on flex rows)
+=============  ========  =========================================================================
+
+Any other column is kept and ignored. Tables are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..layers import CONV_KINDS
+from ..quant import MAX_BITS, MIN_BITS
+from ..winograd import MAX_TILE
+from .analytical import Profile, calibrate, load_profile, op_counts, precision
+from .base import LatencyError, LatencyModel
+from .ops import OPS, SEARCHABLE_OP, OpKey
+
+__all__ = ["COLUMNS", "REQUIRED", "LatencyTable", "Row", "TableModel", "table_rows_as_samples"]
+
+REQUIRED = (
+    "op",
+    "in_channels",
+    "out_channels",
+    "height",
+    "width",
+    "batch",
+    "conv",
+    "tile",
+    "bits",
+    "seconds",
+)
+COLUMNS = REQUIRED + (
+    "spread",
+    "repeats",
+    "stat",
+    "device",
+    "cores",
+    "threads",
+    "torch",
+    "measured_at",
+    "note",
+)
+_IDENTITY = ("device", "cores", "threads", "torch", "stat")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One timed operation."""
+
+    key: OpKey
+    seconds: float
+    spread: float | None = None
+    repeats: int | None = None
+    info: dict[str, str] = field(default_factory=dict)  # device, cores, threads, torch, ...
+
+    def to_record(self) -> dict[str, str]:
+        k = self.key
+        rec = {
+            "op": k.op,
+            "in_channels": str(k.in_channels),
+            "out_channels": str(k.out_channels),
+            "height": str(k.height),
+            "width": str(k.width),
+            "batch": str(k.batch),
+            "conv": k.conv or "",
+            "tile": "" if k.tile is None else str(k.tile),
+            "bits": "fp32" if k.bits is None else str(k.bits),
+            "seconds": f"{self.seconds:.6e}",
+            "spread": "" if self.spread is None else f"{self.spread:.3e}",
+            "repeats": "" if self.repeats is None else str(self.repeats),
+        }
+        rec.update({c: str(self.info.get(c, "")) for c in COLUMNS if c not in rec})
+        rec.update({c: str(v) for c, v in self.info.items() if c not in rec})
+        return rec
+
+
+def _parse_row(rec: dict[str, str], where: str) -> Row:
+    def integer(col: str, *, lo: int = 1, hi: int | None = None) -> int:
+        text = (rec.get(col) or "").strip()
+        try:
+            v = int(text)
+        except ValueError:
+            raise LatencyError(f"{where}: column {col!r}: {text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise LatencyError(f"{where}: column {col!r}: {v} is out of range ({rng})")
+        return v
+
+    def number(col: str, *, required: bool) -> float | None:
+        text = (rec.get(col) or "").strip()
+        if not text:
+            if required:
+                raise LatencyError(f"{where}: column {col!r} is empty")
+            return None
+        try:
+            v = float(text)
+        except ValueError:
+            raise LatencyError(f"{where}: column {col!r}: {text!r} is not a number") from None
+        if not math.isfinite(v) or v < 0:
+            raise LatencyError(f"{where}: column {col!r}: {text} must be a finite time >= 0")
+        return v
+
+    op = (rec.get("op") or "").strip()
+    if op not in OPS:
+        raise LatencyError(f"{where}: column 'op': unknown {op!r}; use one of {', '.join(OPS)}")
+    conv = (rec.get("conv") or "").strip() or None
+    tile_text = (rec.get("tile") or "").strip()
+    bits_text = (rec.get("bits") or "").strip().lower()
+    if op == SEARCHABLE_OP:
+        if conv not in CONV_KINDS:
+            raise LatencyError(
+                f"{where}: column 'conv': {conv!r}; a conv3x3 row needs one of "
+                f"{', '.join(CONV_KINDS)}"
+            )
+        tile = None if conv == "normal" else integer("tile", lo=2, hi=MAX_TILE)
+        if conv == "normal" and tile_text:
+            raise LatencyError(f"{where}: column 'tile': {tile_text!r} given for a normal conv")
+    else:
+        if conv is not None or tile_text:
+            raise LatencyError(f"{where}: columns 'conv'/'tile' must be empty for op {op!r}")
+        tile = None
+    if bits_text in ("", "fp32", "fp", "float", "none"):
+        bits = None
+    else:
+        bits = integer("bits", lo=MIN_BITS, hi=MAX_BITS)
+    if bits is not None and op not in (SEARCHABLE_OP, "conv1x1"):
+        raise LatencyError(f"{where}: column 'bits': op {op!r} runs in floating point; use fp32")
+    key = OpKey(
+        op,
+        integer("in_channels"),
+        integer("out_channels"),
+        integer("height"),
+        integer("width"),
+        integer("batch"),
+        conv,
+        tile,
+        bits,
+    )
+    seconds = number("seconds", required=True)
+    spread = number("spread", required=False)
+    rep_text = (rec.get("repeats") or "").strip()
+    repeats = integer("repeats") if rep_text else None
+    info = {
+        c: (v or "").strip()
+        for c, v in rec.items()
+        if c is not None and c not in REQUIRED + ("spread", "repeats") and (v or "").strip()
+    }
+    return Row(key, float(seconds), spread, repeats, info)
+
+
+class LatencyTable:
+    """Rows keyed by :class:`OpKey`; read from and written to CSV (see the module doc)."""
+
+    def __init__(self, rows: Iterable[Row] = (), *, source: str = "table") -> None:
+        self.source = source
+        self._rows: dict[OpKey, Row] = {}
+        for r in rows:
+            self.add(r)
+
+    # -- access -----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self._rows.values())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rows
+
+    def get(self, key: OpKey) -> Row | None:
+        return self._rows.get(key)
+
+    def add(self, row: Row, *, replace_existing: bool = True) -> None:
+        if not replace_existing and row.key in self._rows:
+            return
+        self._rows[row.key] = row
+
+    def keys(self) -> list[OpKey]:
+        return list(self._rows)
+
+    def identity(self) -> dict[str, str]:
+        """The device identity the rows agree on (columns device, cores, threads, torch)."""
+        ident: dict[str, str] = {}
+        for row in self._rows.values():
+            for c in _IDENTITY:
+                v = row.info.get(c)
+                if v and c not in ident:
+                    ident[c] = v
+        return ident
+
+    # -- I/O --------------------------------------------------------------------------------------
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> LatencyTable:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise LatencyError(f"{path}: cannot read latency table ({err.strerror})") from None
+        return cls.parse(text, source=str(path))
+
+    @classmethod
+    def parse(cls, text: str, *, source: str = "table") -> LatencyTable:
+        reader = csv.DictReader(io.StringIO(text))
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED if c not in header]
+        if missing:
+            raise LatencyError(
+                f"{source}: missing column {missing[0]!r}; a latency table needs "
+                f"{', '.join(REQUIRED)}"
+            )
+        reader.fieldnames = header
+        table = cls(source=source)
+        first_line: dict[OpKey, int] = {}
+        for rec in reader:
+            line = reader.line_num
+            if not any((v or "").strip() for v in rec.values() if isinstance(v, str)):
+                continue
+            if None in rec:
+                raise LatencyError(f"{source}: row {line}: more cells than header columns")
+            row = _parse_row(rec, f"{source}: row {line}")
+            if row.key in first_line:
+                raise LatencyError(
+                    f"{source}: row {line}: duplicate of row "
+                    f"{first_line[row.key]} ({row.key.describe()})"
+                )
+            first_line[row.key] = line
+            table.add(row)
+        return table
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        extra = sorted({c for r in self._rows.values() for c in r.info} - set(COLUMNS))
+        writer = csv.DictWriter(out, fieldnames=list(COLUMNS) + extra, lineterminator="\n")
+        writer.writeheader()
+        order = {op: i for i, op in enumerate(OPS)}
+        for row in sorted(self._rows.values(), key=lambda r: _sort_key(r.key, order)):
+            writer.writerow(row.to_record())
+        return out.getvalue()
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.to_csv())
+        os.replace(tmp, path)
+        self.source = str(path)
+        return path
+
+
+def _sort_key(k: OpKey, order: dict[str, int]) -> tuple:
+    return (
+        order.get(k.op, 99),
+        k.batch,
+        k.in_channels,
+        k.out_channels,
+        k.height,
+        k.width,
+        k.conv or "",
+        k.tile or 0,
+        -1 if k.bits is None else k.bits,
+    )
+
+
+def _normalize(key: OpKey) -> OpKey:
+    """Flex deploys with the same kernel as static: look flex rows up as static ones."""
+    return replace(key, conv="static") if key.conv == "flex" else key
+
+
+class TableModel(LatencyModel):
+    """Looks operations up in a :class:`LatencyTable`.
+
+    A ``flex`` row that the table lacks is read from the ``static`` row of the same geometry (the
+    deploy kernels are the same). Rows still missing (a bit-width without a kernel on the
+    measuring machine, a batch not measured) are estimated with the ``fallback`` profile when one
+    is given: anchored on the nearest measured row of the same geometry and algorithm (other
+    bit-width or batch) and scaled by the profile's ratio between the two, else from the profile
+    alone; such entries are flagged estimated. ``fallback="calibrate"`` fits a profile to the
+    table itself (``analytical.calibrate``), ratios for unmeasured precisions taken from
+    ``base_profile``. Without a fallback, a missing row raises :class:`LatencyError`.
+    """
+
+    kind = "table"
+
+    def __init__(
+        self,
+        table: LatencyTable | str | os.PathLike,
+        *,
+        batch: int = 1,
+        fallback: Profile | str | None = None,
+        base_profile: str = "cortex-a73",
+    ) -> None:
+        super().__init__(batch=batch)
+        self.table = table if isinstance(table, LatencyTable) else LatencyTable.read(table)
+        self._fallback_spec = fallback
+        self._fallback: Profile | None = fallback if isinstance(fallback, Profile) else None
+        self.base_profile = base_profile
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.table.source}, {len(self.table)} rows)"
+
+    @property
+    def fallback(self) -> Profile | None:
+        """The profile that prices missing rows (fitted on first use for ``"calibrate"``)."""
+        if self._fallback is None and self._fallback_spec is not None:
+            if self._fallback_spec == "calibrate":
+                self._fallback, _ = calibrate(
+                    table_rows_as_samples(self.table),
+                    base=self.base_profile,
+                    name=f"calibrated to {self.table.source}",
+                )
+            else:
+                self._fallback = load_profile(self._fallback_spec)
+        return self._fallback
+
+    def _lookup(self, key: OpKey) -> Row | None:
+        row = self.table.get(key)
+        if row is None and key.conv == "flex":
+            row = self.table.get(_normalize(key))
+        return row
+
+    def _missing(self, key: OpKey) -> tuple[float, bool]:
+        profile = self.fallback
+        if profile is None:
+            raise LatencyError(
+                f"{self.table.source}: no row for {key.describe()}; measure it "
+                "(python search.py measure SPACE.yaml) or give the model a fallback profile"
+            )
+        anchor = self._anchor(key)
+        if anchor is None:
+            return profile.seconds(op_counts(key)), True
+        ratio = profile.seconds(op_counts(key)) / max(
+            profile.seconds(op_counts(anchor.key)), 1e-30
+        )
+        return anchor.seconds * ratio, True
+
+    def _anchor(self, key: OpKey) -> Row | None:
+        """The measured row nearest to ``key``: same op, geometry and algorithm."""
+        want = _normalize(key)
+        best, best_rank = None, None
+        for row in self.table:
+            k = _normalize(row.key)
+            if (k.op, k.in_channels, k.out_channels, k.height, k.width, k.conv, k.tile) != (
+                want.op,
+                want.in_channels,
+                want.out_channels,
+                want.height,
+                want.width,
+                want.conv,
+                want.tile,
+            ):
+                continue
+            rank = (
+                k.batch != want.batch,
+                abs(math.log(k.batch / want.batch)),
+                precision(k.bits) != precision(want.bits),
+                k.bits is not None,  # then prefer float32 as the anchor
+                abs((k.bits or 32) - (want.bits or 32)),
+            )
+            if best_rank is None or rank < best_rank:
+                best, best_rank = row, rank
+        return best
+
+    def _op_cost(self, key: OpKey) -> tuple[float, bool]:
+        row = self._lookup(key)
+        if row is not None:
+            return row.seconds, False
+        return self._missing(key)
+
+    def coverage(self, keys: Iterable[OpKey]) -> list[OpKey]:
+        """The keys (flex read as static) this table has no row for."""
+        return [k for k in keys if self._lookup(k) is None]
+
+
+def table_rows_as_samples(table: LatencyTable) -> list[tuple[OpKey, float]]:
+    """``(key, seconds)`` for calibration; flex rows that copy static ones are skipped."""
+    return [
+        (r.key, r.seconds)
+        for r in table
+        if not (r.key.conv == "flex" and r.info.get("note") == "same kernel as static")
+    ]

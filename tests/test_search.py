@@ -1,0 +1,225 @@
+"""The search end to end on a tiny space: study contents, resume, faults, export -> train.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from wasearch.arch import Arch
+from wasearch.search import RunOptions, export_trials, load_space, run_search
+from wasearch.search.cli import format_event
+from wasearch.search.study import ensure_base, load_space_data
+from wasearch.search.testing import copy_base, tiny_space, write_space
+
+REPO = Path(__file__).resolve().parents[1]
+SEARCH = REPO / "search.py"
+CONTRACT_KEYS = {
+    "arch", "arch_summary", "latency_ms", "layer_latency_ms", "latency_estimated", "params",
+    "bitops", "val_acc", "train_seconds", "feasible", "source", "history",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """The tiny space's base, trained once for the module."""
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("base") / "results" / "tiny"
+    space = load_space(write_space(root.parent.parent / "tiny.yaml", tiny_space()))
+    ensure_base(space, root, data=lambda: load_space_data(space), device="cpu", progress=False)
+    return root
+
+
+def _setup(tmp_path: Path, base_dir: Path, name: str, **changes) -> Path:
+    path = write_space(tmp_path / f"{name}.yaml", tiny_space(name=name, **changes))
+    copy_base(base_dir, tmp_path / "results" / name)
+    return path
+
+
+def _study(tmp_path: Path, name: str) -> optuna.Study:
+    db = tmp_path / "results" / name / "study.db"
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+
+
+def _load_search_cli():
+    spec = importlib.util.spec_from_file_location("search_script", SEARCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_search_end_to_end_then_export_and_train(tmp_path, base_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = _setup(tmp_path, base_dir, "e2e")
+    events = []
+    options = RunOptions(threads=1, report=False)
+    result = run_search(load_space(path), options, on_event=events.append, progress=False)
+    assert result.status == "finished" and result.done == 4
+
+    study = _study(tmp_path, "e2e")
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4 and len(study.trials) == 4
+    assert [t.user_attrs.get("reference") for t in study.trials[:2]] == ["all-normal", "static-F4"]
+    for t in complete:
+        assert CONTRACT_KEYS <= set(t.user_attrs), t.user_attrs.keys()
+        attrs = t.user_attrs
+        assert 0.0 <= attrs["val_acc"] <= 1.0
+        assert t.values == pytest.approx([attrs["val_acc"], attrs["latency_ms"]])
+        assert len(attrs["layer_latency_ms"]) == 16 and attrs["latency_estimated"] is True
+        assert Arch.from_yaml(attrs["arch"]).summary() == attrs["arch_summary"]
+        assert attrs["feasible"] is True and attrs["source"] == "optuna"
+    ua = study.user_attrs
+    assert ua["objectives"] == ["accuracy", "latency_ms"] and ua["sampler"] == "nsga2"
+    assert ua["dataset"] == "synthetic" and ua["synthetic"] is True
+    assert ua["space"]["name"] == "e2e" and ua["latency_model"]["profile"] == "cortex-a73"
+    assert ua["reference_latency_ms"] == pytest.approx(complete[0].user_attrs["latency_ms"])
+    # checkpoints of the front only, and no last.pt
+    front = set(result.front)
+    assert front and front <= {t.number for t in complete}
+    for t in complete:
+        folder = tmp_path / "results" / "e2e" / "trials" / str(t.number)
+        assert (folder / "best.pt").is_file() == (t.number in front)
+        assert not (folder / "last.pt").exists()
+    assert [e.done for e in events] == [1, 2, 3, 4]
+    assert all("acc 0." in format_event(e) or "acc 1." in format_event(e) for e in events)
+
+    again = run_search(load_space(path), options, progress=False)
+    assert again.status == "already-finished" and "is finished" in again.message
+
+    # export the front through the CLI, then train one exported file with train.py
+    cli = _load_search_cli()
+    assert cli.main(["export", "results/e2e", "--pareto"]) == 0
+    out = capsys.readouterr().out
+    assert "python train.py --arch results/e2e/pareto/trial_" in out
+    exported = export_trials(tmp_path / "results" / "e2e", trial=min(front))
+    assert exported[0].path == tmp_path / "results" / "e2e" / "pareto" / f"trial_{min(front)}.yaml"
+    arch = Arch.load(exported[0].path)
+    assert arch == Arch.from_yaml(study.trials[min(front)].user_attrs["arch"])
+
+    from wasearch.train_cli import main as train_main
+
+    rc = train_main(
+        [
+            "--arch", str(exported[0].path), "--dataset", "synthetic", "--epochs", "1",
+            "--limit-train", "64", "--limit-test", "32", "--val-fraction", "0.012",
+            "--batch_size", "32", "--use_cpu", "--no-progress", "--out-dir", "runs",
+            "--run-name", "exported",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    final = json.loads((tmp_path / "runs" / "exported" / "final.json").read_text())
+    assert final["arch"] == arch.summary()
+
+
+def test_diverging_trial_is_recorded_failed_and_search_goes_on(tmp_path, base_dir, monkeypatch):
+    import wasearch.engine as engine
+
+    real_f, real_fit = engine.F, engine.fit
+    current = {"trial": None}
+
+    def fit(*args, extra=None, **kwargs):
+        current["trial"] = (extra or {}).get("trial")
+        return real_fit(*args, extra=extra, **kwargs)
+
+    class NaNLoss:  # torch.nn.functional whose training loss is NaN during trial 1
+        def __getattr__(self, name):
+            return getattr(real_f, name)
+
+        def cross_entropy(self, *args, **kwargs):
+            loss = real_f.cross_entropy(*args, **kwargs)
+            return loss * float("nan") if current["trial"] == 1 else loss
+
+    monkeypatch.setattr(engine, "fit", fit)
+    monkeypatch.setattr(engine, "F", NaNLoss())
+    monkeypatch.chdir(tmp_path)
+    path = _setup(tmp_path, base_dir, "nan", budget={"trials": 3})
+    events = []
+    result = run_search(
+        load_space(path), RunOptions(threads=1, report=False), on_event=events.append,
+        progress=False,
+    )  # fmt: skip
+    assert result.status == "finished" and result.done == 3 and result.failed == 1
+    study = _study(tmp_path, "nan")
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 3 and states[1] == TrialState.FAIL
+    reason = study.trials[1].user_attrs["fail_reason"]
+    assert reason.startswith("diverged: loss became nan"), reason
+    assert "arch" in study.trials[1].user_attrs  # recorded as far as known
+    fail_events = [e for e in events if e.state == "FAIL"]
+    assert len(fail_events) == 1 and "diverged" in format_event(fail_events[0])
+
+
+def _wait(predicate, timeout: float, proc: subprocess.Popen | None = None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"the search exited early ({proc.returncode}):\n{out}")
+        time.sleep(0.1)
+    pytest.fail("timed out waiting")
+
+
+def test_ctrl_c_marks_the_trial_and_rerun_resumes(tmp_path, base_dir):
+    path = _setup(tmp_path, base_dir, "resume", budget={"trials": 3}, trial={"max_batches": 4})
+    proc = subprocess.Popen(
+        [sys.executable, str(SEARCH), "run", str(path), "--threads", "1", "--no-progress",
+         "--no-report"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    db = tmp_path / "results" / "resume" / "study.db"
+    _wait((tmp_path / "results" / "resume" / "space.yaml").is_file, 120, proc)  # study created
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+
+    def running_after_one_complete():
+        try:
+            trials = optuna.load_study(study_name="resume", storage=storage).get_trials()
+        except KeyError:
+            return None
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        running = [t for t in trials if t.state == TrialState.RUNNING and "arch" in t.user_attrs]
+        return running[0].number if done and running else None
+
+    interrupted = _wait(running_after_one_complete, 120, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "rerun the same command to resume" in out
+
+    study = optuna.load_study(study_name="resume", storage=storage)
+    trial = study.trials[interrupted]
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"].startswith("interrupted (Ctrl-C)")
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == interrupted]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    before = {
+        t.number: (t.values, t.datetime_complete, t.user_attrs["arch"])
+        for t in study.trials
+        if t.state == TrialState.COMPLETE
+    }
+    count_before = len(study.trials)
+
+    result = run_search(
+        load_space(path), RunOptions(threads=1, report=False, results=str(tmp_path / "results")),
+        progress=False,
+    )  # fmt: skip
+    assert result.status == "finished" and result.done == 3
+    study = optuna.load_study(study_name="resume", storage=storage)
+    assert len(study.trials) > count_before
+    for number, (values, completed, arch) in before.items():
+        t = study.trials[number]
+        assert (t.values, t.datetime_complete, t.user_attrs["arch"]) == (values, completed, arch)
+    assert study.trials[retry[0].number].state == TrialState.COMPLETE
+    assert study.trials[retry[0].number].params == trial.params

@@ -1,0 +1,168 @@
+"""Search-space validation: every error names the file and the key; units, removals, references."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from wasearch.cli import UserError
+from wasearch.search.space import load_space, parse_space
+from wasearch.search.testing import tiny_space, write_space
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _error(space: dict, tmp_path: Path) -> str:
+    path = write_space(tmp_path / "x.yaml", space)
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change, key, words",
+    [
+        ({"choices": {"tile": [2, 5]}}, "choices.tile", "5 is not one of 2, 4, 6"),
+        ({"choices": {"conv": ["normal", "fancy"]}}, "choices.conv", "'fancy' is not one of"),
+        ({"choices": {"bits": [8, 40]}}, "choices.bits", "40 is not a bit-width"),
+        ({"choices": {"granularity": ["row"]}}, "choices.granularity", "'row' is not one of"),
+        ({"choices": {"tie": "pair"}}, "choices.tie", "'pair' is not one of"),
+        ({"choices": {"tiles": [2]}}, "choices.tiles", "unknown key"),
+        ({"choices": {"groups": {"g": ["layer9.*"]}}}, "choices.groups.g", "matches no"),
+        (
+            {"choices": {"layers": {"layer1.*": {"conv": "warp"}}}},
+            "choices.layers.layer1.*.conv",
+            "'warp'",
+        ),
+        ({"data": {"limit_trian": 5}}, "data.limit_trian", "unknown key"),
+        ({"data": {"dataset": "mnist"}}, "data.dataset", "'mnist' is not one of"),
+        ({"data": {"val_fraction": 0}}, "data.val_fraction", "never on the test set"),
+        ({"data": {"batch_size": 0}}, "data.batch_size", "must be >= 1"),
+        ({"model": {"width": -1}}, "model.width", "must be > 0"),
+        ({"model": {"backbone": "vgg"}}, "model.backbone", "'vgg' is not one of"),
+        ({"base": {"conv": "static"}}, "base.tile", "needs a tile"),
+        ({"base": {"epochs": 0}}, "base.epochs", ">= 1"),
+        ({"trial": {"lr": "fast"}}, "trial.lr", "must be a number"),
+        ({"objectives": ["latency_ms", "accuracy"]}, "objectives", "first objective"),
+        ({"objectives": ["accuracy", "speed"]}, "objectives", "'speed' is not one of"),
+        ({"latency": {"kind": "magic"}}, "latency.kind", "'magic' is not one of"),
+        ({"latency": {}}, "latency", "is required"),
+        ({"constraints": {"latency_ms": -2}}, "constraints.latency_ms", "> 0"),
+        ({"strategy": {"name": "cmaes"}}, "strategy.name", "'cmaes' is not one of"),
+        ({"strategy": {"pruner": "median"}}, "strategy.pruner", "cannot prune multi-objective"),
+        ({"strategy": {"scalarize": {"weight": 1}}}, "strategy.scalarize.weight", "unknown key"),
+        ({"budget": {"trials": 0}}, "budget.trials", ">= 1"),
+        ({"storage": {"grace_period": 1}}, "storage.grace_period", "longer than"),
+        ({"name": "a b"}, "name", "non-empty string"),
+        ({"colour": "red"}, "colour", "unknown key"),
+    ],
+)
+def test_errors_name_the_file_and_key(tmp_path, change, key, words):
+    message = _error(tiny_space(**change), tmp_path)
+    assert message.startswith(f"{tmp_path / 'x.yaml'}: {key}: "), message
+    assert words in message
+
+
+def test_tile_error_reads_like_the_docs(tmp_path):
+    message = _error(tiny_space(choices={"tile": [2, 4, 5]}), tmp_path)
+    assert message == f"{tmp_path / 'x.yaml'}: choices.tile: 5 is not one of 2, 4, 6"
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="no such space file"):
+        load_space(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: not valid YAML"):
+        load_space(bad)
+
+
+def test_measured_table_missing_says_the_measure_command(tmp_path):
+    space = tiny_space(latency={"kind": "measured", "path": str(tmp_path / "t.csv")})
+    message = _error(space, tmp_path)
+    assert f"latency.path: {tmp_path / 't.csv'} does not exist" in message
+    assert message.endswith(f"python search.py measure {tmp_path / 'x.yaml'}")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is not None, reason="scipy is installed")
+def test_gp_without_scipy_says_what_to_install(tmp_path):
+    message = _error(tiny_space(strategy={"name": "gp"}), tmp_path)
+    assert "strategy.name: gp needs scipy" in message and "pip install scipy" in message
+
+
+def test_f6_removed_on_small_inputs_and_said_once():
+    space = parse_space(
+        tiny_space(model={"width": 0.5}, choices={"tile": [2, 4, 6], "tie": "layer"}),
+        source="s.yaml",
+    )
+    assert len(space.units) == 16
+    for unit in space.units:
+        has_f6 = any(o.tile == 6 for o in unit.options)
+        assert has_f6 == (not unit.name.startswith("layer4")), unit.name
+    assert len(space.notes) == 1
+    assert "F6 removed for layer4.0.conv1" in space.notes[0] and "4x4" in space.notes[0]
+
+
+def test_units_ties_groups_and_fixed_layers():
+    by_stage = parse_space(tiny_space(), source="s")
+    assert [u.name for u in by_stage.units] == ["layer1", "layer2", "layer3", "layer4"]
+    assert by_stage.units[0].labels == ("normal/8", "F4-static/8t")
+    assert by_stage.size == 16
+    by_block = parse_space(tiny_space(choices={"tie": "block"}), source="s")
+    assert len(by_block.units) == 8
+    grouped = parse_space(
+        tiny_space(
+            choices={
+                "tie": "all",
+                "groups": {"early": ["layer1.*", "layer2.0.*"]},
+                "layers": {"layer4.1.conv2": {"conv": "normal"}},
+            }
+        ),
+        source="s",
+    )
+    names = [u.name for u in grouped.units]
+    assert names == ["early", "all"]
+    assert len(grouped.units[0].layers) == 6
+    assert dict(grouped.fixed) == {
+        "layer4.1.conv2": grouped.units[0].option("normal/8"),
+    }
+    # an arch from parameters, and back
+    arch = grouped.arch({"early": "F4-static/8t", "all": "normal/8"})
+    assert arch.choice("layer1.0.conv1").label == "F4-static/8t"
+    assert arch.choice("layer3.0.conv1").label == "normal/8"
+    assert grouped.params_of(arch) == {"early": "F4-static/8t", "all": "normal/8"}
+
+
+def test_references_exist_only_in_the_space():
+    space = parse_space(tiny_space(), source="s")  # normal/static, F4 only
+    names = [n for n, _ in space.references()]
+    assert names == ["all-normal", "static-F4"]
+    full = parse_space(
+        tiny_space(choices={"conv": ["normal", "static", "flex"], "tile": [2, 4]}), source="s"
+    )
+    refs = dict(full.references())
+    assert list(refs) == ["all-normal", "static-F2", "static-F4", "flex-F2", "flex-F4"]
+    assert set(refs["flex-F4"].values()) == {"F4-flex/8t"}
+
+
+def test_defaults_single_objective_and_scalarised():
+    single = parse_space(
+        tiny_space(objectives=["accuracy"], latency={}, strategy={"name": None}), source="s"
+    )
+    assert single.strategy["name"] == "tpe" and single.directions == ["maximize"]
+    scal = parse_space(tiny_space(strategy={"name": None, "scalarize": {"latency_weight": 0.3}}),
+                       source="s")  # fmt: skip
+    assert scal.study_objectives == ("score",) and scal.strategy["name"] == "tpe"
+    assert not scal.multi_objective
+
+
+@pytest.mark.parametrize("name", ["quick", "resnet18_cifar10"])
+def test_shipped_spaces_validate(name):
+    space = load_space(REPO / "spaces" / f"{name}.yaml")
+    assert space.units and len(space.references()) == 5
+    if name == "resnet18_cifar10":
+        assert len(space.units) == 16 and space.model["width"] == 0.5
+        assert space.latency["profile"] == "cortex-a73"
+        assert space.units[0].labels[:2] == ("normal/8", "normal/16")

@@ -75,9 +75,7 @@ def test_expected_latency_is_differentiable_and_lambda_moves_logits_to_cheaper()
     base = Arch.uniform("normal", bits=8, width=WIDTH)
     supernet = Supernet(base, {n: CANDIDATES for n in base.layer_names})
     specs = supernet.specs
-    costs = {
-        n: torch.tensor([fake_cost(specs[n], c) for c in CANDIDATES]) for n in supernet.mixed
-    }
+    costs = {n: torch.tensor([fake_cost(specs[n], c) for c in CANDIDATES]) for n in supernet.mixed}
     lat = expected_latency(supernet, costs)
     lat.backward()
     g = supernet.mixed["layer1.0.conv1"].logits.grad
@@ -95,8 +93,13 @@ def test_expected_latency_is_differentiable_and_lambda_moves_logits_to_cheaper()
 def base_ckpt(tmp_path_factory):
     data = load_dataset("synthetic", limit_train=400, limit_test=100, val_fraction=0.2)
     out = tmp_path_factory.mktemp("base")
-    fit(build(Arch.uniform("normal", bits=8, width=WIDTH)), data,
-        TrainConfig(epochs=1, batch_size=32), out_dir=out, progress=False)
+    fit(
+        build(Arch.uniform("normal", bits=8, width=WIDTH)),
+        data,
+        TrainConfig(epochs=1, batch_size=32),
+        out_dir=out,
+        progress=False,
+    )
     return out / "best.pt", data
 
 
@@ -106,16 +109,134 @@ def test_tiny_differentiable_search_end_to_end_and_train_arch(base_ckpt, tmp_pat
     results = {}
     for lam in (0.0, 20.0):
         results[lam] = differentiable_search(
-            str(ckpt), data, {n: CANDIDATES for n in names}, fake_cost, lam=lam, epochs=2,
-            warmup_epochs=1, batch_size=32, max_batches_per_epoch=6, arch_lr=0.05,
+            str(ckpt),
+            data,
+            {n: CANDIDATES for n in names},
+            fake_cost,
+            lam=lam,
+            epochs=2,
+            warmup_epochs=1,
+            batch_size=32,
+            max_batches_per_epoch=6,
+            arch_lr=0.05,
         )
     assert len(results[20.0].probabilities) == 2
     assert results[20.0].expected_latency_s <= results[0.0].expected_latency_s
     arch_file = results[20.0].arch.save(tmp_path / "dnas.yaml")
     r = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--arch", str(arch_file), "--epochs", "1",
-         "--dataset", "synthetic", "--limit-train", "200", "--limit-test", "50",
-         "--val-fraction", "0.2", "--outDir", str(tmp_path / "runs"), "--no-progress"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--arch",
+            str(arch_file),
+            "--epochs",
+            "1",
+            "--dataset",
+            "synthetic",
+            "--limit-train",
+            "200",
+            "--limit-test",
+            "50",
+            "--val-fraction",
+            "0.2",
+            "--outDir",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_differentiable_strategy_through_search_py_and_export(tmp_path):
+    import optuna
+
+    from wasearch.search.testing import tiny_space, write_space
+
+    space = tiny_space(
+        name="dtiny",
+        strategy={
+            "name": "differentiable",
+            "lambdas": [0.0, 5.0],
+            "epochs": 2,
+            "warmup_epochs": 1,
+            "arch_lr": 0.05,
+        },
+    )
+    path = write_space(tmp_path / "dtiny.yaml", space)
+    cmd = [
+        sys.executable,
+        str(ROOT / "search.py"),
+        "run",
+        str(path),
+        "--results",
+        str(tmp_path / "results"),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(
+        study_name="dtiny", storage=f"sqlite:///{tmp_path / 'results' / 'dtiny' / 'study.db'}"
+    )
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    dnas = [t for t in done if t.user_attrs.get("source") == "differentiable"]
+    assert sorted(t.user_attrs["lambda"] for t in dnas) == [0.0, 5.0]
+    assert any(t.user_attrs.get("reference") == "all-normal" for t in done)
+    for t in dnas:
+        assert len(t.user_attrs["probabilities"]) == 2
+        assert t.values[1] == pytest.approx(t.user_attrs["latency_ms"])
+        Arch.from_yaml(t.user_attrs["arch"])
+    # Rerunning finds the study finished and searches nothing again.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0 and "finished" in (again.stdout + again.stderr)
+    assert len(optuna.load_study(study_name="dtiny", storage=study._storage).trials) == len(
+        study.trials
+    )
+    # Its result trains with train.py --arch.
+    number = dnas[-1].number
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "search.py"),
+            "export",
+            str(tmp_path / "results" / "dtiny"),
+            "--trial",
+            str(number),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    arch_file = tmp_path / "results" / "dtiny" / "pareto" / f"trial_{number}.yaml"
+    assert arch_file.is_file()
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--arch",
+            str(arch_file),
+            "--epochs",
+            "1",
+            "--dataset",
+            "synthetic",
+            "--limit-train",
+            "100",
+            "--limit-test",
+            "50",
+            "--val-fraction",
+            "0.1",
+            "--outDir",
+            str(tmp_path / "runs"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 SPACE_TILES = (2, 4, 6)  # the tiles of the paper, and the ones the latency models price
-STRATEGIES = ("nsga2", "tpe", "random", "gp")
+STRATEGIES = ("nsga2", "tpe", "random", "gp", "differentiable")
 TIES = ("layer", "block", "stage", "all")
 PRUNERS = ("median", "none")
 # Objective names as stored in the study (docs/study_format.md) and their directions.
@@ -121,6 +121,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "n_startup_trials": 5,  # TPE / GP: random trials before modelling
         "scalarize": None,  # {latency_weight: w}: maximize acc - w * latency / all-normal latency
         "pruner": "median",  # single objective only: median | none
+        # differentiable (wiNAS-style supernet, see wasearch/search/differentiable.py):
+        "lambdas": None,  # weights of E[latency]/latency(base) in the logit loss ([0, 0.5, 2])
+        "epochs": None,  # supernet epochs, warm-up included (3)
+        "warmup_epochs": None,  # epochs that train weights only (1)
+        "arch_lr": None,  # Adam lr of the architecture logits (0.01)
+        "tau": None,  # Gumbel-softmax temperature (1.0)
     },
     "budget": {
         "trials": 20,  # completed trials in the whole study (all workers together)
@@ -462,6 +468,7 @@ def parse_space(data: Any, *, source: str = "space") -> SearchSpace:
             "gp needs scipy, which is not installed here (pip install scipy); "
             "or use nsga2, tpe or random",
         )
+    _check_differentiable(r, strategy, objectives)
     r.integer("strategy.population_size", strategy["population_size"], minimum=2)
     r.integer("strategy.n_startup_trials", strategy["n_startup_trials"], minimum=0)
     r.one_of("strategy.pruner", strategy["pruner"], PRUNERS)
@@ -520,6 +527,40 @@ def parse_space(data: Any, *, source: str = "space") -> SearchSpace:
         fixed=fixed,
         notes=tuple(notes),
     )
+
+
+def _check_differentiable(r: _Reader, strategy: dict[str, Any], objectives: Any) -> None:
+    keys = ("lambdas", "epochs", "warmup_epochs", "arch_lr", "tau")
+    if strategy["name"] != "differentiable":
+        given = [k for k in keys if strategy.get(k) is not None]
+        if given:
+            r.fail(f"strategy.{given[0]}", "applies to name: differentiable only")
+        return
+    if "latency_ms" not in objectives:
+        r.fail("strategy.name", "differentiable needs latency_ms among the objectives")
+    lambdas = strategy["lambdas"]
+    if lambdas is not None:
+        if isinstance(lambdas, int | float) and not isinstance(lambdas, bool):
+            lambdas = [lambdas]
+        if not isinstance(lambdas, list) or not lambdas:
+            r.fail("strategy.lambdas", "must be a non-empty list of numbers >= 0")
+        for i, lam in enumerate(lambdas):
+            r.number(f"strategy.lambdas[{i}]", lam)
+            if lam < 0:
+                r.fail(f"strategy.lambdas[{i}]", f"{lam} must be >= 0")
+        strategy["lambdas"] = [float(v) for v in lambdas]
+    for key in ("epochs", "warmup_epochs"):
+        if strategy[key] is not None:
+            r.integer(f"strategy.{key}", strategy[key], minimum=0 if key == "warmup_epochs" else 1)
+    for key in ("arch_lr", "tau"):
+        if strategy[key] is not None:
+            r.number(f"strategy.{key}", strategy[key], positive=True)
+    if (
+        strategy["epochs"] is not None
+        and strategy["warmup_epochs"] is not None
+        and strategy["warmup_epochs"] >= strategy["epochs"]
+    ):
+        r.fail("strategy.warmup_epochs", "must be smaller than strategy.epochs")
 
 
 def _objectives(r: _Reader, given: Any) -> tuple[str, ...]:

@@ -1210,6 +1210,15 @@ def run_search(
     prep = _prepare(space, options)
     study_dir, url = prep.study_dir, prep.url
     target = options.trials if options.trials is not None else space.budget["trials"]
+    differentiable = space.strategy["name"] == "differentiable"
+    if differentiable:
+        if options.workers != 1:
+            raise UserError("--workers: the differentiable strategy runs in one process")
+        from .differentiable import DIFFERENTIABLE_DEFAULTS
+
+        lambdas = space.strategy["lambdas"] or DIFFERENTIABLE_DEFAULTS["lambdas"]
+        if options.trials is None:  # one point per lambda, then the reference architectures
+            target = len(lambdas) + len(space.references())
     timeout = options.timeout if options.timeout is not None else space.budget["timeout"]
     deadline = time.monotonic() + timeout if timeout else None
     storage = _space_storage(url, space)
@@ -1284,6 +1293,22 @@ def run_search(
             study_name,
         )
 
+    if differentiable:
+        from .differentiable import run_sweep
+
+        run_sweep(
+            space,
+            study,
+            study_dir,
+            data=data(),
+            base=base,
+            latency_model=prep.latency_model,
+            device=device,
+            on_event=on_event,
+            report=(lambda: write_report_quietly(study_dir, url, study))
+            if options.report
+            else None,
+        )
     if options.workers == 1:
         worker = _Worker(
             space,

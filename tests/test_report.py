@@ -7,12 +7,14 @@ them (reference architectures, infeasible and failed trials, a differentiable-se
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
 import re
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import optuna
@@ -22,6 +24,7 @@ import pytest
 from wasearch.arch import Arch, LayerChoice
 from wasearch.cli import UserError, run_main
 from wasearch.report import register, trials_frame, write_comparison, write_report
+from wasearch.search.study import driver_url, front_trials, redact
 
 CHROMIUM = Path("/usr/bin/chromium")
 WIDTH = 0.125  # a small backbone: the report never builds it, only lists its layers
@@ -73,13 +76,14 @@ def make_study(
     n_random: int = 14,
     seed: int = 0,
     empty: bool = False,
+    storage: str | None = None,
 ) -> tuple[Path, optuna.Study]:
-    """A study under ``root/<name>/study.db`` as the search writes it."""
+    """A study under ``root/<name>/study.db`` (or in ``storage``) as the search writes it."""
     study_dir = root / name
-    study_dir.mkdir(parents=True)
+    study_dir.mkdir(parents=True, exist_ok=storage is not None)
     study = optuna.create_study(
         directions=["maximize", "minimize"],
-        storage=f"sqlite:///{study_dir / 'study.db'}",
+        storage=storage or f"sqlite:///{study_dir / 'study.db'}",
         study_name=name,
     )
     normal = Arch.uniform("normal", bits=8, width=WIDTH)
@@ -145,19 +149,108 @@ def make_study(
     )
     # A differentiable-search result with per-epoch per-layer candidate probabilities.
     arch = _random_arch(rng)
+    attrs = _attrs(arch, val_acc=0.905, source="differentiable", probabilities=_probs(arch))
+    study.add_trial(
+        optuna.trial.create_trial(values=[0.905, attrs["latency_ms"]], user_attrs=attrs)
+    )
+    return study_dir, study
+
+
+def _probs(arch: Arch, epochs: int = 4) -> list[dict[str, dict[str, float]]]:
+    """Per-epoch ``{layer: {candidate: p}}``, as the differentiable search records them."""
     cands = ["normal/8", "F2-static/8", "F4-flex/8"]
     probs = []
-    for epoch in range(4):
+    for epoch in range(epochs):
         per_layer = {}
         for i, (layer, _) in enumerate(arch.layers):
             w = [1.0, 1.0 + epoch * (i % 3), 1.0 + epoch * ((i + 1) % 2)]
             per_layer[layer] = {c: x / sum(w) for c, x in zip(cands, w, strict=True)}
         probs.append(per_layer)
-    attrs = _attrs(arch, val_acc=0.905, source="differentiable", probabilities=probs)
-    study.add_trial(
-        optuna.trial.create_trial(values=[0.905, attrs["latency_ms"]], user_attrs=attrs)
+    return probs
+
+
+def _new_study(study_dir: Path, directions: list[str], **attrs: object) -> optuna.Study:
+    study_dir.mkdir(parents=True)
+    study = optuna.create_study(
+        directions=directions,
+        storage=f"sqlite:///{study_dir / 'study.db'}",
+        study_name=study_dir.name,
     )
-    return study_dir, study
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def make_scalarised_study(root: Path, name: str = "scalar", weight: float = 0.5):
+    """A ``strategy.scalarize`` study: one value, ``score``; val_acc and latency as attributes."""
+    normal = Arch.uniform("normal", bits=8, width=WIDTH)
+    ref_ms = _attrs(normal)["latency_ms"]
+    study = _new_study(
+        root / name,
+        ["maximize"],
+        objectives=["score"],
+        scalarization={"latency_weight": weight},
+        reference_latency_ms=ref_ms,
+        dataset="cifar10",
+        sampler="TPESampler",
+    )
+    rng = random.Random(5)
+    entries = [(normal, 0.93, {"reference": "all-normal"})]
+    for _ in range(10):
+        arch = _random_arch(rng)
+        winograd = sum(c.conv != "normal" for _, c in arch.layers)
+        entries.append((arch, round(0.935 - 0.0015 * winograd - rng.random() * 0.01, 4), {}))
+    entries.append((_random_arch(rng), 0.6, {"feasible": False}))
+    arch = _random_arch(rng)
+    entries.append(
+        (arch, 0.91, {"source": "differentiable", "lambda": 0.5, "probabilities": _probs(arch)})
+    )
+    for arch, acc, extra in entries:
+        attrs = _attrs(arch, val_acc=acc, **extra)
+        score = acc - weight * attrs["latency_ms"] / ref_ms
+        study.add_trial(optuna.trial.create_trial(value=score, user_attrs=attrs))
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.FAIL,
+            user_attrs=_attrs(_random_arch(rng), fail_reason="loss is NaN"),
+        )
+    )
+    return root / name, study
+
+
+LAMBDAS = (0.0, 0.5, 2.0)
+
+
+def make_differentiable_study(root: Path, name: str = "dnas"):
+    """A study that holds only differentiable-search results, one per lambda."""
+    ref_ms = _attrs(Arch.uniform("normal", bits=8, width=WIDTH))["latency_ms"]
+    study = _new_study(
+        root / name,
+        ["maximize", "minimize"],
+        objectives=["accuracy", "latency_ms"],
+        reference_latency_ms=ref_ms,
+        dataset="cifar10",
+        sampler="differentiable",
+    )
+    rng = random.Random(7)
+    for i, lam in enumerate(LAMBDAS):
+        arch = _random_arch(rng)
+        acc = 0.93 - 0.01 * i
+        extra = {"lambda": lam, "probabilities": _probs(arch, 3)}
+        attrs = _attrs(arch, val_acc=acc, source="differentiable", **extra)
+        study.add_trial(
+            optuna.trial.create_trial(values=[acc, attrs["latency_ms"]], user_attrs=attrs)
+        )
+    return root / name, study
+
+
+def _plot_data(page_text: str) -> list[list[dict]]:
+    """The traces of every figure of a page, in order (decoded from the embedded JSON)."""
+    decoder = json.JSONDecoder()
+    return [
+        decoder.raw_decode(page_text, m.end())[0]
+        for m in re.finditer(r'Plotly\.newPlot\(\s*"fig\d+",\s*', page_text)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +399,65 @@ def test_comparison(tree, tmp_path):
     assert text.count("Plotly.newPlot(") == 2
 
 
+def test_scalarised_study(tmp_path):
+    study_dir, study = make_scalarised_study(tmp_path)
+    text = write_report(study_dir).read_text(encoding="utf-8")
+    trials = study.get_trials()
+    df = pd.read_csv(study_dir / "trials.csv")
+    assert list(df.columns[:10]) == [
+        "number", "state", "source", "lambda", "reference", "feasible", "pareto",
+        "score", "accuracy", "latency_ms",
+    ]  # fmt: skip
+    for t in trials:
+        row = df[df["number"] == t.number].iloc[0]
+        if t.state.name == "COMPLETE":
+            assert row["score"] == pytest.approx(t.value)
+            assert row["accuracy"] == pytest.approx(t.user_attrs["val_acc"])
+        else:
+            assert math.isnan(row["score"]) and math.isnan(row["accuracy"])
+        assert row["latency_ms"] == pytest.approx(t.user_attrs["latency_ms"])
+    # The front is over val_acc (max) and latency (min), as the search and export take it.
+    expected = {t.number for t in front_trials(trials, ["score"])}
+    assert len(expected) > 2
+    assert set(df.loc[df["pareto"] == True, "number"]) == expected  # noqa: E712
+    pareto = pd.read_csv(study_dir / "pareto.csv")
+    assert set(pareto["number"]) == expected and "score" in pareto.columns
+    assert pareto["latency_ms"].is_monotonic_increasing
+    # The page: accuracy on the plot's y axis, the score in the table, hover and settings.
+    assert "<th class=num>score</th>" in text and "Pareto front over" in text
+    assert "score = val_acc - 0.5 x latency_ms" in text
+    front_plot = [t for t in _plot_data(text)[0] if t.get("meta") == "trial"]
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(x for t in front_plot for x in t["x"]) == sorted(
+        t.user_attrs["latency_ms"] for t in complete
+    )
+    assert sorted(y for t in front_plot for y in t["y"]) == pytest.approx(
+        sorted(100 * t.user_attrs["val_acc"] for t in complete)
+    )
+    hovers = [h for t in front_plot for h in t["hovertext"]]
+    assert all(" · score " in h for h in hovers)
+
+
+def test_differentiable_trials_are_labelled_with_lambda(tmp_path):
+    study_dir, study = make_differentiable_study(tmp_path)
+    text = write_report(study_dir).read_text(encoding="utf-8")
+    df = pd.read_csv(study_dir / "trials.csv")
+    assert df["lambda"].tolist() == list(LAMBDAS)
+    assert (df["source"] == "differentiable").all()
+    stars = [t for t in _plot_data(text)[0] if t["name"].startswith("differentiable search")]
+    assert len(stars) == 1
+    assert sorted(stars[0]["text"]) == ["λ=0", "λ=0.5", "λ=2"]
+    assert sum("λ=0.5 (differentiable)" in h for h in stars[0]["hovertext"]) == 1
+    assert "(differentiable)</small>" in text  # the front table
+    assert "Trial 2 (λ=2 (differentiable))" in text  # the probabilities shown are the latest
+    # The demo study's differentiable trial has no lambda: a star without a label.
+    mixed_dir, _ = make_study(tmp_path, "mixed", n_random=3)
+    demo_text = write_report(mixed_dir).read_text(encoding="utf-8")
+    stars = [t for t in _plot_data(demo_text)[0] if t["name"].startswith("differentiable")]
+    assert stars[0]["text"] == [""]
+    assert "· differentiable<br>" in stars[0]["hovertext"][0]
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +470,22 @@ def _cli(argv: list[str]) -> int:
         return int(ns.func(ns) or 0)
 
     return run_main(main, argv)
+
+
+def test_storage_txt_names_the_storage(tree, tmp_path, monkeypatch):
+    """Without --storage, the URL the search recorded in storage.txt comes before study.db."""
+    moved = tmp_path / "results" / "moved"
+    moved.mkdir(parents=True)
+    db = tree["a"][0] / "study.db"
+    (moved / "storage.txt").write_text(f"sqlite:///{db}\n")
+    monkeypatch.chdir(tmp_path)
+    assert _cli(["report", "results/moved"]) == 0
+    assert not (moved / "study.db").exists()
+    assert len(pd.read_csv(moved / "trials.csv")) == len(tree["a"][1].get_trials())
+    assert f"sqlite:///{db}" in (moved / "report.html").read_text()
+    # A study the caller holds is labelled with that storage too.
+    write_report(moved, study=tree["a"][1], out=tmp_path / "held.html")
+    assert f"sqlite:///{db}" in (tmp_path / "held.html").read_text()
 
 
 def test_cli_writes_report_and_comparison(tree, tmp_path, capsys, monkeypatch):
@@ -345,6 +513,8 @@ def bad_inputs(tree, tmp_path_factory: pytest.TempPathFactory) -> Path:
     optuna.create_study(storage=f"sqlite:///{root / 'two' / 'study.db'}", study_name="q")
     (root / "one").mkdir()
     shutil.copy(tree["a"][0] / "study.db", root / "one" / "study.db")
+    (root / "pointer").mkdir()
+    (root / "pointer" / "storage.txt").write_text("sqlite:///gone.db\n")
     return root
 
 
@@ -357,6 +527,9 @@ def bad_inputs(tree, tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["report", "two"], "no study named 'two'"),
         (["report", "bare", "--storage", "nosuch.log"], "not a database URL"),
         (["report", "one", "one", "--study-name", "one"], "--study-name picks one study"),
+        (["report", "bare", "--storage", "sqlite:///new.db"], "sqlite:///new.db: no such SQLite"),
+        (["report", "pointer"], "gone.db (named in pointer/storage.txt): no such SQLite file"),
+        (["report", "bare", "--storage", "nosuchdriver://x/y"], "cannot open storage"),
     ],
 )
 def test_cli_user_errors(bad_inputs, monkeypatch, capsys, argv, message):
@@ -365,12 +538,58 @@ def test_cli_user_errors(bad_inputs, monkeypatch, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (bad_inputs / "bare" / "study.db").exists()  # a bad call creates nothing
+    assert not list(bad_inputs.glob("*.db")) and not list(bad_inputs.glob("*/*.db.*"))
     assert not list(bad_inputs.glob("*/report.html"))
 
 
 def test_library_raises_user_error(tmp_path):
     with pytest.raises(UserError, match="no such study folder"):
         write_report(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL (CI sets WASEARCH_TEST_POSTGRES=postgresql://postgres@127.0.0.1:5432/test)
+# ---------------------------------------------------------------------------------------------
+PG_ENV = "WASEARCH_TEST_POSTGRES"
+
+
+@pytest.fixture()
+def pg_study(tmp_path):
+    """A study in the PostgreSQL server, under a unique name, deleted afterwards."""
+    url = os.environ.get(PG_ENV)
+    if not url:
+        pytest.skip(f"{PG_ENV} is not set")
+    name = f"wasearch-report-test-{uuid.uuid4().hex[:12]}"
+    try:
+        try:
+            study_dir, study = make_study(
+                tmp_path / "results", name, n_random=4, storage=driver_url(url)
+            )
+        except Exception as err:  # noqa: BLE001 - any driver error means no server
+            pytest.fail(f"{PG_ENV}={url} is set but the study cannot be written: {err}")
+        yield url, study_dir, study
+    finally:
+        try:
+            optuna.delete_study(study_name=name, storage=driver_url(url))
+        except KeyError:
+            pass
+
+
+@pytest.mark.postgres
+def test_postgres_study(pg_study, tmp_path, monkeypatch):
+    url, study_dir, study = pg_study
+    monkeypatch.chdir(tmp_path)
+    # The URL as a user types it (a bare postgresql://): the report picks the installed driver.
+    assert _cli(["report", str(study_dir), "--storage", url]) == 0
+    df = pd.read_csv(study_dir / "trials.csv")
+    assert df["number"].tolist() == [t.number for t in study.get_trials()]
+    assert set(pd.read_csv(study_dir / "pareto.csv")["number"]) == _pareto_numbers(study)
+    # As the search leaves it: the URL in storage.txt, no --storage needed.
+    (study_dir / "trials.csv").unlink()
+    (study_dir / "storage.txt").write_text(url + "\n")
+    assert _cli(["report", str(study_dir)]) == 0
+    assert (study_dir / "trials.csv").is_file() and not (study_dir / "study.db").exists()
+    assert redact(url) in (study_dir / "report.html").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +626,8 @@ def _chromium(page: Path, profile: Path, *extra: str) -> tuple[str, list[str]]:
     proc = subprocess.run(
         [str(_browser()), *_CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()],
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=120,
     )
     console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln or "Uncaught" in ln]
@@ -468,3 +688,24 @@ def test_comparison_renders_in_headless_chromium(tree, tmp_path):
     n = sum(len(s.get_trials(states=[optuna.trial.TrialState.COMPLETE])) for s in (sa, sb))
     assert status["plots-rendered"] == status["plots-expected"] == "2"
     assert int(status["trial-points"]) == n == int(status["svg-points"])
+
+
+def test_comparison_of_optuna_and_differentiable_studies_renders(tree, tmp_path):
+    (a, sa) = tree["a"]
+    dnas_dir, dnas = make_differentiable_study(tmp_path)
+    page = write_comparison([a, dnas_dir], out=tmp_path / "mixed.html")
+    text = page.read_text(encoding="utf-8")
+    assert "a vs dnas" in text
+    front_plot = _plot_data(text)[0]
+    labels = [x for t in front_plot for x in t.get("text", []) if x]
+    assert sorted(labels) == ["λ=0", "λ=0.5", "λ=2"]
+    hovers = [h for t in front_plot for h in t["hovertext"]]
+    assert sum("λ=0.5 (differentiable)" in h for h in hovers) == 1
+    dom, console = _chromium(page, tmp_path / "profile", "--dump-dom")
+    assert console == [], console
+    status = _status(dom)
+    assert "js-errors" not in status, status
+    n = sum(len(s.get_trials(states=[optuna.trial.TrialState.COMPLETE])) for s in (sa, dnas))
+    assert status["plots-rendered"] == status["plots-expected"] == "2"
+    assert int(status["trial-points"]) == n == int(status["svg-points"])
+    assert "λ=0.5" in dom  # the labels drawn

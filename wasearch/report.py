@@ -24,7 +24,6 @@ import html
 import logging
 import math
 import os
-import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -75,8 +74,9 @@ def write_report(
 ) -> Path:
     """Write ``report.html``, ``trials.csv`` and ``pareto.csv`` for one study; return the page.
 
-    ``storage`` defaults to ``sqlite:///<study_dir>/study.db`` and ``study_name`` to the folder's
-    name (or the storage's only study). ``out`` puts the page elsewhere (the CSVs stay in
+    ``storage`` defaults to the URL in ``<study_dir>/storage.txt`` (the search writes it when it
+    used another storage), else ``sqlite:///<study_dir>/study.db``; ``study_name`` to the
+    folder's name (or the storage's only study). ``out`` puts the page elsewhere (the CSVs stay in
     ``study_dir``). A caller that holds the study already (the search, after each trial) passes
     it as ``study`` and nothing is reopened. Raises :class:`UserError` for a missing folder,
     storage or study.
@@ -86,8 +86,8 @@ def write_report(
         study, label = _open_study(study_dir, storage, study_name)
     elif storage is not None:
         label = _redact(storage)
-    elif (study_dir / "study.db").is_file():
-        label = f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    elif (study_dir / "storage.txt").is_file() or (study_dir / "study.db").is_file():
+        label = _redact(_default_url(study_dir))
     else:
         label = "(given study)"
     data = _collect(study, study_dir, label)
@@ -145,7 +145,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--storage",
         metavar="URL",
-        help="Optuna storage (default: sqlite:///<STUDY_DIR>/study.db); with several folders, "
+        help="Optuna storage: a database URL or a journal file (default: the URL in "
+        "<STUDY_DIR>/storage.txt, else sqlite:///<STUDY_DIR>/study.db); with several folders, "
         "one storage holding a study per folder name",
     )
     p.add_argument(
@@ -184,7 +185,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 def _redact(url: str) -> str:
     """The storage URL without its password."""
-    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)
+    from .search.study import redact
+
+    return redact(url)
+
+
+def _default_url(study_dir: Path) -> str:
+    """The URL of ``<study_dir>/storage.txt``, else ``sqlite:///<study_dir>/study.db``."""
+    from .search.study import storage_url
+
+    return storage_url(None, study_dir)
+
+
+def _default_url_sqlite(study_dir: Path) -> str:
+    """The default storage: the folder's SQLite file."""
+    return f"sqlite:///{(study_dir / 'study.db').resolve()}"
 
 
 def _first_line(err: BaseException) -> str:
@@ -192,31 +207,53 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def _sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL (None for other URLs and in-memory databases)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
 def _open_study(
     study_dir: Path, storage: str | None, study_name: str | None
 ) -> tuple[optuna.Study, str]:
-    """Find and load the study of ``study_dir``; user errors as one-line :class:`UserError`."""
+    """Find and load the study of ``study_dir``; user errors as one-line :class:`UserError`.
+
+    Opens storages the way the search does (:func:`wasearch.search.study.open_storage`, so a
+    bare ``postgresql://`` URL gets the installed driver), but never creates anything: a missing
+    SQLite or journal file is an error, not a new empty study.
+    """
     import optuna
 
+    from .search.study import open_storage
+
+    origin = ""
     if storage is None:
         if not study_dir.is_dir():
             raise UserError(f"{study_dir}: no such study folder")
-        db = study_dir / "study.db"
-        if not db.is_file():
+        url = _default_url(study_dir)
+        if (study_dir / "storage.txt").is_file() and url != _default_url_sqlite(study_dir):
+            origin = f" (named in {study_dir / 'storage.txt'})"
+        elif not (study_dir / "study.db").is_file():
             raise UserError(
                 f"{study_dir}: no study.db in this folder (name another with --storage)"
             )
-        url = f"sqlite:///{db.resolve()}"
     else:
         url = storage
     label = _redact(url)
+    if "://" not in url and not Path(url).expanduser().is_file():
+        raise UserError(f"storage {label!r}{origin}: not a database URL and no such journal file")
+    db = _sqlite_path(url)
+    if db is not None and not db.expanduser().is_file():
+        raise UserError(f"storage {label}{origin}: no such SQLite file")
     try:
-        store = _storage(url)
+        store = open_storage(url, create=False, heartbeat_interval=None, grace_period=None)
         names = optuna.study.get_all_study_names(storage=store)
-    except UserError:
-        raise
+    except UserError as err:
+        raise UserError(f"{err}{origin}") from None
     except Exception as err:  # noqa: BLE001 - whatever the driver raises, it is the user's URL
-        raise UserError(f"cannot open storage {label}: {_first_line(err)}") from None
+        raise UserError(f"cannot open storage {label}{origin}: {_first_line(err)}") from None
     default_name = study_dir.resolve().name
     if study_name is not None:
         if study_name not in names:
@@ -228,7 +265,7 @@ def _open_study(
     elif len(names) == 1:
         study_name = names[0]
     elif not names:
-        raise UserError(f"{label} holds no study")
+        raise UserError(f"{label}{origin} holds no study")
     else:
         raise UserError(
             f"no study named {default_name!r} in {label}, which holds {_name_list(names)}; "
@@ -242,19 +279,6 @@ def _name_list(names: Sequence[str]) -> str:
         return "no study"
     shown = ", ".join(repr(n) for n in names[:8])
     return shown + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-
-
-def _storage(url: str) -> Any:
-    """An RDB storage for a URL; a journal storage for the path of an existing journal file."""
-    import optuna
-
-    if "://" in url:
-        return optuna.storages.RDBStorage(url)
-    if Path(url).is_file():
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    raise UserError(f"storage {url!r}: not a database URL and no such journal file")
 
 
 @functools.lru_cache(maxsize=8192)
@@ -314,11 +338,14 @@ class _StudyData:
     reference_latency: float | None
     reference_layers: dict[str, float] | None
     probabilities: tuple[int, Any] | None
+    acc: str  # the accuracy column: the first objective, "accuracy" when scalarised
+    front_axes: list[tuple[str, bool]]  # (column, maximize) the front is taken over
     front: list[int] = field(default_factory=list)  # numbers, by latency
 
     @property
-    def acc(self) -> str:
-        return self.objectives[0]
+    def scalarised(self) -> bool:
+        """One objective, ``score`` (docs/study_format.md): fronts over accuracy and latency."""
+        return self.objectives == ["score"]
 
     def complete(self) -> pd.DataFrame:
         return self.trials[self.trials["state"] == "COMPLETE"]
@@ -362,6 +389,10 @@ def _collect(study: optuna.Study, study_dir: Path, storage: str) -> _StudyData:
     objectives = _objective_names(study)
     maximize = [d.name == "MAXIMIZE" for d in study.directions]
     attrs = dict(study.user_attrs)
+    if objectives == ["score"]:  # scalarised: the front is over val_acc and latency_ms
+        acc, front_axes = "accuracy", [("accuracy", True), ("latency_ms", False)]
+    else:
+        acc, front_axes = objectives[0], list(zip(objectives, maximize, strict=True))
     trials = study.get_trials(deepcopy=False)
 
     layers: list[str] = []
@@ -393,14 +424,15 @@ def _collect(study: optuna.Study, study_dir: Path, storage: str) -> _StudyData:
             "number": t.number,
             "state": t.state.name,
             "source": ua.get("source"),
+            "lambda": _number(ua.get("lambda")),
             "reference": ua.get("reference"),
             "feasible": _feasible(t),
         }
-        for key in (*objectives, "latency_ms", "params", "bitops"):
+        for key in (*objectives, acc, "latency_ms", "params", "bitops"):
             if key not in row:
                 row[key] = _number(ua.get(key))
-        if row[objectives[0]] is None:
-            row[objectives[0]] = _number(ua.get("val_acc"))
+        if row[acc] is None:
+            row[acc] = _number(ua.get("val_acc"))
         if t.state.name == "COMPLETE" and t.values is not None:
             for key, value in zip(objectives, t.values, strict=False):
                 row[key] = _number(value)
@@ -441,8 +473,8 @@ def _collect(study: optuna.Study, study_dir: Path, storage: str) -> _StudyData:
             row[f"latency_ms:{name}"] = _number(lat.get(name))
         records.append(row)
 
-    base = ["number", "state", "source", "reference", "feasible", "pareto"]
-    metrics = list(dict.fromkeys([*objectives, "latency_ms", "speedup", "params", "bitops"]))
+    base = ["number", "state", "source", "lambda", "reference", "feasible", "pareto"]
+    metrics = list(dict.fromkeys([*objectives, acc, "latency_ms", "speedup", "params", "bitops"]))
     tail = [
         "arch_summary",
         "latency_estimated",
@@ -476,10 +508,13 @@ def _collect(study: optuna.Study, study_dir: Path, storage: str) -> _StudyData:
         reference_latency=reference_latency,
         reference_layers=dict(reference_layers) if reference_layers else None,
         probabilities=probabilities,
+        acc=acc,
+        front_axes=front_axes,
     )
+    axes = [c for c, _ in front_axes]
     candidates = frame[(frame["state"] == "COMPLETE") & (frame["feasible"] != False)]  # noqa: E712
-    candidates = candidates.dropna(subset=objectives)
-    mask = _non_dominated(candidates[objectives].to_numpy(float), maximize)
+    candidates = candidates.dropna(subset=axes)
+    mask = _non_dominated(candidates[axes].to_numpy(float), [up for _, up in front_axes])
     on_front = set(candidates["number"][mask].tolist())
     frame["pareto"] = frame["number"].isin(on_front)
     order = frame[frame["pareto"]].sort_values(["latency_ms", "number"], na_position="last")
@@ -552,15 +587,43 @@ def _fmt_speedup(x: Any) -> str:
     return f"{x:.2f}x" if _isnum(x) else "-"
 
 
+def _lambda_text(row: Mapping[str, Any]) -> str | None:
+    """``λ=0.5`` for a differentiable-search trial that records its lambda."""
+    if row["source"] != "differentiable" or not _isnum(row["lambda"]):
+        return None
+    return f"λ={row['lambda']:g}"
+
+
+def _tag(row: Mapping[str, Any]) -> str | None:
+    """What a trial is beside its number: a reference's name, or ``λ=0.5 (differentiable)``."""
+    if isinstance(row["reference"], str):
+        return row["reference"]
+    if row["source"] == "differentiable":
+        lam = _lambda_text(row)
+        return f"{lam} (differentiable)" if lam else "differentiable"
+    return None
+
+
+def _fmt_metric(col: str, x: Any) -> str:
+    if col == "score":
+        return f"{x:.4f}" if _isnum(x) else "-"
+    return _fmt_count(x)
+
+
 def _hover(data: _StudyData, row: Mapping[str, Any]) -> str:
     """Hover text of one trial: its figures, then its per-layer choices by stage."""
     n = int(row["number"])
-    ref = f" ({_esc(row['reference'])})" if isinstance(row["reference"], str) else ""
-    lines = [f"<b>trial {n}</b>{ref}"]
+    tag = _tag(row)
+    if isinstance(row["reference"], str):
+        lines = [f"<b>trial {n}</b> ({_esc(tag)})"]
+    else:  # λ=0.5 (differentiable)
+        lines = [f"<b>trial {n}</b>" + (f" · {_esc(tag)}" if tag else "")]
     if row["state"] == "FAIL":
         reason = row["fail_reason"] if isinstance(row["fail_reason"], str) else "no reason given"
         lines.append(f"FAILED: {_esc(reason[:120])}")
     figures = [_fmt_acc(row[data.acc]), _fmt_ms(row["latency_ms"])]
+    if data.scalarised and _isnum(row["score"]):
+        figures.append(f"score {_fmt_metric('score', row['score'])}")
     if _isnum(row["speedup"]):
         figures.append(_fmt_speedup(row["speedup"]))
     if _isnum(row["params"]):
@@ -585,6 +648,10 @@ def _hover(data: _StudyData, row: Mapping[str, Any]) -> str:
 
 def _esc(x: Any) -> str:
     return html.escape(str(x))
+
+
+def _axes_text(axes: Iterable[tuple[str, bool]]) -> str:
+    return ", ".join(f"{name} ({'max' if up else 'min'})" for name, up in axes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,6 +717,7 @@ def _scatter_figure(data: _StudyData, x: str, *, with_failed: bool) -> dict[str,
     mask = _non_dominated(feasible[[data.acc, x]].to_numpy(float), [True, False])
     front = set(feasible["number"][mask].tolist())
     is_ref = shown["reference"].notna()
+    is_diff = (shown["source"] == "differentiable") & ~is_ref
     on_front = shown["number"].isin(front)
     infeasible = shown["feasible"] == False  # noqa: E712
 
@@ -680,17 +748,36 @@ def _scatter_figure(data: _StudyData, x: str, *, with_failed: bool) -> dict[str,
             "meta": "front-line",
         },
         trace(
-            shown[~on_front & ~infeasible & ~is_ref],
+            shown[~on_front & ~infeasible & ~is_ref & ~is_diff],
             "other trials",
             {"color": "#9ecae1", "line": {"color": "#4292c6", "width": 1}},
         ),
-        trace(shown[on_front & ~is_ref], "on the front", {"color": "#1f77b4"}),
+        trace(shown[on_front & ~is_ref & ~is_diff], "on the front", {"color": "#1f77b4"}),
         trace(
-            shown[infeasible & ~is_ref],
+            shown[infeasible & ~is_ref & ~is_diff],
             "infeasible",
             {"symbol": "circle-open", "color": "#d62728", "line": {"width": 2}},
         ),
     ]
+    diff = shown[is_diff]
+    if len(diff):  # differentiable-search results: stars labelled with their lambda
+        traces.append(
+            trace(
+                diff,
+                "differentiable search",
+                {
+                    "symbol": ["star-open" if f is False else "star" for f in diff["feasible"]],
+                    "color": ["#a63603" if n in front else "#fd8d3c" for n in diff["number"]],
+                    "line": {"color": "#7f2704", "width": 1},
+                    "size": 13,
+                },
+                mode="markers+text",
+                text=[_lambda_text(r) or "" for r in diff.to_dict("records")],
+                textposition="middle right",
+                textfont={"size": 12, "color": "#7f2704"},
+                cliponaxis=False,
+            )
+        )
     refs = shown[is_ref]
     traces.append(
         trace(
@@ -1076,9 +1163,16 @@ def _study_page(data: _StudyData) -> str:
 
     n_failed = int((data.trials["state"] == "FAIL").sum())
     page.add('<h2 id="front">Accuracy against latency</h2>')
+    n_diff = int((comp["source"] == "differentiable").sum())
     page.add(
         '<p class="note">Every completed trial; the line joins the Pareto front, diamonds are '
         "the reference architectures, open red circles are infeasible trials"
+        + (
+            ", orange stars are the differentiable search's results, labelled with their "
+            "latency weight &lambda;"
+            if n_diff
+            else ""
+        )
         + (
             f", grey crosses along the bottom edge are the {n_failed} failed trials at their "
             "latency (where known; a failed trial has no accuracy)"
@@ -1107,10 +1201,12 @@ def _study_page(data: _StudyData) -> str:
             page.figure(_scatter_figure(data, col, with_failed=False))
     if probs:
         number, figs = probs
+        tag = _tag(rows.loc[number]) if number in rows.index else None
         page.add('<h2 id="probabilities">Candidate probabilities (differentiable search)</h2>')
         page.add(
-            f'<p class="note">Trial {number}: per layer, the probability of each candidate, '
-            "at the last epoch and over the epochs (pick a layer in the menu).</p>"
+            f'<p class="note">Trial {number}{_esc(f" ({tag})" if tag else "")}: per layer, the '
+            "probability of each candidate, at the last epoch and over the epochs (pick a layer "
+            "in the menu).</p>"
         )
         for fig in figs:
             page.figure(fig)
@@ -1121,16 +1217,18 @@ def _study_page(data: _StudyData) -> str:
 def _front_table(page: _Page, data: _StudyData) -> None:
     rows = data.trials.set_index("number")
     page.add('<h2 id="table">Pareto front</h2>')
-    objectives = ", ".join(
-        f"{name} ({'max' if up else 'min'})"
-        for name, up in zip(data.objectives, data.maximize, strict=True)
+    axes = _axes_text(data.front_axes)
+    scalar = (
+        " (the study is scalarised: its one objective, the score, is a column)"
+        if data.scalarised
+        else ""
     )
     page.add(
-        f'<p class="note">Non-dominated completed, feasible trials over {_esc(objectives)}, '
+        f'<p class="note">Non-dominated completed, feasible trials over {_esc(axes)}{scalar}, '
         "fastest first. <code>python search.py export</code> writes the architecture files "
         "the commands read.</p>"
     )
-    extra = [c for c in data.objectives[2:] if c not in ("params",)]
+    extra = [c for c in data.objectives if c not in (data.acc, "latency_ms", "params")]
     head = (
         "<tr><th class=num>trial</th><th class=num>accuracy</th><th class=num>latency</th>"
         "<th class=num>speed-up</th><th class=num>params</th>"
@@ -1140,7 +1238,8 @@ def _front_table(page: _Page, data: _StudyData) -> None:
     body = []
     for n in data.front:
         r = rows.loc[n]
-        ref = f" <small>{_esc(r['reference'])}</small>" if isinstance(r["reference"], str) else ""
+        tag = _tag(r)
+        ref = f" <small>{_esc(tag)}</small>" if tag else ""
         summary = r["arch_summary"] if isinstance(r["arch_summary"], str) else ""
         if not summary and n in data.archs:
             summary = ", ".join(
@@ -1151,7 +1250,7 @@ def _front_table(page: _Page, data: _StudyData) -> None:
             f"<td class=num>{_fmt_ms(r['latency_ms'])}</td>"
             f"<td class=num>{_fmt_speedup(r['speedup'])}</td>"
             f"<td class=num>{_fmt_count(r['params'])}</td>"
-            + "".join(f"<td class=num>{_fmt_count(r[c])}</td>" for c in extra)
+            + "".join(f"<td class=num>{_fmt_metric(c, r[c])}</td>" for c in extra)
             + f"<td>{_esc(summary)}</td><td><code>{_esc(_train_command(data, n))}</code></td></tr>"
         )
     page.add(
@@ -1177,8 +1276,8 @@ def _choice_grid(page: _Page, data: _StudyData) -> None:
     )
 
     def header(n: int) -> str:
-        ref = rows.loc[n, "reference"]
-        ref = f"<br><i>{_esc(ref)}</i>" if isinstance(ref, str) else ""
+        tag = _tag(rows.loc[n].to_dict())
+        ref = f"<br><i>{_esc(tag)}</i>" if tag else ""
         acc, ms = _fmt_acc(rows.loc[n, data.acc]), _fmt_ms(rows.loc[n, "latency_ms"])
         return f"<th><b>{n}</b>{ref}<br>{acc}<br>{ms}</th>"
 
@@ -1204,6 +1303,13 @@ def _choice_grid(page: _Page, data: _StudyData) -> None:
     )
 
 
+def _scalarization_text(value: Any) -> str | None:
+    if isinstance(value, Mapping) and _isnum(value.get("latency_weight")):
+        w = value["latency_weight"]
+        return f"score = val_acc - {w:g} x latency_ms / all-normal latency_ms"
+    return None
+
+
 def _settings_section(page: _Page, data: _StudyData) -> None:
     a = data.attrs
     dataset = a.get("dataset")
@@ -1221,13 +1327,9 @@ def _settings_section(page: _Page, data: _StudyData) -> None:
     items = [
         ("study", data.name),
         ("storage", data.storage),
-        (
-            "objectives",
-            ", ".join(
-                f"{n} ({'max' if up else 'min'})"
-                for n, up in zip(data.objectives, data.maximize, strict=True)
-            ),
-        ),
+        ("objectives", _axes_text(zip(data.objectives, data.maximize, strict=True))),
+        ("Pareto front over", _axes_text(data.front_axes) if data.scalarised else None),
+        ("scalarization", _scalarization_text(a.get("scalarization"))),
         ("space file", a.get("space_path")),
         ("dataset", dataset),
         ("latency model", model),
@@ -1282,16 +1384,24 @@ def _comparison_figure(
         rest = shown[~shown["number"].isin(s.front)]
         front_accs += front[s.acc].tolist()
 
-        def symbols(rows: pd.DataFrame, base: str) -> list[str]:
-            return [
-                "diamond" if isinstance(r, str) else ("circle-open" if f is False else base)
-                for r, f in zip(rows["reference"], rows["feasible"], strict=True)
-            ]
+        def symbols(rows: pd.DataFrame) -> list[str]:
+            out = []
+            for r in rows.to_dict("records"):
+                if isinstance(r["reference"], str):
+                    out.append("diamond")
+                else:
+                    base = "star" if r["source"] == "differentiable" else "circle"
+                    out.append(f"{base}-open" if r["feasible"] is False else base)
+            return out
 
-        for rows, mode, name, opacity, base in (
-            (rest, "markers", f"{label}: other trials ({len(rest)})", 0.45, "circle"),
-            (front, "lines+markers", f"{label}: front ({len(front)})", 1.0, "circle"),
+        for rows, mode, name, opacity in (
+            (rest, "markers", f"{label}: other trials ({len(rest)})", 0.45),
+            (front, "lines+markers", f"{label}: front ({len(front)})", 1.0),
         ):
+            # Differentiable-search results are stars labelled with their lambda.
+            text = [_lambda_text(r) or "" for r in rows.to_dict("records")]
+            if any(text):
+                mode += "+text"
             traces.append(
                 {
                     "type": "scatter",
@@ -1303,8 +1413,12 @@ def _comparison_figure(
                     "hovertext": [f"{_esc(label)}<br>{s.hover[int(n)]}" for n in rows["number"]],
                     "hoverinfo": "text",
                     "opacity": opacity,
-                    "marker": {"size": 9, "color": colour, "symbol": symbols(rows, base)},
+                    "marker": {"size": 9, "color": colour, "symbol": symbols(rows)},
                     "line": {"color": colour, "width": 2},
+                    "text": text,
+                    "textposition": "middle right",
+                    "textfont": {"color": colour},
+                    "cliponaxis": False,
                     "meta": "trial",
                 }
             )
@@ -1358,7 +1472,8 @@ def _comparison_page(studies: Sequence[_StudyData]) -> str:
     page.add('<h2 id="front">Accuracy against latency</h2>')
     page.add(
         '<p class="note">Each study\'s completed trials (faint) and Pareto front (line); '
-        "diamonds are reference architectures, open circles infeasible trials. Latencies are "
+        "diamonds are reference architectures, open circles infeasible trials, stars the "
+        "differentiable search's results (labelled with their &lambda;). Latencies are "
         "each study's own target.</p>"
     )
     page.figure(_comparison_figure(studies, labels, "latency_ms"), count=True)

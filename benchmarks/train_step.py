@@ -38,9 +38,13 @@ LABELS = {
 }
 
 
-def _child(name: str, width: float, batch: int, steps: int, warmup: int, device: str) -> dict:
+def _child(
+    name: str, width: float, batch: int, steps: int, warmup: int, device: str, threads: int | None
+) -> dict:
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from wasearch.arch import Arch
     from wasearch.models import build
 
@@ -86,24 +90,44 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=7, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        res = _child(args.child, args.width, args.batch, args.steps, args.warmup, args.device)
+        res = _child(
+            args.child, args.width, args.batch, args.steps, args.warmup, args.device, args.threads
+        )
         print(json.dumps(res))
         return 0
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
-    print(f"# ResNet-18-like width {args.width}, batch {args.batch}, 32x32, device {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, load average {load:.2f}")
+    print(
+        f"# ResNet-18-like width {args.width}, batch {args.batch}, 32x32, device {args.device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, load average {load:.2f}"
+    )
     results = {}
     for name in args.configs:
-        cmd = [sys.executable, __file__, "--child", name, "--width", str(args.width), "--batch",
-               str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--width",
+            str(args.width),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--device",
+            args.device,
+        ] + (["--threads", str(args.threads)] if args.threads else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results.get("normal8")

@@ -74,6 +74,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     warmup_batches: int = 10  # Winograd-domain range warm-up after init_from_checkpoint
     max_batches_per_epoch: int | None = None  # cap (quick runs and tests)
+    transform_lr: float | None = None  # Adam lr of flex transforms (None: lr); no weight decay
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -82,6 +83,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} must be positive")
+        if self.transform_lr is not None and not self.transform_lr > 0:
+            raise ValueError(f"transform_lr={self.transform_lr!r} must be positive or None")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
         self.lr_decay_at = tuple(self.lr_decay_at)
@@ -243,6 +246,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
 
 
 _WINOGRAD_DOMAIN = ("weight_wd", "input_wd", "product")
+_TRANSFORMS = ("A_t", "G", "B_t")
 
 
 def _layer_changed(src: Arch, dst: Arch, name: str) -> bool:
@@ -374,16 +378,24 @@ def fit(
     }
     extra = dict(extra or {})
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n.endswith("weight")]
-    no_decay = [
-        p for n, p in model.named_parameters() if not (p.ndim > 1 and n.endswith("weight"))
+    # Flex transforms get their own group only when asked, so older checkpoints still resume.
+    own_lr = config.transform_lr is not None
+    transforms = [
+        p for n, p in model.named_parameters() if own_lr and n.rsplit(".", 1)[-1] in _TRANSFORMS
     ]
-    optimizer = torch.optim.Adam(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-    )
+    no_decay = [
+        p
+        for n, p in model.named_parameters()
+        if not (p.ndim > 1 and n.endswith("weight"))
+        and not (own_lr and n.rsplit(".", 1)[-1] in _TRANSFORMS)
+    ]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if transforms:
+        groups.append({"params": transforms, "weight_decay": 0.0, "lr": config.transform_lr})
+    optimizer = torch.optim.Adam(groups, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, _milestones(config), gamma=0.1)
     train_loader = _loader(
         data, data.train, batch_size=config.batch_size, train=True, device=device, seed=config.seed

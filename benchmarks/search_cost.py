@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from wasearch.engine import TrainConfig, fit
     from wasearch.models import build
     from wasearch.search.space import load_space
-    from wasearch.search.study import default_threads, ensure_base, load_space_data
+    from wasearch.search.study import default_threads, ensure_base, load_space_data, trial_config
 
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
@@ -76,19 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         base = ensure_base(space, study_dir, data=data, device=args.device, progress=False)
         base_s = time.perf_counter() - t0
-        t = space.trial
-        trial_config = TrainConfig(
-            epochs=t["epochs"],
-            batch_size=space.data["batch_size"],
-            lr=t["lr"],
-            seed=space.seed,
-            warmup_batches=t["warmup_batches"],
-            max_batches_per_epoch=t["max_batches"],
-        )
+        trial_cfg = trial_config(space)
         rows = []
         for name, arch in candidates:
             t0 = time.perf_counter()
-            adapted = fit(build(arch), data, trial_config, device=args.device, init_from=base,
+            adapted = fit(build(arch), data, trial_cfg, device=args.device, init_from=base,
                           progress=False, log=lambda _m: None)  # fmt: skip
             adapt_s = time.perf_counter() - t0
             target = adapted.best_val_acc

@@ -8,21 +8,47 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "synthetic", "--mult", "0.125", "--limit-train", "300", "--limit-test",
-        "100", "--val-fraction", "0.2", "--batch_size", "32", "--no-progress"]
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--mult",
+    "0.125",
+    "--limit-train",
+    "300",
+    "--limit-test",
+    "100",
+    "--val-fraction",
+    "0.02",
+    "--batch_size",
+    "32",
+    "--no-progress",
+]
 
 
 def run(script, *args, cwd=ROOT):
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd,
+        [sys.executable, str(ROOT / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
         timeout=600,
     )
 
 
 def test_train_then_adapt_then_arch(tmp_path):
     out = tmp_path / "runs"
-    r = run("train.py", "--use_normal_conv", "--Q", "--bits", "8", "--epochs", "1",
-            "--outDir", str(out), *TINY)
+    r = run(
+        "train.py",
+        "--use_normal_conv",
+        "--Q",
+        "--bits",
+        "8",
+        "--epochs",
+        "1",
+        "--outDir",
+        str(out),
+        *TINY,
+    )
     assert r.returncode == 0, r.stderr
     run_dir = out / "synthetic_normal_8bit_w0.125_seed0"
     assert "layer4.1.conv2" in r.stdout and "SYNTHETIC" in r.stdout
@@ -32,13 +58,37 @@ def test_train_then_adapt_then_arch(tmp_path):
     assert 0 <= json.loads((run_dir / "final.json").read_text())["test_acc"] <= 1
 
     # The run folder exists: a second identical run refuses instead of overwriting.
-    again = run("train.py", "--use_normal_conv", "--Q", "--bits", "8", "--epochs", "1",
-                "--outDir", str(out), *TINY)
+    again = run(
+        "train.py",
+        "--use_normal_conv",
+        "--Q",
+        "--bits",
+        "8",
+        "--epochs",
+        "1",
+        "--outDir",
+        str(out),
+        *TINY,
+    )
     assert again.returncode == 2 and "--resume" in again.stderr
     assert "Traceback" not in again.stderr
 
-    r = run("adapt.py", "--modelDir", str(run_dir), "--flex", "--F", "4", "--epochs", "1",
-            "--Q", "--bits", "8", "--outDir", str(out), *TINY)
+    r = run(
+        "adapt.py",
+        "--modelDir",
+        str(run_dir),
+        "--flex",
+        "--F",
+        "4",
+        "--epochs",
+        "1",
+        "--Q",
+        "--bits",
+        "8",
+        "--outDir",
+        str(out),
+        *TINY,
+    )
     assert r.returncode == 0, r.stderr
     adapted = out / "adapt_synthetic_flex_F4_8bit_w0.125_seed0"
     assert "initialised from" in r.stdout and (adapted / "best.pt").is_file()

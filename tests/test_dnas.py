@@ -91,7 +91,7 @@ def test_expected_latency_is_differentiable_and_lambda_moves_logits_to_cheaper()
 
 @pytest.fixture(scope="module")
 def base_ckpt(tmp_path_factory):
-    data = load_dataset("synthetic", limit_train=400, limit_test=100, val_fraction=0.2)
+    data = load_dataset("synthetic", limit_train=400, limit_test=100, val_fraction=0.03)
     out = tmp_path_factory.mktemp("base")
     fit(
         build(Arch.uniform("normal", bits=8, width=WIDTH)),
@@ -138,7 +138,7 @@ def test_tiny_differentiable_search_end_to_end_and_train_arch(base_ckpt, tmp_pat
             "--limit-test",
             "50",
             "--val-fraction",
-            "0.2",
+            "0.02",
             "--outDir",
             str(tmp_path / "runs"),
             "--no-progress",
@@ -230,7 +230,7 @@ def test_differentiable_strategy_through_search_py_and_export(tmp_path):
             "--limit-test",
             "50",
             "--val-fraction",
-            "0.1",
+            "0.02",
             "--outDir",
             str(tmp_path / "runs"),
             "--no-progress",

@@ -22,7 +22,7 @@ WIDTH = 0.125
 
 @pytest.fixture(scope="module")
 def data():
-    return load_dataset("synthetic", limit_train=1200, limit_test=300, val_fraction=0.1, seed=0)
+    return load_dataset("synthetic", limit_train=1200, limit_test=300, val_fraction=0.05, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .arch import Arch
-from .cli import UserError
+from .cli import UserError, positive_float, positive_int
 from .data import DATASETS, load_dataset
 from .engine import (
     DivergenceError,
@@ -35,26 +35,6 @@ from .models import build, searchable_convs
 __all__ = ["build_parser", "main", "summary_table"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
-
-
 def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -69,37 +49,59 @@ def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.Arg
     kind.add_argument("--static", action="store_true", help="Winograd, Cook-Toom transforms")
     kind.add_argument("--flex", action="store_true", help="Winograd, learned transforms")
     kind.add_argument("--arch", metavar="FILE.yaml", help="per-layer architecture file")
-    p.add_argument("--F", type=int, default=4, choices=(2, 4, 6),
-                   help="Winograd output tile m of F(m x m, 3 x 3) (default 4)")
+    p.add_argument(
+        "--F",
+        type=int,
+        default=4,
+        choices=(2, 4, 6),
+        help="Winograd output tile m of F(m x m, 3 x 3) (default 4)",
+    )
     p.add_argument("--Q", action="store_true", help="quantize (with --bits)")
     p.add_argument("--bits", type=int, default=8, help="bit-width with --Q (2..16, default 8)")
-    p.add_argument("--granularity", choices=("tensor", "tap"), default="tensor",
-                   help="Winograd-domain quantizer ranges: per tensor (paper) or per tap")
-    p.add_argument("--mult", type=_positive_float, default=0.5, help="width multiplier (0.5)")
-    p.add_argument("--epochs", type=_positive_int, default=120, help="epochs (default 120)")
-    p.add_argument("--batch_size", type=_positive_int, default=64, help="batch size (64)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3)")
+    p.add_argument(
+        "--granularity",
+        choices=("tensor", "tap"),
+        default="tensor",
+        help="Winograd-domain quantizer ranges: per tensor (paper) or per tap",
+    )
+    p.add_argument("--mult", type=positive_float, default=0.5, help="width multiplier (0.5)")
+    p.add_argument("--epochs", type=positive_int, default=120, help="epochs (default 120)")
+    p.add_argument("--batch_size", type=positive_int, default=64, help="batch size (64)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (1e-3)")
     p.add_argument("--weight-decay", type=float, default=4e-5, help="weight decay (4e-5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="dataset (cifar10)")
     p.add_argument("--data-dir", help="dataset folder (default ~/.cache/wasearch/data)")
     p.add_argument("--download", action="store_true", help="download CIFAR when missing")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="fraction of train held out for validation (0.1)")
-    p.add_argument("--limit-train", type=_positive_int, help="use at most N training images")
-    p.add_argument("--limit-test", type=_positive_int, help="use at most N test images")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of train held out for validation (0.1)",
+    )
+    p.add_argument("--limit-train", type=positive_int, help="use at most N training images")
+    p.add_argument("--limit-test", type=positive_int, help="use at most N test images")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--use_cpu", action="store_true", help="same as --device cpu")
-    p.add_argument("--outDir", "--out-dir", dest="out_dir", default="runs",
-                   help="parent folder of run folders (runs)")
+    p.add_argument(
+        "--outDir",
+        "--out-dir",
+        dest="out_dir",
+        default="runs",
+        help="parent folder of run folders (runs)",
+    )
     p.add_argument("--run-name", help="run folder name (default: from the configuration)")
     p.add_argument("--resume", action="store_true", help="continue the run folder's last.pt")
     p.add_argument("--modelDir", help="adapt from this trained run folder")
-    p.add_argument("--modelToLoad", default="best.pt",
-                   help="checkpoint file inside --modelDir (best.pt)")
-    p.add_argument("--latency-model", default="cortex-a73",
-                   help="price the architecture with: a shipped profile (cortex-a73, "
-                   "cortex-a53), a profile .yaml or a latency table .csv (cortex-a73)")
+    p.add_argument(
+        "--modelToLoad", default="best.pt", help="checkpoint file inside --modelDir (best.pt)"
+    )
+    p.add_argument(
+        "--latency-model",
+        default="cortex-a73",
+        help="price the architecture with: a shipped profile (cortex-a73, "
+        "cortex-a53), a profile .yaml or a latency table .csv (cortex-a73)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(adapt=adapt)
     return p
@@ -236,8 +238,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
         raise UserError(f"--latency-model {args.latency_model}: {err}") from None
     label = " (SYNTHETIC data)" if data.synthetic else ""
     print(f"{prog}: {arch.summary()} on {data.name}{label}, {device}")
-    print(f"train {len(data.train)}, val {len(data.val) if data.val else 0}, "
-          f"test {len(data.test)} images; run folder {run_dir}")
+    print(
+        f"train {len(data.train)}, val {len(data.val) if data.val else 0}, "
+        f"test {len(data.test)} images; run folder {run_dir}"
+    )
     print(table)
     run_dir.mkdir(parents=True, exist_ok=True)
     flags = dict(vars(args))
@@ -270,8 +274,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     best = load_checkpoint(run_dir / "best.pt", device=device)
-    test_loader = _loader(data, data.test, batch_size=config.eval_batch_size, train=False,
-                          device=device)
+    test_loader = _loader(
+        data, data.test, batch_size=config.eval_batch_size, train=False, device=device
+    )
     test_loss, test_acc = evaluate(best.model, test_loader)
     final = {
         "best_val_acc": result.best_val_acc,
@@ -284,7 +289,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
         "synthetic": data.synthetic,
     }
     atomic_write_text(run_dir / "final.json", json.dumps(final, indent=1))
-    print(f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}); "
-          f"test acc {test_acc:.4f}; {run_dir}")
+    print(
+        f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}); "
+        f"test acc {test_acc:.4f}; {run_dir}"
+    )
     return 0
-

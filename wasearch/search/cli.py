@@ -11,30 +11,10 @@ import logging
 import sys
 from typing import Any
 
-from ..cli import UserError
+from ..cli import UserError, positive_float, positive_int
 from .study import RunOptions, TrialEvent
 
 __all__ = ["format_event", "register"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,16 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "path (default: the space's storage.url, else sqlite:///results/<study>/study.db)",
     )
     run.add_argument(
-        "--workers", type=_positive_int, default=1, help="local worker processes (default 1)"
+        "--workers", type=positive_int, default=1, help="local worker processes (default 1)"
     )
     run.add_argument(
         "--trials",
-        type=_positive_int,
+        type=positive_int,
         help="completed trials wanted in the whole study (default: the space's budget.trials)",
     )
     run.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         metavar="S",
         help="stop starting trials after S seconds (default: the space's budget.timeout)",
     )
@@ -105,7 +85,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--results", default="results", help="parent folder of study folders (results)")
     p.add_argument(
-        "--threads", type=_positive_int, help="torch threads per worker (default: cores/workers)"
+        "--threads", type=positive_int, help="torch threads per worker (default: cores/workers)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -66,9 +66,9 @@ def run_sweep(
     from optuna.trial import TrialState
 
     from ..dnas import differentiable_search, transfer_weights
-    from ..engine import TrainConfig, count_params, fit
+    from ..engine import count_params, fit
     from ..models import build
-    from .study import TrialEvent, _tally, bitops, front_trials
+    from .study import TrialEvent, _tally, bitops, front_trials, trial_config
 
     cfg = {**DIFFERENTIABLE_DEFAULTS, **{k: v for k, v in space.strategy.items() if v is not None}}
     lambdas = [float(v) for v in cfg["lambdas"]]
@@ -108,14 +108,7 @@ def run_sweep(
         arch: Arch = result.arch
         model = build(arch)
         transfer_weights(result.supernet, arch, model)
-        t = space.trial
-        config = TrainConfig(
-            epochs=t["epochs"],
-            batch_size=space.data["batch_size"],
-            lr=t["lr"],
-            seed=space.seed,
-            max_batches_per_epoch=t["max_batches"],
-        )
+        config = trial_config(space)
         number = len(study.get_trials(deepcopy=False))
         trial_dir = study_dir / "trials" / f"dnas_lambda_{lam:g}"
         fitted = fit(

@@ -62,6 +62,7 @@ __all__ = [
     "open_study",
     "pretrain",
     "run_search",
+    "trial_config",
     "storage_url",
     "study_dir_of",
 ]
@@ -589,6 +590,21 @@ def _base_config(space: SearchSpace) -> Any:
     )
 
 
+def trial_config(space: SearchSpace) -> Any:
+    """The training config of one trial: the space's ``trial`` budget."""
+    from ..engine import TrainConfig
+
+    t = space.trial
+    return TrainConfig(
+        epochs=t["epochs"],
+        batch_size=space.data["batch_size"],
+        lr=t["lr"],
+        seed=space.seed,
+        warmup_batches=t["warmup_batches"],
+        max_batches_per_epoch=t["max_batches"],
+    )
+
+
 def load_space_data(space: SearchSpace) -> DataSplits:
     """The dataset a space names (errors as :class:`UserError`/``DataError``)."""
     from ..data import load_dataset
@@ -799,7 +815,7 @@ class _Worker:
     def _evaluate(self, trial: optuna.Trial) -> float | list[float]:
         import optuna
 
-        from ..engine import TrainConfig, count_params, fit
+        from ..engine import count_params, fit
         from ..models import build
 
         space = self.space
@@ -828,15 +844,7 @@ class _Worker:
         if not feasible and space.constraints["prune_infeasible"] and not enqueued:
             raise _Skip(f"infeasible: latency {latency_ms:.3f} ms > {limit:g} ms")
 
-        t = space.trial
-        config = TrainConfig(
-            epochs=t["epochs"],
-            batch_size=space.data["batch_size"],
-            lr=t["lr"],
-            seed=space.seed,
-            warmup_batches=t["warmup_batches"],
-            max_batches_per_epoch=t["max_batches"],
-        )
+        config = trial_config(space)
         pruning = not space.multi_objective and space.strategy["pruner"] != "none"
         history: list[dict[str, float]] = []
 

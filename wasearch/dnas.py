@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Arch, LayerChoice
-from .data import BatchLoader, DataSplits
-from .engine import _read_checkpoint, select_device, warmup_ranges
+from .data import DataSplits
+from .engine import _loader, _read_checkpoint, select_device, selection_split, warmup_ranges
 from .models import ConvSpec, build, make_conv
 from .quant import FakeQuantize
 
@@ -216,21 +216,18 @@ def differentiable_search(
     }
     reference = sum(cost(specs[n], base.choice(n)) for n in supernet.mixed) or 1.0
 
-    def loader(split, augment):
-        return BatchLoader(
-            split,
-            batch_size=batch_size,
-            mean=data.mean,
-            std=data.std,
-            shuffle=True,
-            augment=augment,
-            device=device,
-            seed=seed,
-        )
-
-    train_loader = loader(data.train, True)
-    val_split = data.val if data.val is not None and len(data.val) else data.test
-    val_loader = loader(val_split, False)
+    train_loader = _loader(
+        data, data.train, batch_size=batch_size, train=True, device=device, seed=seed
+    )
+    val_loader = _loader(
+        data,
+        selection_split(data),
+        batch_size=batch_size,
+        train=True,  # shuffled: the logits see a fresh validation batch each step
+        augment=False,
+        device=device,
+        seed=seed,
+    )
     # Every candidate's ranges: warm up with each candidate active in turn.
     for index in range(max(len(m.candidates) for m in supernet.mixed.values())):
         for m in supernet.mixed.values():

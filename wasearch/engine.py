@@ -133,18 +133,31 @@ def select_device(requested: str | torch.device | None = None) -> torch.device:
 
 
 def _loader(
-    data: DataSplits, split: ImageSet, *, batch_size: int, train: bool, device, seed: int = 0
+    data: DataSplits,
+    split: ImageSet,
+    *,
+    batch_size: int,
+    train: bool,
+    device,
+    seed: int = 0,
+    augment: bool | None = None,
 ) -> BatchLoader:
+    """A loader of ``split``: shuffled and (unless ``augment=False``) augmented when ``train``."""
     return BatchLoader(
         split,
         batch_size=batch_size,
         mean=data.mean,
         std=data.std,
         shuffle=train,
-        augment=train,
+        augment=train if augment is None else augment,
         device=device,
         seed=seed,
     )
+
+
+def selection_split(data: DataSplits) -> ImageSet:
+    """The split that models are selected on: validation, or test when there is none."""
+    return data.val if data.val is not None and len(data.val) else data.test
 
 
 @torch.no_grad()
@@ -400,7 +413,7 @@ def fit(
     train_loader = _loader(
         data, data.train, batch_size=config.batch_size, train=True, device=device, seed=config.seed
     )
-    val_split = data.val if data.val is not None and len(data.val) else data.test
+    val_split = selection_split(data)
     val_loader = _loader(
         data, val_split, batch_size=config.eval_batch_size, train=False, device=device
     )

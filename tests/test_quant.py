@@ -47,6 +47,29 @@ def test_eval_clips_to_stored_range():
     assert q(torch.tensor([5.0])).item() == pytest.approx(1.0)
 
 
+def test_loading_a_state_dict_refreshes_whether_a_range_is_held():
+    # The quantizer keeps a host-side copy of its `initialized` buffer (no device sync per
+    # call); a loaded state must replace it, in both directions.
+    trained = FakeQuantize(8)
+    trained(torch.tensor([-2.0, 2.0]))
+    empty_state = FakeQuantize(8).state_dict()
+
+    q = FakeQuantize(8)
+    q.load_state_dict(trained.state_dict())
+    q.eval()
+    assert q(torch.tensor([5.0])).item() == pytest.approx(2.0)  # the loaded range clips
+
+    q.load_state_dict(empty_state)
+    q.train()
+    q(torch.tensor([-7.0, 7.0]))  # no range any more: this batch's is taken as is
+    assert q.max_val.item() == 7.0 and bool(q.initialized)
+
+    q.reset_range()
+    assert not q.is_initialized and not bool(q.initialized)
+    q(torch.tensor([-1.0, 1.0]))
+    assert q.max_val.item() == 1.0
+
+
 def test_bits_none_is_identity_and_weight_mode_uses_own_range():
     x = torch.randn(10)
     assert FakeQuantize(None)(x) is x

@@ -326,7 +326,7 @@ def warmup_ranges(model: nn.Module, loader: BatchLoader, batches: int = 10) -> i
         if isinstance(m, FakeQuantize)
         and m.running
         and m.bits is not None
-        and not bool(m.initialized)
+        and not m.is_initialized
     ]
     if not quantizers or batches <= 0:
         return 0

@@ -155,10 +155,28 @@ class FakeQuantize(nn.Module):
             self.register_buffer("min_val", torch.zeros(shape))
             self.register_buffer("max_val", torch.zeros(shape))
             self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # A host-side copy of ``initialized``: reading the buffer itself is a device sync on
+        # CUDA, and every quantizer asks at every call. The buffer stays the truth that
+        # checkpoints carry; the copy is refreshed whenever a state dict is loaded.
+        self._initialized_host: bool | None = False if running else None
 
     def extra_repr(self) -> str:
         kind = "running" if self.running else "current"
         return f"bits={self.bits}, {kind}, granularity={self.granularity}"
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the running range holds a value (without a device sync, after the first
+        ask)."""
+        if not self.running:
+            return False
+        if getattr(self, "_initialized_host", None) is None:
+            self._initialized_host = bool(self.initialized)
+        return self._initialized_host
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized_host = None  # the buffer may have changed: read it again when asked
 
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.granularity == "tap":
@@ -171,10 +189,11 @@ class FakeQuantize(nn.Module):
 
     @torch.no_grad()
     def _fold(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        if not bool(self.initialized):
+        if not self.is_initialized:
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
             self.initialized.fill_(True)
+            self._initialized_host = True
         else:
             self.min_val.lerp_(lo.to(self.min_val.dtype), self.momentum)
             self.max_val.lerp_(hi.to(self.max_val.dtype), self.momentum)
@@ -183,12 +202,13 @@ class FakeQuantize(nn.Module):
         """Forget the running range; the next training batch initialises it again."""
         if self.running:
             self.initialized.fill_(False)
+            self._initialized_host = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits is None:
             return x
         axis = 0 if self.granularity == "tap" else None
-        if self.running and not self.training and bool(self.initialized):
+        if self.running and not self.training and self.is_initialized:
             return fake_quantize(
                 x, torch.maximum(self.min_val.abs(), self.max_val.abs()), self.bits, axis
             )

@@ -85,6 +85,8 @@ def test_train_then_adapt_then_arch(tmp_path):
         "--Q",
         "--bits",
         "8",
+        "--transform-lr",
+        "0.01",
         "--outDir",
         str(out),
         *TINY,
@@ -92,6 +94,7 @@ def test_train_then_adapt_then_arch(tmp_path):
     assert r.returncode == 0, r.stderr
     adapted = out / "adapt_synthetic_flex_F4_8bit_w0.125_seed0"
     assert "initialised from" in r.stdout and (adapted / "best.pt").is_file()
+    assert json.loads((adapted / "config.json").read_text())["train"]["transform_lr"] == 0.01
 
     arch_file = tmp_path / "mixed.yaml"
     arch_file.write_text(
@@ -110,6 +113,7 @@ def test_train_then_adapt_then_arch(tmp_path):
         (["--Q", "--bits", "40"], "--bits 40"),
         (["--F", "5"], "--F"),
         (["--epochs", "0"], "--epochs"),
+        (["--transform-lr", "-1"], "--transform-lr"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "--download"),
         (["--device", "cuda:7"], "--device"),
         (["--dataset", "synthetic", "--val-fraction", "1.5"], "--val-fraction"),

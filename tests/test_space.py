@@ -45,6 +45,8 @@ def _error(space: dict, tmp_path: Path) -> str:
         ({"base": {"conv": "static"}}, "base.tile", "needs a tile"),
         ({"base": {"epochs": 0}}, "base.epochs", ">= 1"),
         ({"trial": {"lr": "fast"}}, "trial.lr", "must be a number"),
+        ({"trial": {"transform_lr": 0}}, "trial.transform_lr", "must be > 0"),
+        ({"base": {"transform_lr": "x"}}, "base.transform_lr", "must be a number"),
         ({"objectives": ["latency_ms", "accuracy"]}, "objectives", "first objective"),
         ({"objectives": ["accuracy", "speed"]}, "objectives", "'speed' is not one of"),
         ({"latency": {"kind": "magic"}}, "latency.kind", "'magic' is not one of"),
@@ -166,3 +168,15 @@ def test_shipped_spaces_validate(name):
         assert len(space.units) == 16 and space.model["width"] == 0.5
         assert space.latency["profile"] == "cortex-a73"
         assert space.units[0].labels[:2] == ("normal/8", "normal/16")
+
+
+def test_transform_lr_reaches_the_training_configs():
+    from wasearch.search.study import _base_config, trial_config
+
+    plain = parse_space(tiny_space(), source="s")
+    assert trial_config(plain).transform_lr is None and _base_config(plain).transform_lr is None
+    tuned = parse_space(
+        tiny_space(trial={"transform_lr": 0.005}, base={"transform_lr": 0.002}), source="s"
+    )
+    assert trial_config(tuned).transform_lr == 0.005
+    assert _base_config(tuned).transform_lr == 0.002

@@ -92,11 +92,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "granularity": "tensor",
         "epochs": 30,
         "lr": 1e-3,
+        "transform_lr": None,  # Adam lr of flex transforms (None: lr)
         "max_batches": None,  # cap batches per epoch (quick runs)
     },
     "trial": {
         "epochs": 2,  # fine-tuning epochs per trial (the adaptation shortcut)
         "lr": 5e-4,
+        "transform_lr": None,  # Adam lr of flex transforms (None: lr); see docs/fidelity.md
         "max_batches": None,
         "warmup_batches": 10,  # batches that initialise new Winograd-domain quantizer ranges
     },
@@ -420,12 +422,16 @@ def parse_space(data: Any, *, source: str = "space") -> SearchSpace:
     base.update(base_choice.to_dict(), tile=base_choice.tile, granularity=base_choice.granularity)
     r.integer("base.epochs", base["epochs"], minimum=1)
     r.number("base.lr", base["lr"], positive=True)
+    if base["transform_lr"] is not None:
+        r.number("base.transform_lr", base["transform_lr"], positive=True)
     if base["max_batches"] is not None:
         r.integer("base.max_batches", base["max_batches"], minimum=1)
 
     trial = sections["trial"]
     r.integer("trial.epochs", trial["epochs"], minimum=1)
     r.number("trial.lr", trial["lr"], positive=True)
+    if trial["transform_lr"] is not None:
+        r.number("trial.transform_lr", trial["transform_lr"], positive=True)
     if trial["max_batches"] is not None:
         r.integer("trial.max_batches", trial["max_batches"], minimum=1)
     r.integer("trial.warmup_batches", trial["warmup_batches"], minimum=0)

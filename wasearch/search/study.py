@@ -585,6 +585,7 @@ def _base_config(space: SearchSpace) -> Any:
         epochs=b["epochs"],
         batch_size=space.data["batch_size"],
         lr=b["lr"],
+        transform_lr=b["transform_lr"],
         seed=space.seed,
         max_batches_per_epoch=b["max_batches"],
     )
@@ -599,6 +600,7 @@ def trial_config(space: SearchSpace) -> Any:
         epochs=t["epochs"],
         batch_size=space.data["batch_size"],
         lr=t["lr"],
+        transform_lr=t["transform_lr"],
         seed=space.seed,
         warmup_batches=t["warmup_batches"],
         max_batches_per_epoch=t["max_batches"],

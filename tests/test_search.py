@@ -178,6 +178,9 @@ def test_ctrl_c_marks_the_trial_and_rerun_resumes(tmp_path, base_dir):
         [sys.executable, str(SEARCH), "run", str(path), "--threads", "1", "--no-progress",
          "--no-report"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # A shell's background job (`pytest &`) inherits SIGINT ignored, and so would the search:
+        # give it the default disposition a user's terminal gives it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     db = tmp_path / "results" / "resume" / "study.db"
     _wait((tmp_path / "results" / "resume" / "space.yaml").is_file, 120, proc)  # study created

@@ -18,11 +18,16 @@ Sections, all on the same trained normal 8-bit ResNet-18-like model (the "base")
    tap-wise, F4 and F6; test accuracy beside the base given the same extra budget.
 4. Diagnostics: flex with a larger learning rate for its transforms, how far the transforms
    moved, and the quantization error of the adapted layers against their own float pipeline.
-5. (``--full``, or ``--scratch-epochs N``) From scratch: the paper's own protocol.
+5. (``--long-steps N``) A longer budget: static against flex per-tensor with N steps, to see
+   whether the gap closes, holds or widens as the budget grows.
+6. (``--full``, or ``--scratch-epochs N``) From scratch: the paper's own protocol.
 
 Default mode: width 0.25, 20,000 training images, 2,000 test images, a short base schedule and a
-short adaptation budget; sized for 2 CPU cores. ``--full``: the paper's setting (width 0.5, all of
-CIFAR-10, 120 epochs), meant for a GPU. The trained base is cached under ``--work-dir`` and reused.
+short adaptation budget; sized for 2 CPU cores. ``--full``: the paper's setting (width 0.5, all
+of CIFAR-10, 120 epochs), meant for a GPU. The trained base is cached under ``--work-dir`` and
+reused. A rerun keeps the rows of the earlier run at ``--out`` that were measured on the same base
+checkpoint (by content) with the same setting, and measures only what is missing (``--fresh``
+measures everything again).
 
     python benchmarks/paper_claims.py                        # miniature, CPU
     python benchmarks/paper_claims.py --full --device cuda   # the paper's setting
@@ -90,6 +95,8 @@ class Setting:
     adapt_tiles: tuple[int, ...]  # tiles of the adaptation table
     transform_lr_scales: tuple[float, ...]  # diagnostic: flex transforms' lr = scale * adapt_lr
     transform_lr_tiles: tuple[int, ...]  # ... for these tiles (per-tensor)
+    long_steps: int  # investigation: static vs flex per-tensor with this budget; 0: none
+    long_tiles: tuple[int, ...]  # ... for these tiles
     warmup_batches: int  # Winograd-domain range warm-up after a swap
     error_images: int  # test images whose activations the numerical error is measured on
     calib_batches: int  # training batches that set the ranges for the numerical error
@@ -111,7 +118,9 @@ MINIATURE = Setting(
     adapt_lr=1e-3,
     adapt_tiles=(4, 6),
     transform_lr_scales=(10.0,),
-    transform_lr_tiles=(4,),
+    transform_lr_tiles=(4,),  # F6 too: --transform-lr-tiles 4 6 (4 min more)
+    long_steps=0,  # opt in: --long-steps 1000 (about 30 min more on 2 cores)
+    long_tiles=(6,),
     warmup_batches=10,
     error_images=128,
     calib_batches=4,
@@ -133,6 +142,8 @@ FULL = Setting(
     adapt_tiles=(4, 6),
     transform_lr_scales=(10.0,),
     transform_lr_tiles=(4, 6),
+    long_steps=0,  # the from-scratch section answers it
+    long_tiles=(4, 6),
     warmup_batches=10,
     error_images=512,
     calib_batches=8,
@@ -146,6 +157,7 @@ class Report:
 
     setting: dict
     machine: dict
+    command: str = ""
     data: dict = field(default_factory=dict)
     base: dict = field(default_factory=dict)
     error: list[dict] = field(default_factory=list)
@@ -155,8 +167,10 @@ class Report:
     flex_initial_equals_static: bool | None = None
     conversion: list[dict] = field(default_factory=list)
     adaptation: list[dict] = field(default_factory=list)
+    long: list[dict] = field(default_factory=list)
     scratch: list[dict] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+    reused: dict = field(default_factory=dict)  # section -> rows taken from an earlier run
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,18 +224,119 @@ def _test_accuracy(model: nn.Module, data: DataSplits, setting: Setting, device)
     return evaluate(model, _loader(data, data.test, setting, train=False, device=device))[1]
 
 
-def _config(setting: Setting, **changes) -> TrainConfig:
+def _config(setting: Setting, steps: int | None = None, **changes) -> TrainConfig:
     # The budget as short epochs, so that the paper's step schedule (x0.1 at 3/5 and 4/5)
     # anneals it: at a constant lr even the normal model loses accuracy it had when annealed.
+    steps = setting.adapt_steps if steps is None else steps
     base = TrainConfig(
         epochs=setting.adapt_chunks,
         batch_size=setting.batch_size,
         lr=setting.adapt_lr,
         seed=setting.seed,
         warmup_batches=setting.warmup_batches,
-        max_batches_per_epoch=math.ceil(setting.adapt_steps / setting.adapt_chunks),
+        max_batches_per_epoch=math.ceil(steps / setting.adapt_chunks),
     )
     return replace(base, **changes)
+
+
+def _steps(config: TrainConfig) -> int:
+    return config.epochs * (config.max_batches_per_epoch or 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Reusing an earlier run's rows
+
+# Setting fields that only choose which rows to measure; every other field changes what a row
+# means, so an earlier run's rows stand for this run's only where those agree.
+_PLAN_FIELDS = (
+    "name",
+    "adapt_tiles",
+    "transform_lr_scales",
+    "transform_lr_tiles",
+    "long_steps",
+    "long_tiles",
+    "scratch_epochs",
+)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def previous_results(path: Path, setting: Setting, base_digest: str) -> Report | None:
+    """The report an earlier run left at ``path``, when its rows can stand for this run's: the
+    same base checkpoint (by content) and the same setting apart from which rows to run."""
+    if not path.is_file():
+        return None
+    try:
+        report = Report(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        _log(f"reuse: {path} is not a report of this script ({err}); measuring everything")
+        return None
+    if report.base.get("sha256") != base_digest:
+        _log(f"reuse: {path} was measured on another base model; measuring everything")
+        return None
+    mine = json.loads(json.dumps(asdict(setting)))  # tuples as lists, as the file has them
+    differ = [k for k in mine if k not in _PLAN_FIELDS and report.setting.get(k) != mine[k]]
+    if differ:
+        _log(f"reuse: {path} had another {', '.join(differ)}; measuring everything")
+        return None
+    return report
+
+
+def _conversion_key(row: dict) -> tuple:
+    return (row["tile"], row["bits"], row["granularity"], row.get("float_transforms", False))
+
+
+def _run_key(row: dict, default_steps: int) -> tuple:
+    return (
+        row["conv"],
+        row["tile"],
+        row["granularity"],
+        row["transform_lr"],
+        row.get("steps", default_steps),
+    )
+
+
+def _merged(report: Report, previous: Report | None, finished: set[str]) -> dict:
+    """``report`` as a dict, with the rows of ``previous`` that belong to sections this run has
+    not finished (not reached yet, or skipped) and that it has not measured itself."""
+    state = asdict(report)
+    if previous is None:
+        return state
+    old = asdict(previous)
+    if "error" not in finished and not state["error"]:
+        for key in ("error", "error_by_layer", "error_by_stage", "spread"):
+            state[key] = old[key]
+        state["flex_initial_equals_static"] = old["flex_initial_equals_static"]
+    steps = previous.setting["adapt_steps"]
+    for section in ("conversion", "adaptation", "long", "scratch"):
+        if section in finished:
+            continue
+        if section == "conversion":
+            key = _conversion_key
+        else:
+
+            def key(row, steps=steps):
+                return _run_key(row, steps)
+
+        have = {key(r) for r in state[section]}
+        state[section] = state[section] + [r for r in old[section] if key(r) not in have]
+    return state
+
+
+def _reusable(previous: Report | None, section: str) -> dict[tuple, dict]:
+    if previous is None:
+        return {}
+    rows = getattr(previous, section)
+    if section == "conversion":
+        return {_conversion_key(r): r for r in rows}
+    steps = previous.setting["adapt_steps"]
+    return {_run_key(r, steps): {"steps": steps, **r} for r in rows}
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,7 +611,13 @@ def numerical_error(
 
 
 def conversion(
-    base_ckpt: Path, data: DataSplits, setting: Setting, report: Report, device
+    base_ckpt: Path,
+    data: DataSplits,
+    setting: Setting,
+    report: Report,
+    device,
+    reuse: dict[tuple, dict],
+    save=lambda: None,
 ) -> None:
     warm = _loader(data, data.train, setting, train=False, device=device)
     runs = [
@@ -506,8 +627,12 @@ def conversion(
         for gran in ("tensor", "tap")
     ]
     # Diagnostic: 8 bits everywhere except the transform matrices themselves.
-    runs += [(8, tile, gran, True) for tile in (4, 6) for gran in ("tensor", "tap")]
+    runs += [(8, tile, gran, True) for tile in (2, 4, 6) for gran in ("tensor", "tap")]
     for bits, tile, gran, float_transforms in runs:
+        if (tile, bits, gran, float_transforms) in reuse:
+            report.conversion.append(reuse[(tile, bits, gran, float_transforms)])
+            report.reused["conversion"] = report.reused.get("conversion", 0) + 1
+            continue
         arch = Arch.uniform("static", tile, bits, granularity=gran, width=setting.width)
         model = adapted_model(
             arch, base_ckpt, warm, setting.warmup_batches, float_transforms=float_transforms
@@ -524,6 +649,7 @@ def conversion(
         )
         note = ", float transforms" if float_transforms else ""
         _log(f"conversion: F{tile} {bits}-bit {gran}{note}: {100 * acc:.1f}%")
+        save()
 
 
 def _transform_drift(model: nn.Module) -> float | None:
@@ -614,6 +740,7 @@ def _fine_tune(
         "tile": None if choice is None else choice.tile,
         "granularity": None if choice is None else choice.granularity,
         "transform_lr": config.transform_lr if choice is not None else None,
+        "steps": _steps(config),
         "test_acc": acc,
         **errors,
         "transform_drift": _transform_drift(model),
@@ -621,7 +748,48 @@ def _fine_tune(
     }
 
 
-def adaptation(base_ckpt: Path, data: DataSplits, setting: Setting, report: Report, device):
+def _adapt_runs(
+    runs: list[tuple[LayerChoice | None, TrainConfig]],
+    section: str,
+    base_ckpt: Path,
+    data: DataSplits,
+    setting: Setting,
+    report: Report,
+    device,
+    reuse: dict[tuple, dict],
+    save,
+) -> None:
+    rows: list[dict] = getattr(report, section)
+    for choice, cfg in runs:
+        key = (
+            "normal" if choice is None else choice.conv,
+            None if choice is None else choice.tile,
+            None if choice is None else choice.granularity,
+            None if choice is None else cfg.transform_lr,
+            _steps(cfg),
+        )
+        if key in reuse:
+            rows.append(reuse[key])
+            report.reused[section] = report.reused.get(section, 0) + 1
+            continue
+        row = _fine_tune(choice, base_ckpt, data, setting, device, config=cfg)
+        rows.append(row)
+        _log(
+            f"{section}: {row['config']} (transform lr {row['transform_lr']}, "
+            f"{row['steps']} steps): {100 * row['test_acc']:.1f}%  ({row['seconds']:.0f}s)"
+        )
+        save()  # a long run keeps every finished row, for a rerun to reuse
+
+
+def adaptation(
+    base_ckpt: Path,
+    data: DataSplits,
+    setting: Setting,
+    report: Report,
+    device,
+    reuse: dict[tuple, dict],
+    save=lambda: None,
+) -> None:
     config = _config(setting)
     runs: list[tuple[LayerChoice | None, TrainConfig]] = [(None, config)]
     for tile in setting.adapt_tiles:
@@ -632,13 +800,30 @@ def adaptation(base_ckpt: Path, data: DataSplits, setting: Setting, report: Repo
         for tile in setting.transform_lr_tiles:
             tuned = replace(config, transform_lr=scale * setting.adapt_lr)
             runs.append((LayerChoice("flex", tile, 8, "tensor"), tuned))
-    for choice, cfg in runs:
-        row = _fine_tune(choice, base_ckpt, data, setting, device, config=cfg)
-        report.adaptation.append(row)
-        _log(
-            f"adaptation: {row['config']} (transform lr {row['transform_lr']}): "
-            f"{100 * row['test_acc']:.1f}%  ({row['seconds']:.0f}s)"
-        )
+    _adapt_runs(runs, "adaptation", base_ckpt, data, setting, report, device, reuse, save)
+
+
+def longer_budget(
+    base_ckpt: Path,
+    data: DataSplits,
+    setting: Setting,
+    report: Report,
+    device,
+    reuse: dict[tuple, dict],
+    save=lambda: None,
+) -> None:
+    """Static against flex (at the weights' lr and at each transform lr scale), per-tensor, with
+    ``long_steps`` instead of ``adapt_steps``: does the gap close, hold or widen when the budget
+    grows?"""
+    config = _config(setting, steps=setting.long_steps)
+    runs: list[tuple[LayerChoice | None, TrainConfig]] = []
+    for tile in setting.long_tiles:
+        runs.append((LayerChoice("static", tile, 8, "tensor"), config))
+        runs.append((LayerChoice("flex", tile, 8, "tensor"), config))
+        for scale in setting.transform_lr_scales:
+            tuned = replace(config, transform_lr=scale * setting.adapt_lr)
+            runs.append((LayerChoice("flex", tile, 8, "tensor"), tuned))
+    _adapt_runs(runs, "long", base_ckpt, data, setting, report, device, reuse, save)
 
 
 def from_scratch(base_ckpt: Path, data: DataSplits, setting: Setting, report: Report, device):
@@ -681,13 +866,16 @@ def render(report: Report) -> str:
     out = [
         "# The paper's claims in miniature, on real CIFAR-10",
         "",
+        f"`{report.command}`" if report.command else "",
+        "",
         f"Mode **{s['name']}**: ResNet-18-like width {s['width']}, "
         f"{report.data.get('train', '?'):,} training images "
         f"({'all' if s['train_images'] is None else 'a class-balanced subset'}), "
         f"{report.data.get('test', '?'):,} test images, batch {s['batch_size']}. "
         f"Base: normal 8-bit, {s['base_epochs']} epochs from scratch, Adam lr {s['base_lr']:g} "
         f"(x0.1 at 3/5 and 4/5). Machine: {report.machine['summary']}. "
-        f"Total time {report.seconds.get('total', 0) / 60:.1f} min wall, "
+        f"{'This run (rows kept from an earlier one not counted)' if report.reused else 'Total'}"
+        f" time {report.seconds.get('total', 0) / 60:.1f} min wall, "
         f"{report.seconds.get('cpu', 0) / 60:.1f} min CPU.",
         "",
         f"Base model (normal 8-bit): **{_pct(report.base.get('test_acc'))}%** test accuracy.",
@@ -820,6 +1008,12 @@ def render(report: Report) -> str:
         "",
     ]
     main_rows = [r for r in report.adaptation if r["transform_lr"] is None]
+    # Every per-tensor run by (conv, tile, transform lr, steps): the longer-budget table's cells.
+    by_run = {
+        (r["conv"], r["tile"], r["transform_lr"], r.get("steps", s["adapt_steps"])): r
+        for r in (*report.adaptation, *report.long)
+        if r["granularity"] == "tensor"
+    }
     ad = {(r["conv"], r["tile"], r["granularity"]): r for r in main_rows}
     normal = ad.get(("normal", None, None))
     out += [
@@ -862,13 +1056,14 @@ def render(report: Report) -> str:
         "",
     ]
     rows = []
-    for r in report.adaptation:
+    for r in (*report.adaptation, *report.long):
         if r["conv"] == "normal":
             continue
         lr = "base" if r["transform_lr"] is None else f"{r['transform_lr']:g}"
         rows.append(
             (
                 r["config"],
+                r.get("steps", s["adapt_steps"]),
                 lr if r["conv"] == "flex" else "-",
                 _pct(r["test_acc"]),
                 "-" if r["transform_drift"] is None else f"{r['transform_drift']:.3f}",
@@ -881,6 +1076,7 @@ def render(report: Report) -> str:
         _md_table(
             (
                 "configuration",
+                "steps",
                 "transform lr",
                 "test acc",
                 "transform drift",
@@ -891,14 +1087,58 @@ def render(report: Report) -> str:
             rows,
         )
     )
+    if report.long:
+        out += [
+            "",
+            f"## 5. A longer budget: {s['long_steps']} steps instead of {s['adapt_steps']}",
+            "",
+            "Static against flex (at the weights' lr and at the larger transform lr of section "
+            "4), per-tensor, 8 bits, the same schedule stretched; does the gap close, hold or "
+            "widen as the budget grows? Test accuracy (%).",
+            "",
+        ]
+        lrs = [None, *(scale * s["adapt_lr"] for scale in s["transform_lr_scales"])]
+        rows = []
+        for tile in s["long_tiles"]:
+            for steps in (s["adapt_steps"], s["long_steps"]):
+                st = by_run.get(("static", tile, None, steps))
+                cells = [by_run.get(("flex", tile, lr, steps)) for lr in lrs]
+                gaps = [
+                    f"{100 * (fl['test_acc'] - st['test_acc']):+.1f}" if st and fl else "-"
+                    for fl in cells
+                ]
+                rows.append(
+                    (
+                        f"F{tile} 8-bit per-tensor",
+                        steps,
+                        _pct(st["test_acc"]) if st else "-",
+                        *(_pct(fl["test_acc"]) if fl else "-" for fl in cells),
+                        " / ".join(gaps),
+                    )
+                )
+        header = (
+            "configuration",
+            "steps",
+            "static",
+            "flex",
+            *(f"flex, transform lr {lr:g}" for lr in lrs[1:]),
+            "flex - static",
+        )
+        out.append(_md_table(header, rows))
     if report.scratch:
-        out += ["", f"## 5. From scratch, {s['scratch_epochs']} epochs (the paper's protocol)", ""]
+        out += ["", f"## 6. From scratch, {s['scratch_epochs']} epochs (the paper's protocol)", ""]
         out.append(
             _md_table(
                 ("configuration", "test acc"),
                 [(r["config"], _pct(r["test_acc"])) for r in report.scratch],
             )
         )
+    if report.reused:
+        out += [
+            "",
+            "Rows kept from an earlier run with the same base checkpoint and setting (not "
+            "measured again): " + ", ".join(f"{k} {v}" for k, v in report.reused.items()) + ".",
+        ]
     out += [
         "",
         "Seconds per section: "
@@ -942,6 +1182,8 @@ def summary(report: Report) -> dict:
     for (_conv, tile, gran, tlr), acc in ad.items():
         if tlr is not None:
             out[f"adapt_flex_F{tile}_{gran}_transform_lr_{tlr:g}"] = acc
+    for r in report.long:
+        out[f"long_{r['conv']}_F{r['tile']}_{r['steps']}_steps"] = r["test_acc"]
     for r in report.scratch:
         out[f"scratch_{r['conv']}_F{r['tile']}_{r['granularity']}"] = r["test_acc"]
     out["seconds"] = round(report.seconds.get("total", 0.0), 1)
@@ -974,6 +1216,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--retrain", action="store_true", help="retrain the base even if cached")
     p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new report and measure every row; by default the rows of an earlier run "
+        "at --out's .json with the same base checkpoint and setting are kept, so a rerun "
+        "measures only what is new",
+    )
+    p.add_argument(
         "--out",
         default=str(RESULTS / "paper_claims.md"),
         help="markdown report (a .json with the same stem is written beside it)",
@@ -982,7 +1231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip",
         nargs="*",
         default=[],
-        choices=("error", "conversion", "adaptation", "scratch"),
+        choices=("error", "conversion", "adaptation", "long", "scratch"),
         help="sections to leave out",
     )
     overrides = p.add_argument_group(
@@ -1023,6 +1272,8 @@ def _machine(device: torch.device) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.long_tiles is not None and any(t not in (2, 4, 6) for t in args.long_tiles):
+        raise UserError(f"--long-tiles: {args.long_tiles} must be tiles among 2, 4, 6")
     logging.basicConfig(level=logging.WARNING)
     setting = FULL if args.full else MINIATURE
     changes = {}
@@ -1041,7 +1292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     work_dir = Path(args.work_dir) if args.work_dir else cache_root() / "paper_claims"
     out_md = Path(args.out)
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    report = Report(setting=asdict(setting), machine=_machine(device))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    report = Report(
+        setting=asdict(setting),
+        machine=_machine(device),
+        command=" ".join(["python benchmarks/paper_claims.py", *argv]),
+    )
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     torch.manual_seed(setting.seed)
@@ -1060,34 +1316,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = load_checkpoint(base_ckpt, device=device).model
     report.base = {
         "checkpoint": str(base_ckpt),
+        "sha256": file_digest(base_ckpt),
         "test_acc": _test_accuracy(base, data, setting, device),
     }
     report.seconds["base"] = time.perf_counter() - t
     _log(f"base: test accuracy {100 * report.base['test_acc']:.1f}%")
+    out_json = out_md.with_suffix(".json")
+    previous = None
+    if not args.fresh:
+        previous = previous_results(out_json, setting, report.base["sha256"])
+
+    def error_section() -> None:
+        if previous is not None and previous.error:
+            for key in ("error", "error_by_layer", "error_by_stage", "spread"):
+                setattr(report, key, getattr(previous, key))
+            report.flex_initial_equals_static = previous.flex_initial_equals_static
+            report.reused["error"] = len(report.error)
+            return
+        numerical_error(base, data, setting, report, device)
+
+    def rows(section: str) -> dict[tuple, dict]:
+        return _reusable(previous, section)
+
+    finished: set[str] = set()
+
+    def save() -> None:
+        """Write the tables so far, atomically; an earlier run's rows that this run has not
+        reached (or skips) stay in the files, so a crash or a --skip loses nothing."""
+        state = _merged(report, previous, finished)
+        atomic_write_text(out_md, render(Report(**state)))
+        atomic_write_text(out_json, json.dumps(state, indent=1))
 
     sections = (
-        ("error", lambda: numerical_error(base, data, setting, report, device)),
-        ("conversion", lambda: conversion(base_ckpt, data, setting, report, device)),
-        ("adaptation", lambda: adaptation(base_ckpt, data, setting, report, device)),
+        ("error", error_section),
+        (
+            "conversion",
+            lambda: conversion(base_ckpt, data, setting, report, device, rows("conversion"), save),
+        ),
+        (
+            "adaptation",
+            lambda: adaptation(base_ckpt, data, setting, report, device, rows("adaptation"), save),
+        ),
+        (
+            "long",
+            lambda: longer_budget(base_ckpt, data, setting, report, device, rows("long"), save),
+        ),
         ("scratch", lambda: from_scratch(base_ckpt, data, setting, report, device)),
     )
     for name, run in sections:
         if name in args.skip or (name == "scratch" and setting.scratch_epochs <= 0):
             continue
+        if name == "long" and setting.long_steps <= 0:
+            continue
         t = time.perf_counter()
         run()
+        if report.reused.get(name):
+            _log(f"{name}: {report.reused[name]} rows kept from {out_json}")
         report.seconds[name] = time.perf_counter() - t
         report.seconds["total"] = time.perf_counter() - t_start
-        # Write after every section, so a long run leaves its tables as it goes.
-        atomic_write_text(out_md, render(report))
-        atomic_write_text(out_md.with_suffix(".json"), json.dumps(asdict(report), indent=1))
+        finished.add(name)
+        save()  # after every section too, so a long run leaves its tables as it goes
     report.seconds["total"] = time.perf_counter() - t_start
     report.seconds["cpu"] = time.process_time() - cpu_start
-    text = render(report)
-    atomic_write_text(out_md, text)
-    atomic_write_text(out_md.with_suffix(".json"), json.dumps(asdict(report), indent=1))
-    print(text)
-    print(json.dumps(summary(report)))
+    save()
+    final = Report(**_merged(report, previous, finished))
+    print(render(final))
+    print(json.dumps(summary(final)))
     return 0
 
 

@@ -1,0 +1,158 @@
+"""benchmarks/paper_claims.py end to end on a tiny generated CIFAR-10-like ImageFolder: every
+section runs and renders, and a rerun keeps the rows it may keep and measures only what is new."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "paper_claims", ROOT / "benchmarks" / "paper_claims.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+pc = _load_benchmark()
+
+TINY = [
+    "--train-images", "60", "--test-images", "30", "--val-fraction", "0.1",
+    "--batch-size", "10", "--base-epochs", "1",
+    "--adapt-steps", "2", "--adapt-chunks", "1", "--adapt-tiles", "4",
+    "--transform-lr-tiles", "4", "--error-images", "10", "--calib-batches", "1",
+    "--warmup-batches", "1", "--device", "cpu",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 3)):
+        for c, name in enumerate(CIFAR10_NAMES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+                img[..., c % 3] //= 4  # a little class signal
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_cifar, tmp_path_factory):
+    work = tmp_path_factory.mktemp("pc")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WASEARCH_CACHE", str(work / "cache"))
+    try:
+        out = work / "out" / "claims.md"
+        args = [*TINY, "--data-dir", str(tiny_cifar), "--work-dir", str(work), "--out", str(out)]
+        assert pc.main(args) == 0
+    finally:
+        mp.undo()
+    return work, out, args
+
+
+def test_every_section_is_measured_and_rendered(first_run, capsys):
+    _work, out, _args = first_run
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["command"].startswith("python benchmarks/paper_claims.py --train-images 60")
+    assert len(report["base"]["sha256"]) == 16
+    # 16 searchable layers; direct at 8 and 16 bits, static F2/F4/F6 x 2 bits x 2 granularities
+    assert {(e["conv"], e["tile"]) for e in report["error"]} == {
+        ("direct", None),
+        ("static", 2),
+        ("static", 4),
+        ("static", 6),
+    }
+    assert all(e["layers"] == 16 for e in report["error"])
+    assert report["flex_initial_equals_static"] is True
+    # (8, 16 bits) x 3 tiles x 2 granularities, plus 8-bit float transforms x 3 tiles x 2
+    assert len(report["conversion"]) == 18
+    configs = [(r["config"], r["transform_lr"], r["steps"]) for r in report["adaptation"]]
+    assert configs == [
+        ("normal 8-bit", None, 2),
+        ("static F4 8-bit per-tensor", None, 2),
+        ("flex F4 8-bit per-tensor", None, 2),
+        ("static F4 8-bit tap-wise", None, 2),
+        ("flex F4 8-bit tap-wise", None, 2),
+        ("flex F4 8-bit per-tensor", pytest.approx(1e-2), 2),
+    ]
+    for r in report["adaptation"]:
+        assert 0.0 <= r["test_acc"] <= 1.0
+        assert (r["transform_drift"] is None) == (r["conv"] != "flex")
+    assert report["long"] == [] and report["reused"] == {}
+    md = out.read_text()
+    for heading in ("## 1. Numerical error", "## 2. Conversion", "## 3. Adaptation", "## 4. "):
+        assert heading in md
+    assert "## 5." not in md  # no --long-steps
+
+
+def test_rerun_keeps_measured_rows_and_adds_the_new_section(first_run, monkeypatch, capsys):
+    work, out, args = first_run
+    before = json.loads(out.with_suffix(".json").read_text())
+    monkeypatch.setenv("WASEARCH_CACHE", str(work / "cache"))
+    assert pc.main([*args, "--long-steps", "3", "--long-tiles", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "base: reusing" in err
+    measured = [
+        line
+        for line in err.splitlines()
+        if line.startswith(("conversion: F", "adaptation: normal", "adaptation: static"))
+        or line.startswith(("adaptation: flex", "error: layer"))
+    ]
+    assert measured == []  # nothing measured again
+    assert "adaptation: 6 rows kept" in err
+    after = json.loads(out.with_suffix(".json").read_text())
+    assert after["reused"] == {"error": 14, "conversion": 18, "adaptation": 6}
+    for key in ("error", "error_by_stage", "conversion", "adaptation"):
+        assert after[key] == before[key]
+    assert [(r["config"], r["steps"]) for r in after["long"]] == [
+        ("static F4 8-bit per-tensor", 3),
+        ("flex F4 8-bit per-tensor", 3),
+        ("flex F4 8-bit per-tensor", 3),  # at the transform lr of section 4
+    ]
+    assert [r["transform_lr"] for r in after["long"]] == [None, None, pytest.approx(1e-2)]
+    md = out.read_text()
+    assert "## 5. A longer budget: 3 steps instead of 2" in md
+    assert "Rows kept from an earlier run" in md
+
+
+def test_earlier_rows_stand_only_for_the_same_base_and_setting(first_run, tmp_path):
+    _work, out, _args = first_run
+    saved = json.loads(out.with_suffix(".json").read_text())
+    setting = pc.Setting(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in saved["setting"].items()})  # fmt: skip
+    digest = saved["base"]["sha256"]
+    path = out.with_suffix(".json")
+    assert pc.previous_results(path, setting, digest) is not None
+    # Which rows to run may change; what a row means may not.
+    assert pc.previous_results(path, replace(setting, long_steps=50), digest) is not None
+    assert pc.previous_results(path, replace(setting, adapt_lr=0.5), digest) is None
+    assert pc.previous_results(path, setting, "0" * 16) is None
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert pc.previous_results(bad, setting, digest) is None
+    assert pc.previous_results(tmp_path / "absent.json", setting, digest) is None
+
+
+def test_bad_long_tiles_is_one_user_error(first_run):
+    _work, _out, args = first_run
+    with pytest.raises(pc.UserError, match="--long-tiles"):
+        pc.main([*args, "--long-steps", "2", "--long-tiles", "5"])

@@ -288,6 +288,16 @@ def previous_results(path: Path, setting: Setting, base_digest: str) -> Report |
     return report
 
 
+# What the error section measured: taken together from an earlier run, or not at all.
+_ERROR_FIELDS = (
+    "error",
+    "error_by_layer",
+    "error_by_stage",
+    "spread",
+    "flex_initial_equals_static",
+)
+
+
 def _conversion_key(row: dict) -> tuple:
     return (row["tile"], row["bits"], row["granularity"], row.get("float_transforms", False))
 
@@ -302,6 +312,14 @@ def _run_key(row: dict, default_steps: int) -> tuple:
     )
 
 
+def _row_key(section: str, default_steps: int):
+    """What identifies a row of ``section`` (rows saved before rows had ``steps``: the run's
+    ``adapt_steps``)."""
+    if section == "conversion":
+        return _conversion_key
+    return lambda row: _run_key(row, default_steps)
+
+
 def _merged(report: Report, previous: Report | None, finished: set[str]) -> dict:
     """``report`` as a dict, with the rows of ``previous`` that belong to sections this run has
     not finished (not reached yet, or skipped) and that it has not measured itself."""
@@ -310,20 +328,11 @@ def _merged(report: Report, previous: Report | None, finished: set[str]) -> dict
         return state
     old = asdict(previous)
     if "error" not in finished and not state["error"]:
-        for key in ("error", "error_by_layer", "error_by_stage", "spread"):
-            state[key] = old[key]
-        state["flex_initial_equals_static"] = old["flex_initial_equals_static"]
-    steps = previous.setting["adapt_steps"]
+        state.update({key: old[key] for key in _ERROR_FIELDS})
     for section in ("conversion", "adaptation", "long", "scratch"):
         if section in finished:
             continue
-        if section == "conversion":
-            key = _conversion_key
-        else:
-
-            def key(row, steps=steps):
-                return _run_key(row, steps)
-
+        key = _row_key(section, previous.setting["adapt_steps"])
         have = {key(r) for r in state[section]}
         state[section] = state[section] + [r for r in old[section] if key(r) not in have]
     return state
@@ -333,10 +342,10 @@ def _reusable(previous: Report | None, section: str) -> dict[tuple, dict]:
     if previous is None:
         return {}
     rows = getattr(previous, section)
+    key = _row_key(section, previous.setting["adapt_steps"])
     if section == "conversion":
-        return {_conversion_key(r): r for r in rows}
-    steps = previous.setting["adapt_steps"]
-    return {_run_key(r, steps): {"steps": steps, **r} for r in rows}
+        return {key(r): r for r in rows}
+    return {key(r): {"steps": previous.setting["adapt_steps"], **r} for r in rows}
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,7 +757,7 @@ def _fine_tune(
     }
 
 
-def _adapt_runs(
+def fine_tune_runs(
     runs: list[tuple[LayerChoice | None, TrainConfig]],
     section: str,
     base_ckpt: Path,
@@ -781,15 +790,9 @@ def _adapt_runs(
         save()  # a long run keeps every finished row, for a rerun to reuse
 
 
-def adaptation(
-    base_ckpt: Path,
-    data: DataSplits,
-    setting: Setting,
-    report: Report,
-    device,
-    reuse: dict[tuple, dict],
-    save=lambda: None,
-) -> None:
+def adaptation_runs(setting: Setting) -> list[tuple[LayerChoice | None, TrainConfig]]:
+    """The adaptation section: normal, then static and flex per tile and granularity, then flex
+    per-tensor at each transform lr scale; all with the ``adapt_steps`` budget."""
     config = _config(setting)
     runs: list[tuple[LayerChoice | None, TrainConfig]] = [(None, config)]
     for tile in setting.adapt_tiles:
@@ -800,18 +803,10 @@ def adaptation(
         for tile in setting.transform_lr_tiles:
             tuned = replace(config, transform_lr=scale * setting.adapt_lr)
             runs.append((LayerChoice("flex", tile, 8, "tensor"), tuned))
-    _adapt_runs(runs, "adaptation", base_ckpt, data, setting, report, device, reuse, save)
+    return runs
 
 
-def longer_budget(
-    base_ckpt: Path,
-    data: DataSplits,
-    setting: Setting,
-    report: Report,
-    device,
-    reuse: dict[tuple, dict],
-    save=lambda: None,
-) -> None:
+def long_runs(setting: Setting) -> list[tuple[LayerChoice | None, TrainConfig]]:
     """Static against flex (at the weights' lr and at each transform lr scale), per-tensor, with
     ``long_steps`` instead of ``adapt_steps``: does the gap close, hold or widen when the budget
     grows?"""
@@ -823,7 +818,7 @@ def longer_budget(
         for scale in setting.transform_lr_scales:
             tuned = replace(config, transform_lr=scale * setting.adapt_lr)
             runs.append((LayerChoice("flex", tile, 8, "tensor"), tuned))
-    _adapt_runs(runs, "long", base_ckpt, data, setting, report, device, reuse, save)
+    return runs
 
 
 def from_scratch(base_ckpt: Path, data: DataSplits, setting: Setting, report: Report, device):
@@ -1328,15 +1323,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def error_section() -> None:
         if previous is not None and previous.error:
-            for key in ("error", "error_by_layer", "error_by_stage", "spread"):
+            for key in _ERROR_FIELDS:
                 setattr(report, key, getattr(previous, key))
-            report.flex_initial_equals_static = previous.flex_initial_equals_static
             report.reused["error"] = len(report.error)
             return
         numerical_error(base, data, setting, report, device)
 
     def rows(section: str) -> dict[tuple, dict]:
         return _reusable(previous, section)
+
+    def fine_tune(section: str, runs: list[tuple[LayerChoice | None, TrainConfig]]) -> None:
+        fine_tune_runs(
+            runs, section, base_ckpt, data, setting, report, device, rows(section), save
+        )
 
     finished: set[str] = set()
 
@@ -1353,14 +1352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "conversion",
             lambda: conversion(base_ckpt, data, setting, report, device, rows("conversion"), save),
         ),
-        (
-            "adaptation",
-            lambda: adaptation(base_ckpt, data, setting, report, device, rows("adaptation"), save),
-        ),
-        (
-            "long",
-            lambda: longer_budget(base_ckpt, data, setting, report, device, rows("long"), save),
-        ),
+        ("adaptation", lambda: fine_tune("adaptation", adaptation_runs(setting))),
+        ("long", lambda: fine_tune("long", long_runs(setting))),
         ("scratch", lambda: from_scratch(base_ckpt, data, setting, report, device)),
     )
     for name, run in sections:

@@ -577,34 +577,28 @@ def _fail_over(study: optuna.Study, space: SearchSpace) -> int:
 # The base
 
 
-def _base_config(space: SearchSpace) -> Any:
+def _section_config(space: SearchSpace, section: dict, **extra: Any) -> Any:
+    """A ``TrainConfig`` from the space's ``base`` or ``trial`` section."""
     from ..engine import TrainConfig
 
-    b = space.base
     return TrainConfig(
-        epochs=b["epochs"],
+        epochs=section["epochs"],
         batch_size=space.data["batch_size"],
-        lr=b["lr"],
-        transform_lr=b["transform_lr"],
+        lr=section["lr"],
+        transform_lr=section["transform_lr"],
         seed=space.seed,
-        max_batches_per_epoch=b["max_batches"],
+        max_batches_per_epoch=section["max_batches"],
+        **extra,
     )
+
+
+def _base_config(space: SearchSpace) -> Any:
+    return _section_config(space, space.base)
 
 
 def trial_config(space: SearchSpace) -> Any:
     """The training config of one trial: the space's ``trial`` budget."""
-    from ..engine import TrainConfig
-
-    t = space.trial
-    return TrainConfig(
-        epochs=t["epochs"],
-        batch_size=space.data["batch_size"],
-        lr=t["lr"],
-        transform_lr=t["transform_lr"],
-        seed=space.seed,
-        warmup_batches=t["warmup_batches"],
-        max_batches_per_epoch=t["max_batches"],
-    )
+    return _section_config(space, space.trial, warmup_batches=space.trial["warmup_batches"])
 
 
 def load_space_data(space: SearchSpace) -> DataSplits:

@@ -37,18 +37,8 @@ def run(script, *args, cwd=ROOT):
 
 def test_train_then_adapt_then_arch(tmp_path):
     out = tmp_path / "runs"
-    r = run(
-        "train.py",
-        "--use_normal_conv",
-        "--Q",
-        "--bits",
-        "8",
-        "--epochs",
-        "1",
-        "--outDir",
-        str(out),
-        *TINY,
-    )
+    normal = ["--use_normal_conv", "--Q", "--bits", "8", "--epochs", "1", "--outDir", str(out)]
+    r = run("train.py", *normal, *TINY)
     assert r.returncode == 0, r.stderr
     run_dir = out / "synthetic_normal_8bit_w0.125_seed0"
     assert "layer4.1.conv2" in r.stdout and "SYNTHETIC" in r.stdout
@@ -58,18 +48,7 @@ def test_train_then_adapt_then_arch(tmp_path):
     assert 0 <= json.loads((run_dir / "final.json").read_text())["test_acc"] <= 1
 
     # The run folder exists: a second identical run refuses instead of overwriting.
-    again = run(
-        "train.py",
-        "--use_normal_conv",
-        "--Q",
-        "--bits",
-        "8",
-        "--epochs",
-        "1",
-        "--outDir",
-        str(out),
-        *TINY,
-    )
+    again = run("train.py", *normal, *TINY)
     assert again.returncode == 2 and "--resume" in again.stderr
     assert "Traceback" not in again.stderr
 

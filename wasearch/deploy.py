@@ -533,7 +533,7 @@ def _fold_bn(
 
 def _quantizer_amax(q: nn.Module | None, *, per_tap: bool = False) -> Any:
     """The largest magnitude a trained running quantizer has seen (per tap: a tensor), or None."""
-    if q is None or not getattr(q, "running", False) or not bool(q.initialized):
+    if q is None or not getattr(q, "is_initialized", False):  # False too for weight quantizers
         return None
     amax = torch.maximum(q.min_val.abs(), q.max_val.abs()).float()
     return amax.clone() if per_tap else float(amax.max())

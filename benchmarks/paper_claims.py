@@ -57,7 +57,13 @@ from torch import nn
 
 from wasearch.arch import Arch, LayerChoice
 from wasearch.cli import UserError, run_main
-from wasearch.data import BatchLoader, DataSplits, ensure_shared_cifar10, load_dataset
+from wasearch.data import (
+    BatchLoader,
+    DataError,
+    DataSplits,
+    ensure_shared_cifar10,
+    load_dataset,
+)
 from wasearch.engine import (
     TrainConfig,
     atomic_write_text,
@@ -359,14 +365,21 @@ def load_data(setting: Setting, data_dir: str | None) -> DataSplits:
             "no CIFAR-10 found: the shared archive ../shared/data/cifar10-jpeg.tar.gz is absent; "
             "pass --data-dir with a copy in ImageFolder (train/, test/) or torchvision layout"
         )
-    return load_dataset(
-        "cifar10",
-        data_dir=root,
-        val_fraction=setting.val_fraction,
-        limit_train=setting.train_images,
-        limit_test=setting.test_images,
-        seed=setting.seed,
-    )
+    try:
+        return load_dataset(
+            "cifar10",
+            data_dir=root,
+            val_fraction=setting.val_fraction,
+            limit_train=setting.train_images,
+            limit_test=setting.test_images,
+            seed=setting.seed,
+        )
+    except DataError as err:  # its advice names train.py's --download, which this script lacks
+        reason = str(err).split("; pass --download")[0]
+        raise UserError(
+            f"--data-dir {root}: {reason}; give a copy in ImageFolder (train/, test/) or "
+            "torchvision layout"
+        ) from None
 
 
 def _base_key(setting: Setting) -> str:

@@ -156,3 +156,10 @@ def test_bad_long_tiles_is_one_user_error(first_run):
     _work, _out, args = first_run
     with pytest.raises(pc.UserError, match="--long-tiles"):
         pc.main([*args, "--long-steps", "2", "--long-tiles", "5"])
+
+
+def test_missing_data_dir_is_one_user_error_naming_the_flag(tmp_path):
+    with pytest.raises(pc.UserError, match="^--data-dir ") as err:
+        pc.main(["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "c.md")])
+    assert "--download" not in str(err.value)  # this script has no such flag
+    assert not (tmp_path / "c.md").exists()

@@ -74,12 +74,12 @@ def main() -> int:
     p.add_argument("--out", help="results folder to keep (default: a temporary one)")
     args = p.parse_args()
 
-    import yaml
+    from wasearch.fileio import load_yaml
 
     load = os.getloadavg()[0]
     results = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nas_compare_"))
-    o_name = yaml.safe_load(Path(args.optuna_space).read_text())["name"]
-    d_name = yaml.safe_load(Path(args.dnas_space).read_text())["name"]
+    o_name = load_yaml(args.optuna_space, what="space file")["name"]
+    d_name = load_yaml(args.dnas_space, what="space file")["name"]
     # One base for both: pretrain under the Optuna study, copy it to the other.
     subprocess.run(
         [

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+MULT = ["--mult", "0.125"]  # not with --arch: the architecture file sets the width
 TINY = [
     "--dataset",
     "synthetic",
-    "--mult",
-    "0.125",
     "--limit-train",
     "300",
     "--limit-test",
@@ -38,6 +37,7 @@ def run(script, *args, cwd=ROOT):
 def test_train_then_adapt_then_arch(tmp_path):
     out = tmp_path / "runs"
     normal = ["--use_normal_conv", "--Q", "--bits", "8", "--epochs", "1", "--outDir", str(out)]
+    normal += MULT
     r = run("train.py", *normal, *TINY)
     assert r.returncode == 0, r.stderr
     run_dir = out / "synthetic_normal_8bit_w0.125_seed0"
@@ -68,6 +68,7 @@ def test_train_then_adapt_then_arch(tmp_path):
         "0.01",
         "--outDir",
         str(out),
+        *MULT,
         *TINY,
     )
     assert r.returncode == 0, r.stderr

@@ -102,12 +102,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data):
     model = build(Arch.uniform("normal", bits=None, width=WIDTH))
     cfg = TrainConfig(epochs=1, max_batches_per_epoch=2)
     fit(model, data, cfg, out_dir=tmp_path, progress=False)
-    good = torch.load(tmp_path / "last.pt", weights_only=False)["model"]
+    good = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
     with torch.no_grad():
         model.fc.weight.fill_(math.nan)
     with pytest.raises(DivergenceError, match="last good checkpoint"):
         fit(model, data, cfg, out_dir=tmp_path, progress=False)
-    after = torch.load(tmp_path / "last.pt", weights_only=False)["model"]
+    after = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(good[k], after[k]) for k in good)
     with pytest.raises(DivergenceError, match="no checkpoint was written"):
         fit(model, data, cfg, out_dir=tmp_path / "fresh", progress=False)

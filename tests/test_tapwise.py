@@ -247,11 +247,11 @@ def test_tap_arch_trains_checkpoints_and_reloads(tiny_data, tmp_path):
 def test_train_py_granularity_tap_and_arch_file(tmp_path, capsys):
     common = [
         "--dataset", "synthetic", "--limit-train", "32", "--limit-test", "32",
-        "--val-fraction", "0", "--epochs", "1", "--batch_size", "32", "--mult", str(WIDTH),
-        "--no-progress",
+        "--val-fraction", "0", "--epochs", "1", "--batch_size", "32", "--no-progress",
         "--use_cpu", "--outDir", str(tmp_path),
     ]  # fmt: skip
     argv = ["--static", "--F", "2", "--Q", "--bits", "8", "--granularity", "tap", *common]
+    argv += ["--mult", str(WIDTH)]
     assert train_cli.main(argv) == 0
     run = tmp_path / f"synthetic_static_F2_tap_8bit_w{WIDTH:g}_seed0"
     assert (run / "final.json").is_file()
@@ -261,7 +261,7 @@ def test_train_py_granularity_tap_and_arch_file(tmp_path, capsys):
     assert ckpt.model.layer1[0].conv1.q_input_wd.min_val.shape == (16,)
 
     arch_file = _tap_arch().save(tmp_path / "tap.yaml")
-    argv = ["--arch", str(arch_file), *common]
+    argv = ["--arch", str(arch_file), *common]  # no --mult: the file sets the width
     assert train_cli.main(argv) == 0
     run = tmp_path / "synthetic_tap_arch_w0.125_seed0"
     final = json.loads((run / "final.json").read_text())

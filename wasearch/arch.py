@@ -22,6 +22,7 @@ YAML form (short and hand-editable; ``default`` applies to every layer not liste
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,8 @@ from typing import Any
 
 import yaml
 
+from .cli import UserError
+from .fileio import InputFileError, atomic_write_text, parse_yaml, read_text
 from .layers import CONV_KINDS, GRANULARITIES
 from .models import BACKBONES, ConvSpec, searchable_convs
 from .quant import MAX_BITS, MIN_BITS
@@ -41,7 +44,7 @@ _CHOICE_KEYS = ("conv", "tile", "bits", "granularity")
 _ARCH_KEYS = ("backbone", "width", "num_classes", "input_size", "default", "layers")
 
 
-class ArchError(ValueError):
+class ArchError(UserError, ValueError):
     """An invalid architecture; the message names the layer (or key) and the bad value."""
 
 
@@ -235,8 +238,12 @@ class Arch:
             return isinstance(value, bool) or not isinstance(value, int) or value < low
 
         width_ok = isinstance(self.width, int | float) and not isinstance(self.width, bool)
-        if not width_ok or self.width <= 0:
-            raise ArchError(f"width: {self.width!r} must be a positive number")
+        if (
+            not width_ok
+            or (isinstance(self.width, float) and not math.isfinite(self.width))
+            or self.width <= 0
+        ):
+            raise ArchError(f"width: {self.width!r} must be a positive finite number")
         if bad_int(self.num_classes, 2):
             raise ArchError(f"num_classes: {self.num_classes!r} must be an integer >= 2")
         if bad_int(self.input_size, 8):
@@ -275,28 +282,27 @@ class Arch:
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "arch") -> Arch:
+        """Parse strictly (:func:`wasearch.fileio.parse_yaml`: a key given twice is an error)."""
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ArchError(f"{source}: not valid YAML: {err}".splitlines()[0]) from None
+            data = parse_yaml(text, source=source)
+        except InputFileError as err:
+            raise ArchError(str(err)) from None
         return cls.from_dict(data, source)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the YAML form atomically (temporary file, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_yaml())
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Arch:
         path = Path(path)
         try:
-            text = path.read_text()
-        except OSError as err:
-            raise ArchError(f"{path}: cannot read architecture file ({err.strerror})") from None
+            text = read_text(path, what="architecture file")
+        except InputFileError as err:
+            raise ArchError(str(err)) from None
         try:
             return cls.from_yaml(text, str(path))
         except ArchError as err:

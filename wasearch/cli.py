@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["UserError", "positive_float", "positive_int", "run_main"]
+__all__ = ["UserError", "nonnegative_float", "positive_float", "positive_int", "run_main"]
 
 
 class UserError(Exception):
     """A problem the user caused (a bad flag, file or value): one line, no traceback."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .arch import ArchError
-    from .data import DataError
-
-    return (UserError, ArchError, DataError)
 
 
 def run_main(
@@ -26,7 +20,7 @@ def run_main(
     """Call ``main(argv)``; print user errors as ``error: ...`` on stderr and return 2."""
     try:
         return main(argv)
-    except _user_errors() as err:
+    except UserError as err:  # ArchError, DataError, CheckpointError, InputFileError too
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -45,12 +39,27 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
+def _finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):  # float() reads "inf" and "nan"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (``inf`` and ``nan`` are refused)."""
+    value = _finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (``inf`` and ``nan`` are refused)."""
+    value = _finite_float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
     return value

@@ -11,8 +11,10 @@ Supported datasets (:data:`DATASETS`):
 ``synthetic``
     A generated, offline, deterministic 10-class 32x32 RGB set (see :func:`make_synthetic`).
 ``cifar10`` / ``cifar100``
-    The python-pickle release (Krizhevsky, 2009), downloaded by torchvision when asked. A folder
-    with an ImageFolder layout (``train/`` and ``test/`` of class folders) is accepted as well.
+    The python-pickle release (Krizhevsky, 2009), downloaded by torchvision when asked. Each
+    batch file's MD5 is checked against the published sum before it is unpickled (unpickling a
+    substituted file could run code); a file that differs is refused, named. A folder with an
+    ImageFolder layout (``train/`` and ``test/`` of class folders) is accepted as well.
 ``imagefolder``
     ``root/train/<class>/*.jpg|png|...`` and ``root/test/<class>/...`` (or ``root/val/``). Decoded
     tensors are cached in one ``.pt`` file under ``<cache root>/decoded/``.
@@ -38,6 +40,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .cli import UserError
+from .fileio import atomic_writer
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -82,7 +87,7 @@ _CACHE_VERSION = 1
 _SHARED_ARCHIVE = "cifar10-jpeg.tar.gz"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A user-caused data problem (missing folder, bad name); the message is one clear line."""
 
 
@@ -400,6 +405,10 @@ def _load_synthetic(
 
 @dataclass(frozen=True)
 class _CifarFormat:
+    """One CIFAR release. ``md5`` holds the published sum of every file that is unpickled (as
+    torchvision's ``CIFAR10``/``CIFAR100`` list them); a file is read only when it matches.
+    Tests with fake batches put their own sums in: ``dataclasses.replace(fmt, md5=...)``."""
+
     title: str
     folder: str
     train_files: tuple[str, ...]
@@ -409,6 +418,7 @@ class _CifarFormat:
     names_key: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    md5: dict[str, str]
 
 
 _CIFAR = {
@@ -422,6 +432,15 @@ _CIFAR = {
         names_key="label_names",
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
+        md5={
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+            "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+        },
     ),
     "cifar100": _CifarFormat(
         title="CIFAR-100",
@@ -433,14 +452,34 @@ _CIFAR = {
         names_key="fine_label_names",
         mean=CIFAR100_MEAN,
         std=CIFAR100_STD,
+        md5={
+            "train": "16019d7e3df5f24257cddd939b257f8d",
+            "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+            "meta": "7973b15100ade9c7d40fb424638fde48",
+        },
     ),
 }
 
 
-def _read_pickle(path: Path) -> dict[str, object]:
-    """One CIFAR pickle, with keys (and bytes values of name lists) as str."""
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+def _verified_bytes(path: Path, fmt: _CifarFormat) -> bytes:
+    """The content of ``path``, once its MD5 is the published one; a DataError otherwise.
+
+    The file is read once, so the bytes checked are the bytes unpickled."""
+    content = path.read_bytes()
+    expected = fmt.md5.get(path.name)
+    actual = hashlib.md5(content, usedforsecurity=False).hexdigest()
+    if actual != expected:
+        raise DataError(
+            f"{path} is not the published {fmt.title} file (md5 {actual}, expected {expected}); "
+            f"it was not read: remove {path.parent} and pass --download for a fresh copy"
+        )
+    return content
+
+
+def _read_pickle(path: Path, fmt: _CifarFormat) -> dict[str, object]:
+    """One CIFAR pickle, checked against its published MD5 first, with keys (and bytes values of
+    name lists) as str."""
+    entry = pickle.loads(_verified_bytes(path, fmt), encoding="latin1")
     if not isinstance(entry, dict):
         raise DataError(f"{path} is not a CIFAR batch (expected a pickled dict)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
@@ -449,7 +488,7 @@ def _read_pickle(path: Path) -> dict[str, object]:
 def _read_cifar_batch(path: Path, fmt: _CifarFormat) -> ImageSet:
     import numpy as np
 
-    entry = _read_pickle(path)
+    entry = _read_pickle(path, fmt)
     if "data" not in entry or fmt.label_key not in entry:
         raise DataError(f"{path} is not a {fmt.title} batch (no 'data' or '{fmt.label_key}')")
     data = np.asarray(entry["data"], dtype=np.uint8)
@@ -461,7 +500,7 @@ def _read_cifar_batch(path: Path, fmt: _CifarFormat) -> ImageSet:
 
 def _cifar_names(path: Path, fmt: _CifarFormat, num_classes: int) -> tuple[str, ...]:
     if path.is_file():
-        names = _read_pickle(path).get(fmt.names_key)
+        names = _read_pickle(path, fmt).get(fmt.names_key)
         if names:
             return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
     if fmt.title == "CIFAR-10":
@@ -661,14 +700,8 @@ def _read_cache(path: Path) -> dict[str, object] | None:
 def _write_cache(path: Path, content: dict[str, object]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(content, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(path) as fh:
+            torch.save(content, fh)
     except OSError as exc:  # a read-only cache only costs time
         logger.warning("could not write the decoded-image cache %s: %s", path, exc)
 

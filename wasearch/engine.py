@@ -8,11 +8,20 @@ A checkpoint (``best.pt``, ``last.pt``) holds the ``Arch``, the training config,
 normalisation and the metrics besides the weights: :func:`load_checkpoint` rebuilds and evaluates
 a model from the file alone.
 
+Checkpoints are plain data: tensors, dicts, lists, strings and numbers (the ``Arch`` and the
+config as dicts), and every read uses ``torch.load(weights_only=True)``, so a crafted ``.pt``
+cannot run code. A file that needs full unpickling (an older wasearch or another tool wrote it) is
+refused with one line naming the converter, ``python -m wasearch.convert OLD.pt NEW.pt``, the one
+place that unpickles fully, for a file the user trusts. ``format`` is :data:`CHECKPOINT_FORMAT`;
+a file of a newer format is refused.
+
 Adaptation (:func:`init_from_checkpoint`): conv kernels have the same shape in every mode, so a
 checkpoint of any architecture initialises any other of the same backbone and width. Weights,
 BatchNorm and matching quantizer ranges are copied; static transforms keep their exact Cook-Toom
 values; the Winograd-domain quantizers of every layer whose algorithm changed start empty and are
-warmed up on the first training batches (:func:`warmup_ranges`).
+warmed up on the first training batches (:func:`warmup_ranges`). Every other weight, BatchNorm
+statistic and range the model needs must be in the checkpoint with its shape: one that does not
+fit is refused (:class:`CheckpointError`) rather than leaving layers at random initialisation.
 """
 
 from __future__ import annotations
@@ -22,9 +31,11 @@ import io
 import json
 import logging
 import os
+import pickle
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +44,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Arch
+from .cli import UserError
 from .data import BatchLoader, DataSplits, ImageSet
+from .fileio import atomic_write_bytes, atomic_write_text
 from .models import ResNetWA, build
 from .quant import FakeQuantize
 
 __all__ = [
     "Checkpoint",
+    "CheckpointError",
     "atomic_write_text",
     "count_params",
     "DivergenceError",
@@ -53,7 +67,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+#: The checkpoint payload's layout. 1: the entries of :func:`_checkpoint_payload`, all plain data
+#: (weights_only-loadable). Files without ``format`` are read as 1; newer ones are refused.
 CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used: unreadable, needing full unpickling, of a newer format,
+    not a wasearch checkpoint, or not fitting the model. One line that names the file."""
 
 
 class DivergenceError(RuntimeError):
@@ -177,18 +198,8 @@ def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
     return loss_sum / total, correct / total
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a torn one."""
-    _atomic_write_bytes(Path(path), text.encode())
+# The one atomic write of the package (wasearch.fileio); the old names stay importable.
+_atomic_write_bytes = atomic_write_bytes
 
 
 def _save_torch(obj: Any, path: Path) -> None:
@@ -208,43 +219,183 @@ def _write_metrics(out_dir: Path, history: list[dict[str, float]]) -> None:
     atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
 
 
+def _plain(obj: Any, where: str, *, convert: bool = False) -> Any:
+    """``obj`` as data that ``torch.load(weights_only=True)`` reads on any supported torch.
+
+    Paths become strings, NumPy scalars numbers, a ``Counter`` a dict; with ``convert`` (only
+    :mod:`wasearch.convert`) objects with ``to_dict()``, dataclasses and modules (their state
+    dict) are turned into data too. Anything else raises TypeError naming ``where``: a caller
+    put something into a checkpoint that does not belong there.
+    """
+    if obj is None or isinstance(obj, (torch.Tensor, torch.device, torch.dtype)):
+        return obj
+    if type(obj).__module__.split(".")[0] == "numpy" and getattr(obj, "ndim", None) == 0:
+        return obj.item()  # before float: numpy.float64 is a float subclass
+    for base in (bool, int, float, str, bytes):  # subclasses (enums, numpy) pickle by class
+        if isinstance(obj, base):
+            return obj if type(obj) is base else base(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, Mapping):
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise TypeError(f"{where} has a key of type {type(key).__name__}: {key!r}")
+            out[key] = _plain(value, f"{where}[{key!r}]", convert=convert)
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]", convert=convert) for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if convert:
+        if isinstance(obj, nn.Module):
+            return dict(obj.state_dict())
+        if callable(getattr(obj, "to_dict", None)):
+            return _plain(obj.to_dict(), where, convert=True)
+        if is_dataclass(obj) and not isinstance(obj, type):
+            return _plain(asdict(obj), where, convert=True)
+        if type(obj).__module__.split(".")[0] == "numpy" and hasattr(obj, "shape"):
+            return torch.from_numpy(obj.copy())
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a checkpoint holds only "
+        "tensors, dicts, lists, strings and numbers"
+    )
+
+
 def _checkpoint_payload(
     model, arch, config, data_info, epoch, best, history, optimizer, scheduler, extra
 ) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
-        "arch": arch.to_dict(),
-        "config": config.to_dict(),
-        "data": data_info,
-        "epoch": epoch,
-        "best_val_acc": best,
-        "history": history,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "extra": extra,
+        "arch": _plain(arch.to_dict(), "arch"),
+        "config": _plain(config.to_dict(), "config"),
+        "data": _plain(data_info, "data"),
+        "epoch": int(epoch),
+        "best_val_acc": float(best),
+        "history": _plain(history, "history"),
+        "model": model.state_dict(),  # str -> tensor (an OrderedDict: allowed by weights_only)
+        "optimizer": None if optimizer is None else _plain(optimizer.state_dict(), "optimizer"),
+        # MultiStepLR keeps its milestones in a Counter: stored as a dict, restored on resume.
+        "scheduler": None if scheduler is None else _plain(scheduler.state_dict(), "scheduler"),
+        "extra": _plain(extra, "extra"),
     }
 
 
+# The entries a checkpoint may hold and their types; "arch" and "model" are required.
+_ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "format": int,
+    "arch": dict,
+    "config": dict,
+    "data": dict,
+    "epoch": int,
+    "best_val_acc": (int, float),
+    "history": list,
+    "model": dict,
+    "optimizer": (dict, type(None)),
+    "scheduler": (dict, type(None)),
+    "extra": dict,
+}
+
+
+def _convert_hint(path: Path) -> str:
+    return (
+        f"checkpoint {path} needs full unpickling (written by an older wasearch or another "
+        f"tool); if you trust it, convert it: python -m wasearch.convert {path} NEW.pt"
+    )
+
+
+def _load_error(path: Path, err: Exception) -> CheckpointError:
+    message = str(err)
+    if isinstance(err, pickle.UnpicklingError) and (
+        "Unsupported global" in message or "Unsupported class" in message
+    ):
+        return CheckpointError(_convert_hint(path))
+    # torch's own text is long; keep the line that says what went wrong
+    tail = message.split("WeightsUnpickler error:", 1)[-1]
+    reason = next((ln.strip() for ln in tail.splitlines() if ln.strip()), type(err).__name__)
+    return CheckpointError(
+        f"checkpoint {path} cannot be read (torn, or not a checkpoint): {reason[:200]}"
+    )
+
+
 def _read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
+    """The payload of a checkpoint, loaded with ``weights_only=True`` and checked for shape.
+
+    Raises FileNotFoundError when there is no file and :class:`CheckpointError` (one line naming
+    the file) when it cannot be used; nothing in the file is executed.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # a torn or foreign file
-        raise ValueError(f"checkpoint {path} cannot be read: {err}".splitlines()[0]) from None
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a torn, foreign or unsafe file: one line
+        raise _load_error(path, err) from None
     if not isinstance(payload, dict) or "arch" not in payload or "model" not in payload:
-        raise ValueError(f"{path} is not a wasearch checkpoint (no 'arch'/'model' entries)")
+        raise CheckpointError(f"{path} is not a wasearch checkpoint (no 'arch'/'model' entries)")
+    for key, kind in _ENTRIES.items():
+        if key in payload and (
+            not isinstance(payload[key], kind) or isinstance(payload[key], bool)
+        ):
+            raise CheckpointError(
+                f"{path} is not a wasearch checkpoint: its {key!r} entry is a "
+                f"{type(payload[key]).__name__}"
+            )
+    fmt = payload.get("format", 1)
+    if fmt > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} has format {fmt}, newer than this wasearch reads "
+            f"({CHECKPOINT_FORMAT}); update wasearch to use it"
+        )
     return payload
 
 
+def _fitting_state(
+    path: str | os.PathLike,
+    state: Mapping[str, Any],
+    own: Mapping[str, torch.Tensor],
+    *,
+    optional: Callable[[str], bool] = lambda key: False,
+) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` for every key of ``own``: present, a tensor of the same shape.
+
+    Keys for which ``optional(key)`` holds are left out (a conversion sets them itself). A
+    missing or mis-shaped key raises :class:`CheckpointError` naming the first few of each.
+    """
+    load, missing, misfit = {}, [], []
+    for key, value in own.items():
+        if optional(key):
+            continue
+        source = state.get(key)
+        if source is None:
+            missing.append(key)
+        elif not isinstance(source, torch.Tensor):
+            misfit.append(f"{key} is a {type(source).__name__} in the checkpoint, not a tensor")
+        elif source.shape != value.shape:
+            misfit.append(
+                f"shape of {key} is {tuple(source.shape)} in the checkpoint and "
+                f"{tuple(value.shape)} in the model"
+            )
+        else:
+            load[key] = source
+    if missing or misfit:
+        parts = []
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            parts.append(f"missing {', '.join(missing[:3])}{more}")
+        parts += misfit[:3] + ([f"{len(misfit) - 3} more mis-shaped"] if len(misfit) > 3 else [])
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}")
+    return load
+
+
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild the model a checkpoint describes, with its weights, ready to evaluate."""
+    """Rebuild the model a checkpoint describes, with its weights, ready to evaluate.
+
+    Raises :class:`CheckpointError` (a ValueError) when the file cannot be used.
+    """
     payload = _read_checkpoint(path, map_location=device)
     arch = Arch.from_dict(payload["arch"], str(path))
     model = build(arch).to(device)
-    model.load_state_dict(payload["model"])
+    model.load_state_dict(_fitting_state(path, payload["model"], model.state_dict()))
     model.eval()
     return Checkpoint(
         arch=arch,
@@ -270,8 +421,12 @@ def _layer_changed(src: Arch, dst: Arch, name: str) -> bool:
 def init_from_checkpoint(model: ResNetWA, path: str | os.PathLike) -> list[str]:
     """Initialise ``model`` from a checkpoint of another architecture (the adaptation shortcut).
 
-    Returns the names of the quantizers left empty (to be warmed up by :func:`warmup_ranges`).
-    Raises ValueError when backbone, width or classes differ.
+    Every entry the model needs must be in the checkpoint with its shape, except what the
+    conversion sets itself: the transforms of layers whose algorithm changed (and of static
+    layers, which keep their exact values) and the Winograd-domain ranges of layers whose
+    algorithm changed. Returns the names of the quantizers left empty (to be warmed up by
+    :func:`warmup_ranges`). Raises ValueError when backbone, width or classes differ, and
+    :class:`CheckpointError` (a ValueError) naming the first missing or mis-shaped entries.
     """
     payload = _read_checkpoint(path)
     src_arch = Arch.from_dict(payload["arch"], str(path))
@@ -282,24 +437,20 @@ def init_from_checkpoint(model: ResNetWA, path: str | os.PathLike) -> list[str]:
                 f"checkpoint {path} has {key}={getattr(src_arch, key)!r} but the model has "
                 f"{getattr(dst_arch, key)!r}; adaptation needs the same backbone, width, classes"
             )
-    src_state = payload["model"]
-    own = model.state_dict()
     changed = {n for n in dst_arch.layer_names if _layer_changed(src_arch, dst_arch, n)}
-    load = {}
-    for key, value in own.items():
-        if key not in src_state or src_state[key].shape != value.shape:
-            continue
+
+    def set_by_conversion(key: str) -> bool:
         if ".q_" in key:
             module_name, rest = key.split(".q_", 1)
-            if module_name in changed and rest.split(".")[0] in _WINOGRAD_DOMAIN:
-                continue  # Winograd-domain ranges of another algorithm mean nothing here
-        else:
-            module_name, leaf = key.rsplit(".", 1)
-            if leaf in ("A_t", "G", "B_t") and (
-                module_name in changed or dst_arch.choice(module_name).conv == "static"
-            ):
-                continue  # static transforms stay exact; other tiles' transforms do not apply
-        load[key] = src_state[key]
+            # Winograd-domain ranges of another algorithm mean nothing here
+            return module_name in changed and rest.split(".")[0] in _WINOGRAD_DOMAIN
+        module_name, leaf = key.rsplit(".", 1)
+        # static transforms stay exact; other tiles' transforms do not apply
+        return leaf in _TRANSFORMS and (
+            module_name in changed or dst_arch.choice(module_name).conv == "static"
+        )
+
+    load = _fitting_state(path, payload["model"], model.state_dict(), optional=set_by_conversion)
     model.load_state_dict(load, strict=False)
     # Quantizers the checkpoint did not initialise (new stages, or ranges skipped above).
     empty = []
@@ -422,15 +573,25 @@ def fit(
     if resume:
         if out is None or not (out / "last.pt").is_file():
             raise FileNotFoundError(f"nothing to resume: {out}/last.pt does not exist")
-        payload = _read_checkpoint(out / "last.pt", map_location=device)
-        if Arch.from_dict(payload["arch"]) != model.arch:
-            raise ValueError(f"{out}/last.pt holds another architecture; cannot resume into it")
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        start_epoch = payload["epoch"] + 1
-        best, history = payload["best_val_acc"], payload["history"]
-        best_epoch = max((h["epoch"] for h in history if h["val_acc"] == best), default=0)
+        last = out / "last.pt"
+        payload = _read_checkpoint(last, map_location=device)
+        if Arch.from_dict(payload["arch"], str(last)) != model.arch:
+            raise ValueError(f"{last} holds another architecture; cannot resume into it")
+        model.load_state_dict(_fitting_state(last, payload["model"], model.state_dict()))
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+            sched = dict(payload["scheduler"])
+            if isinstance(sched.get("milestones"), dict):
+                sched["milestones"] = Counter(sched["milestones"])
+            scheduler.load_state_dict(sched)
+            start_epoch = payload["epoch"] + 1
+            best, history = payload["best_val_acc"], payload["history"]
+            best_epoch = max((h["epoch"] for h in history if h["val_acc"] == best), default=0)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(
+                f"checkpoint {last} cannot be resumed here (its optimizer, scheduler or history "
+                f"does not fit this run: {type(err).__name__}: {_first_line(err)})"
+            ) from None
         extra = {**payload.get("extra", {}), **extra}
         log(f"resuming {out} at epoch {start_epoch}/{config.epochs}")
     elif init_from is not None:
@@ -526,6 +687,11 @@ def fit(
         seconds=time.perf_counter() - t_start,
         out_dir=out,
     )
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -58,8 +58,8 @@ def searchable_convs(
 ) -> list[ConvSpec]:
     """The searchable convolutions of a backbone, in forward order, with their input geometry."""
     _check_backbone(backbone)
-    if width <= 0:
-        raise ValueError(f"width={width!r} must be positive")
+    if not 0 < width < float("inf"):  # false for nan too
+        raise ValueError(f"width={width!r} must be a positive finite number")
     specs = []
     c_in = _channels(64, width)
     size = input_size

@@ -24,7 +24,6 @@ import html
 import logging
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli import UserError
+from .fileio import atomic_write_text, refused_writes_as_user_errors
 
 if TYPE_CHECKING:
     import optuna
@@ -79,7 +79,8 @@ def write_report(
     folder's name (or the storage's only study). ``out`` puts the page elsewhere (the CSVs stay in
     ``study_dir``). A caller that holds the study already (the search, after each trial) passes
     it as ``study`` and nothing is reopened. Raises :class:`UserError` for a missing folder,
-    storage or study.
+    storage or study, and for a file it cannot write (a read-only folder, a full disk: one line
+    naming the file; :func:`wasearch.fileio.refused_write`).
     """
     study_dir = Path(study_dir)
     if study is None:
@@ -91,12 +92,13 @@ def write_report(
     else:
         label = "(given study)"
     data = _collect(study, study_dir, label)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(study_dir / "trials.csv", data.trials.to_csv(index=False))
-    _atomic_write(study_dir / "pareto.csv", _pareto_frame(data).to_csv(index=False))
     page = Path(out) if out is not None else study_dir / "report.html"
-    page.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(page, _study_page(data))
+    with refused_writes_as_user_errors():
+        study_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(study_dir / "trials.csv", data.trials.to_csv(index=False))
+        atomic_write_text(study_dir / "pareto.csv", _pareto_frame(data).to_csv(index=False))
+        page.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(page, _study_page(data))
     return page
 
 
@@ -118,8 +120,9 @@ def write_comparison(
         study, label = _open_study(Path(d), storage, None)
         studies.append(_collect(study, Path(d), label))
     page = Path(out)
-    page.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(page, _comparison_page(studies))
+    with refused_writes_as_user_errors(flag="--out"):
+        page.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(page, _comparison_page(studies))
     return page
 
 
@@ -285,14 +288,12 @@ def _name_list(names: Sequence[str]) -> str:
 def _parse_arch(text: str) -> tuple[tuple[str, LayerChoice], ...] | None:
     """Per-layer choices of an ``Arch`` YAML text (cached: a refreshed report parses only the
     new trials); None when it cannot be read."""
-    import yaml
-
     from .arch import Arch, ArchError, LayerChoice
+    from .fileio import InputFileError, parse_yaml
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
-    except yaml.YAMLError:
+        data = parse_yaml(text, source="arch")  # strict, and libyaml's speed when installed
+    except InputFileError:
         return None
     try:
         return Arch.from_dict(data).layers
@@ -1485,22 +1486,3 @@ def _comparison_page(studies: Sequence[_StudyData]) -> str:
         )
         page.figure(_comparison_figure(studies, labels, "speedup"))
     return page.render()
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -6,6 +6,11 @@ The classic flags of the Winograd-aware paper's code keep their meaning (``--use
 FILE.yaml`` trains a per-layer architecture instead. A run writes one folder, named after its
 configuration, holding ``config.json``, ``arch.yaml``, ``summary.txt``, ``metrics.csv``/``.json``,
 ``best.pt``, ``last.pt`` and ``final.json``.
+
+Flags that would be silently ignored are errors instead: ``--arch`` with any of ``--mult``,
+``--Q``, ``--bits``, ``--F``, ``--granularity`` (the file sets them all), ``--bits`` without
+``--Q``, ``--F`` without ``--static``/``--flex``, ``--granularity`` without a quantized Winograd
+conv. ``config.json`` records only the flags that were used.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .arch import Arch
-from .cli import UserError, positive_float, positive_int
+from .cli import UserError, nonnegative_float, positive_float, positive_int
 from .data import DATASETS, load_dataset
 from .engine import (
     DivergenceError,
@@ -30,9 +35,15 @@ from .engine import (
     load_checkpoint,
     select_device,
 )
+from .fileio import refused_writes_as_user_errors
 from .models import build, searchable_convs
 
 __all__ = ["build_parser", "main", "summary_table"]
+
+# Defaults of the classic flags, filled in after parsing where they apply. The parser leaves them
+# None ("not given"), so that one given with --arch, or where it means nothing, is an error.
+_CLASSIC_DEFAULTS = {"mult": 0.5, "F": 4, "bits": 8, "granularity": "tensor"}
+_CLASSIC_FLAGS = ("mult", "Q", "bits", "F", "granularity")  # what --arch sets instead
 
 
 def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.ArgumentParser:
@@ -48,23 +59,32 @@ def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.Arg
     kind.add_argument("--use_normal_conv", action="store_true", help="direct convolutions")
     kind.add_argument("--static", action="store_true", help="Winograd, Cook-Toom transforms")
     kind.add_argument("--flex", action="store_true", help="Winograd, learned transforms")
-    kind.add_argument("--arch", metavar="FILE.yaml", help="per-layer architecture file")
+    kind.add_argument(
+        "--arch",
+        metavar="FILE.yaml",
+        help="per-layer architecture file; it sets the width, tiles, bit-widths and "
+        "granularities, so --mult, --Q, --bits, --F and --granularity are errors with it",
+    )
     p.add_argument(
         "--F",
         type=int,
-        default=4,
         choices=(2, 4, 6),
-        help="Winograd output tile m of F(m x m, 3 x 3) (default 4)",
+        help="Winograd output tile m of F(m x m, 3 x 3) (default 4); needs --static or --flex",
     )
-    p.add_argument("--Q", action="store_true", help="quantize (with --bits)")
-    p.add_argument("--bits", type=int, default=8, help="bit-width with --Q (2..16, default 8)")
+    p.add_argument("--Q", action="store_true", help="quantize, to --bits (default 8) bits")
+    p.add_argument(
+        "--bits",
+        type=int,
+        help="bit-width 2..16 (default 8); needs --Q: --bits alone is an error, it does not "
+        "turn quantization on",
+    )
     p.add_argument(
         "--granularity",
         choices=("tensor", "tap"),
-        default="tensor",
-        help="Winograd-domain quantizer ranges: per tensor (paper) or per tap",
+        help="Winograd-domain quantizer ranges: per tensor (paper, default) or per tap; "
+        "needs --static or --flex, and --Q",
     )
-    p.add_argument("--mult", type=positive_float, default=0.5, help="width multiplier (0.5)")
+    p.add_argument("--mult", type=positive_float, help="width multiplier (default 0.5)")
     p.add_argument("--epochs", type=positive_int, default=120, help="epochs (default 120)")
     p.add_argument("--batch_size", type=positive_int, default=64, help="batch size (64)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (1e-3)")
@@ -74,7 +94,9 @@ def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.Arg
         help="Adam learning rate of flex transforms, no weight decay (default: --lr); "
         "10x --lr recovered F4 8-bit clearly faster in docs/fidelity.md",
     )
-    p.add_argument("--weight-decay", type=float, default=4e-5, help="weight decay (4e-5)")
+    p.add_argument(
+        "--weight-decay", type=nonnegative_float, default=4e-5, help="weight decay (4e-5)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="dataset (cifar10)")
     p.add_argument("--data-dir", help="dataset folder (default ~/.cache/wasearch/data)")
@@ -113,6 +135,53 @@ def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.Arg
     return p
 
 
+def _resolve_classic_flags(args: argparse.Namespace) -> None:
+    """Refuse classic flags that would be ignored; fill the defaults of those that apply.
+
+    Afterwards a classic flag (``_CLASSIC_FLAGS``) is None exactly when it is not used: all of
+    them with ``--arch``, ``F`` for normal convolutions, ``bits`` without ``--Q``,
+    ``granularity`` unless both.
+    """
+    if args.arch:
+        sets = {
+            "mult": "the width",
+            "Q": "the bit-widths",
+            "bits": "the bit-widths",
+            "F": "the tiles",
+            "granularity": "the granularities",
+        }
+        for name in _CLASSIC_FLAGS:
+            value = getattr(args, name)
+            if value is not None and value is not False:  # given (--Q is store_true)
+                raise UserError(
+                    f"--{name} conflicts with --arch: the architecture file sets {sets[name]}"
+                )
+            setattr(args, name, None)
+        return
+    winograd = args.static or args.flex
+    if args.F is not None and not winograd:
+        raise UserError(
+            f"--F {args.F} needs --static or --flex: it is the Winograd tile, and the network "
+            "runs direct convolutions"
+        )
+    if args.bits is not None and not args.Q:
+        raise UserError(
+            f"--bits {args.bits} needs --Q: without --Q the network runs in floating point"
+        )
+    if args.granularity is not None and not (winograd and args.Q):
+        raise UserError(
+            f"--granularity {args.granularity} needs --static or --flex, and --Q: it sets the "
+            "ranges of the quantizers in the Winograd domain"
+        )
+    args.mult = _CLASSIC_DEFAULTS["mult"] if args.mult is None else args.mult
+    if winograd and args.F is None:
+        args.F = _CLASSIC_DEFAULTS["F"]
+    if args.Q and args.bits is None:
+        args.bits = _CLASSIC_DEFAULTS["bits"]
+    if winograd and args.Q and args.granularity is None:
+        args.granularity = _CLASSIC_DEFAULTS["granularity"]
+
+
 def _arch_from_args(args: argparse.Namespace) -> Arch:
     if args.arch:
         return Arch.load(args.arch)
@@ -124,7 +193,7 @@ def _arch_from_args(args: argparse.Namespace) -> Arch:
         conv,
         args.F if conv != "normal" else None,
         bits,
-        granularity=args.granularity,
+        granularity=args.granularity or _CLASSIC_DEFAULTS["granularity"],
         width=args.mult,
     )
 
@@ -180,6 +249,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
     args = build_parser(prog, adapt=adapt).parse_args(argv)
     if adapt and not args.modelDir:
         raise UserError("adapt.py needs --modelDir (the trained run folder to adapt from)")
+    _resolve_classic_flags(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         arch = _arch_from_args(args)
@@ -250,8 +320,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
         f"test {len(data.test)} images; run folder {run_dir}"
     )
     print(table)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    flags = dict(vars(args))
+    with refused_writes_as_user_errors(flag="--outDir"):  # a read-only --outDir: one line
+        run_dir.mkdir(parents=True, exist_ok=True)
+    # Only the flags this run used: a classic flag that does not apply is None, and left out.
+    flags = {k: v for k, v in vars(args).items() if k not in _CLASSIC_FLAGS or v is not None}
     run_config = {
         "train": config.to_dict(),
         "flags": flags,
@@ -260,9 +332,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
         "device": str(device),
         "init_from": str(init_from) if init_from else None,
     }
-    atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=1, default=str))
-    arch.save(run_dir / "arch.yaml")
-    atomic_write_text(run_dir / "summary.txt", table + "\n")
+    with refused_writes_as_user_errors(flag="--outDir"):
+        atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=1, default=str))
+        arch.save(run_dir / "arch.yaml")
+        atomic_write_text(run_dir / "summary.txt", table + "\n")
     try:
         result = fit(
             model,

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ..fileio import InputFileError, atomic_write_text, parse_yaml, read_text
 from ..winograd import cook_toom, tile_counts
 from .base import LatencyError, LatencyModel
 from .ops import OpKey
@@ -261,9 +262,7 @@ class Profile:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if header:
             text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
         return path
 
 
@@ -289,18 +288,17 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
                 f"unknown device profile {text_name!r}; shipped: "
                 f"{', '.join(available_profiles())} (or give a .yaml path)"
             )
-        text, source = entry.read_text(), text_name
+        text, source = entry.read_text(encoding="utf-8"), text_name
     else:
-        path = Path(name_or_path)
+        source = str(Path(name_or_path))
         try:
-            text = path.read_text()
-        except OSError as err:
-            raise LatencyError(f"{path}: cannot read profile ({err.strerror})") from None
-        source = str(path)
+            text = read_text(name_or_path, what="profile")
+        except InputFileError as err:
+            raise LatencyError(str(err)) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise LatencyError(f"{source}: not valid YAML: {err}".splitlines()[0]) from None
+        data = parse_yaml(text, source=source)
+    except InputFileError as err:
+        raise LatencyError(str(err)) from None
     return Profile.from_dict(data, source)
 
 

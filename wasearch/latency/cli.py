@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..cli import UserError
+from ..fileio import load_yaml
 
 __all__ = ["register"]
 
@@ -88,14 +87,7 @@ def register(subparsers: Any) -> None:
 
 
 def _load_space(path: str) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read search space ({err.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {err}".splitlines()[0]) from None
+    data = load_yaml(path, what="search space")  # strict; an InputFileError is a UserError
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping (model:, choices:, latency:)")
     return data

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..fileio import InputFileError, atomic_write_text, read_text
 from ..layers import CONV_KINDS
 from ..quant import MAX_BITS, MIN_BITS
 from ..winograd import MAX_TILE
@@ -222,15 +223,24 @@ class LatencyTable:
     # -- I/O --------------------------------------------------------------------------------------
     @classmethod
     def read(cls, path: str | os.PathLike) -> LatencyTable:
+        """Read a table CSV; :class:`LatencyError` naming the file when it cannot be read, is
+        binary or not UTF-8 (:func:`wasearch.fileio.read_text`), or holds a bad row."""
         path = Path(path)
         try:
-            text = path.read_text()
-        except OSError as err:
-            raise LatencyError(f"{path}: cannot read latency table ({err.strerror})") from None
+            text = read_text(path, what="latency table")
+        except InputFileError as err:
+            raise LatencyError(str(err)) from None
         return cls.parse(text, source=str(path))
 
     @classmethod
     def parse(cls, text: str, *, source: str = "table") -> LatencyTable:
+        try:
+            return cls._parse(text, source)
+        except csv.Error as err:  # e.g. a cell over the csv module's field size limit
+            raise LatencyError(f"{source}: not a readable CSV table ({err})") from None
+
+    @classmethod
+    def _parse(cls, text: str, source: str) -> LatencyTable:
         reader = csv.DictReader(io.StringIO(text))
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in REQUIRED if c not in header]
@@ -272,9 +282,7 @@ class LatencyTable:
         """Write atomically: a temporary file in the same folder, then ``os.replace``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.to_csv())
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_csv())
         self.source = str(path)
         return path
 

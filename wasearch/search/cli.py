@@ -81,7 +81,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study-name", help="default: the space's name")
+    p.add_argument(
+        "--study-name",
+        metavar="NAME",
+        help="default: the space's name; the same rule (letters, digits, '-', '_', '.', not "
+        "starting with '.'): it names the folder results/<study>",
+    )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--results", default="results", help="parent folder of study folders (results)")
     p.add_argument(

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..arch import Arch, ArchError, LayerChoice
 from ..cli import UserError
 from ..data import DATASETS
+from ..fileio import load_yaml
 from ..layers import CONV_KINDS, GRANULARITIES
 from ..models import BACKBONES, ConvSpec, searchable_convs
 from ..quant import MAX_BITS, MIN_BITS
@@ -45,6 +44,7 @@ __all__ = [
     "Unit",
     "load_space",
     "parse_space",
+    "study_name_problem",
 ]
 
 SPACE_TILES = (2, 4, 6)  # the tiles of the paper, and the ones the latency models price
@@ -342,20 +342,27 @@ class SearchSpace:
 # Loading and validation
 
 
+def study_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a study, else None: a study's name is its folder under
+    ``results/``, so only letters, digits, '-', '_' and '.', not starting with '.' (no ``..``,
+    no ``/``: the folder stays inside ``results/``). Used for ``name:`` and ``--study-name``."""
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
+        return f"{name!r} must be a non-empty string of letters, digits, '-', '_', '.'"
+    if name.startswith("."):
+        return f"{name!r} must not start with '.'"
+    return None
+
+
 def load_space(path: str | os.PathLike) -> SearchSpace:
-    """Read and validate a space file; :class:`UserError` naming the file and key otherwise."""
+    """Read and validate a space file; :class:`UserError` naming the file and key otherwise.
+
+    The YAML is read strictly (:func:`wasearch.fileio.load_yaml`): UTF-8 text, no key given
+    twice, no absurd nesting.
+    """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such space file") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    return parse_space(data, source=str(path))
+    if not path.exists():
+        raise UserError(f"{path}: no such space file")
+    return parse_space(load_yaml(path, what="space file"), source=str(path))
 
 
 def parse_space(data: Any, *, source: str = "space") -> SearchSpace:
@@ -381,10 +388,9 @@ def parse_space(data: Any, *, source: str = "space") -> SearchSpace:
     name = data.get("name")
     if name is None:
         name = Path(source).stem
-    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
-        r.fail("name", f"{name!r} must be a non-empty string of letters, digits, '-', '_', '.'")
-    if name.startswith("."):
-        r.fail("name", f"{name!r} must not start with '.'")
+    problem = study_name_problem(name)
+    if problem is not None:
+        r.fail("name", problem)
     seed = data.get("seed", 0)
     r.integer("seed", seed, minimum=0)
     if "description" in data and not isinstance(data["description"], str):
@@ -795,8 +801,11 @@ class _Reader:
             self.fail(key, f"{value!r} must be >= {minimum}")
 
     def number(self, key: str, value: Any, *, positive: bool = False) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        """A finite int or float (YAML's ``.inf`` and ``.nan`` are refused)."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(key, f"{value!r} must be a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            self.fail(key, f"{value!r} must be a finite number")
         if positive and not value > 0:
             self.fail(key, f"{value!r} must be > 0")
 

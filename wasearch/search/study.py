@@ -10,7 +10,9 @@ Storage: SQLite under ``results/<study>/study.db`` by default, any RDB URL (Post
 with heartbeats so that a dead worker's trial is failed over and retried, or a journal file for
 several processes on one machine. Faults: a diverging or raising trial is recorded FAIL with a
 ``fail_reason`` and the search goes on; Ctrl-C fails the running trial, queues it again and
-stops, so that rerunning the command resumes with nothing lost.
+stops, so that rerunning the command resumes with nothing lost (queued retries run first); a
+write the machine refuses (a full disk, a read-only folder or database) does the same and
+stops with one :class:`~wasearch.cli.UserError` line naming the file or the storage.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import math
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -40,8 +41,15 @@ import yaml
 
 from ..arch import Arch
 from ..cli import UserError
+from ..fileio import (
+    RefusedWrite,
+    atomic_write_text,
+    refused_write,
+    refused_writes_as_user_errors,
+    user_message,
+)
 from ._lock import FileLock, holder_dead, worker_id
-from .space import SearchSpace, load_space, parse_space
+from .space import SearchSpace, load_space, parse_space, study_name_problem
 
 if TYPE_CHECKING:
     import optuna
@@ -131,6 +139,13 @@ class RunResult:
 def study_dir_of(
     space: SearchSpace, *, results: str | os.PathLike = "results", study_name: str | None = None
 ) -> Path:
+    """``results/<study>``. A ``study_name`` (``--study-name``) obeys the rule of the space's
+    ``name:`` (:func:`~wasearch.search.space.study_name_problem`), so the folder is always one
+    level inside ``results``: no ``../x``, no ``a/b``."""
+    if study_name is not None:
+        problem = study_name_problem(study_name)
+        if problem is not None:
+            raise UserError(f"--study-name: {problem}")
     return Path(results) / (study_name or space.name)
 
 
@@ -186,13 +201,13 @@ def open_storage(
     import optuna
 
     if not _is_rdb(url):
-        from optuna.storages.journal import JournalFileBackend
-
         path = Path(url).expanduser()
         if not path.is_file() and not create:
             raise UserError(f"storage {url}: no such journal file")
         path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        if path.is_file():
+            _drop_torn_record(path)
+        return optuna.storages.JournalStorage(_journal_backend(path))
     given, url = url, driver_url(url)
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +230,83 @@ def open_storage(
             "for PostgreSQL: pip install psycopg2-binary"
         ) from None
     except Exception as err:  # noqa: BLE001 - whatever the driver raises, it is the user's URL
+        refused = refused_write(err)  # a full disk, a read-only folder or database
+        if refused is not None:
+            raise UserError(user_message(refused, storage=redact(given))) from None
         raise UserError(f"cannot open storage {redact(given)}: {_first_line(err)}") from None
+
+
+def _drop_torn_record(path: Path) -> int:
+    """Cut a journal file back to its last complete record; return the bytes dropped.
+
+    Optuna appends each record as one line. A write that failed half-way (a full disk, a killed
+    process) leaves a last line without its newline; the next record appended would run on from
+    it into one unreadable line, and the journal would fail to load (``JSONDecodeError``) or
+    lose records. Readers skip an unfinished last line, so cutting it loses nothing. Done under
+    Optuna's own journal lock, so that no other process is appending at that moment; a journal
+    that cannot be written (read-only) is left as it is.
+    """
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if _complete_size(path) is None:
+        return 0
+    lock = JournalFileSymlinkLock(str(path))
+    try:
+        lock.acquire()
+    except OSError:
+        return 0  # a read-only folder: readers cope with the unfinished line
+    try:
+        keep = _complete_size(path)
+        if keep is None:
+            return 0
+        with open(path, "r+b") as fh:
+            dropped = fh.seek(0, os.SEEK_END) - keep
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        return 0
+    finally:
+        lock.release()
+    logger.warning(
+        "%s: dropped %d bytes of an unfinished record (a write that failed)", path, dropped
+    )
+    return dropped
+
+
+def _complete_size(path: Path) -> int | None:
+    """The size of ``path`` up to its last newline when bytes follow it, else None."""
+    try:
+        with open(path, "rb") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            pos = end
+            while pos > 0:
+                step = min(pos, 1 << 16)
+                fh.seek(pos - step)
+                chunk = fh.read(step)
+                i = chunk.rfind(b"\n")
+                if i >= 0:
+                    keep = pos - step + i + 1
+                    return keep if keep < end else None
+                pos -= step
+            return 0 if end > 0 else None
+    except OSError:
+        return None
+
+
+def _journal_backend(path: Path) -> Any:
+    """Optuna's journal file backend, whose failed append leaves no unfinished record."""
+    from optuna.storages.journal import JournalFileBackend
+
+    class JournalFile(JournalFileBackend):
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            try:
+                super().append_logs(logs)
+            except OSError:
+                _drop_torn_record(path)
+                raise
+
+    return JournalFile(str(path))
 
 
 def _space_storage(url: str, space: SearchSpace) -> optuna.storages.BaseStorage:
@@ -529,11 +620,13 @@ def _set(study: optuna.Study, trial_id: int, key: str, value: Any) -> None:
         pass
 
 
-def _fail_over(study: optuna.Study, space: SearchSpace) -> int:
+def _fail_over(study: optuna.Study, space: SearchSpace, *, idle: str | None = None) -> int:
     """Fail the running trials of dead workers and queue them again; return how many.
 
     A worker on this host whose process is gone is found at once; a worker elsewhere through
-    the storage's heartbeat (RDB storages) once its grace period has passed.
+    the storage's heartbeat (RDB storages) once its grace period has passed. ``idle`` names
+    the calling worker when it runs no trial: a trial still RUNNING under its name is one whose
+    end it could not record (the disk was full) and is failed over too.
     """
     import optuna
     from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
@@ -544,16 +637,21 @@ def _fail_over(study: optuna.Study, space: SearchSpace) -> int:
     count = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         holder = t.user_attrs.get("worker")
-        if not holder or not holder_dead(holder):
+        if not holder or not (holder_dead(holder) or holder == idle):
             continue
-        _set(study, t._trial_id, "fail_reason", f"worker {holder} died during the trial")
+        reason = (
+            "its end could not be recorded (a write the machine refused)"
+            if holder == idle
+            else f"worker {holder} died during the trial"
+        )
+        _set(study, t._trial_id, "fail_reason", reason)
         try:
             changed = storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         if changed:
             count += 1
-            logger.warning("trial %d: worker %s died; failed over", t.number, holder)
+            logger.warning("trial %d: %s; failed over", t.number, reason)
             retry(study, copy.deepcopy(storage.get_trial(t._trial_id)))
     if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
         stale = storage._get_stale_trial_ids(study._study_id)
@@ -644,6 +742,12 @@ def ensure_base(
     Several processes may call this at once: a lock file lets one train while the others wait.
     An interrupted base training resumes from its ``last.pt``. ``data`` may be a callable, so
     that waiting for a finished base costs no data loading.
+
+    Base checkpoints may come from another machine (a copied or shared ``results/``), so they
+    are read safely: a ``best.pt`` or ``last.pt`` that cannot be (it needs full unpickling, is
+    torn, or is not a checkpoint) stops with a :class:`UserError` naming it, and nothing is
+    deleted. A ``last.pt`` of another architecture or recipe is moved aside to
+    ``base.discarded-<time>/`` (never deleted) and the base is trained again.
     """
     from ..engine import DivergenceError, atomic_write_text, fit
     from ..models import build
@@ -651,32 +755,18 @@ def ensure_base(
     base_dir = study_dir / "base"
     done = base_dir / "done.json"
     if done.is_file():
-        return base_dir / "best.pt"
+        return _checked_base(base_dir / "best.pt")
 
     def waiting(holder: str) -> None:
         logger.info("waiting for %s, which is training the base of %s", holder, study_dir)
 
     with FileLock(study_dir / "base.lock", on_wait=waiting):
         if done.is_file():
-            return base_dir / "best.pt"
+            return _checked_base(base_dir / "best.pt")
         splits = data() if callable(data) else data
         arch = space.base_arch(num_classes=splits.num_classes)
         config = _base_config(space)
-        resume = False
-        if (base_dir / "last.pt").is_file():
-            try:
-                import torch
-
-                payload = torch.load(base_dir / "last.pt", map_location="cpu", weights_only=False)
-                resume = (
-                    Arch.from_dict(payload["arch"]) == arch
-                    and payload.get("config") == config.to_dict()
-                    and payload.get("epoch", 0) < config.epochs
-                )
-            except Exception:  # noqa: BLE001 - a torn or foreign file: start again
-                resume = False
-            if not resume:
-                shutil.rmtree(base_dir)
+        resume = (base_dir / "last.pt").is_file() and _base_resumable(base_dir, arch, config)
         logger.info(
             "%s the base (%s, %d epochs) in %s",
             "resuming" if resume else "training",
@@ -716,6 +806,55 @@ def ensure_base(
             result.seconds,
         )
     return base_dir / "best.pt"
+
+
+def _checked_base(best: Path) -> Path:
+    """``best`` when it reads as a checkpoint (safely: nothing in it runs); else a UserError."""
+    from ..engine import CheckpointError, _read_checkpoint
+
+    try:
+        _read_checkpoint(best)
+    except (FileNotFoundError, CheckpointError) as err:
+        raise UserError(
+            f"{err}; the base is marked done ({best.parent / 'done.json'}), so replace the file "
+            f"or move {best.parent} away to train the base again"
+        ) from None
+    return best
+
+
+def _base_resumable(base_dir: Path, arch: Arch, config: Any) -> bool:
+    """Whether ``base_dir/last.pt`` continues this base; one of another architecture or recipe
+    is moved aside (kept, never deleted) and False returned."""
+    from ..engine import CheckpointError, _read_checkpoint
+
+    last = base_dir / "last.pt"
+    try:
+        payload = _read_checkpoint(last)
+    except CheckpointError as err:
+        raise UserError(f"{err}; or move {base_dir} away to train the base again") from None
+    try:
+        same_arch = Arch.from_dict(payload["arch"], str(last)) == arch
+    except ValueError:
+        same_arch = False
+    if (
+        same_arch
+        and payload.get("config") == config.to_dict()
+        and payload.get("epoch", 0) <= config.epochs  # == epochs: done but for done.json
+    ):
+        return True
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside, n = base_dir.with_name(f"base.discarded-{stamp}"), 1
+    while aside.exists():
+        n += 1
+        aside = base_dir.with_name(f"base.discarded-{stamp}-{n}")
+    os.replace(base_dir, aside)
+    logger.warning(
+        "%s was trained with another architecture or recipe than the space's base; moved it "
+        "to %s (delete that when you no longer need it) and training the base again",
+        last,
+        aside,
+    )
+    return False
 
 
 def _sha256(path: Path) -> str:
@@ -773,6 +912,8 @@ class _Worker:
         self.on_event = on_event
         self.report = report
         self.current: int | None = None  # number of the running trial
+        self._last: tuple[int, int] | None = None  # (number, storage id) of the last trial
+        self.refused: RefusedWrite | None = None  # the machine refused a write: stop
         self._started = 0.0
         self._last_report = 0.0
 
@@ -781,6 +922,7 @@ class _Worker:
         import optuna
 
         self.current = trial.number
+        self._last = (trial.number, trial._trial_id)
         self._started = time.perf_counter()
         trial.set_user_attr("worker", worker_id())
         trial.set_user_attr("source", "optuna")
@@ -798,15 +940,40 @@ class _Worker:
         except Exception as err:
             from ..engine import DivergenceError
 
-            if isinstance(err, DivergenceError):
+            refused = refused_write(err)
+            if refused is not None:
+                # A full disk or a read-only folder is not the architecture's fault: free what
+                # the trial wrote; once Optuna has recorded the failure, run() queues the trial
+                # again and stops with one line.
+                self.refused = refused
+                self._drop_checkpoints(trial.number)
+                reason = str(refused) if refused.path else f"storage: {refused}"
+            elif isinstance(err, DivergenceError):
                 reason = f"diverged: {_first_line(err)}"
             else:
                 reason = f"{type(err).__name__}: {_first_line(err)}"
-                trial_dir = self.study_dir / "trials" / str(trial.number)
-                trial_dir.mkdir(parents=True, exist_ok=True)
-                (trial_dir / "error.txt").write_text(traceback.format_exc())
-            trial.set_user_attr("fail_reason", reason[:500])
+            # The reason first: writing the traceback may fail as well (the disk may be full).
+            _set(self.study, trial._trial_id, "fail_reason", reason[:500])
+            if refused is None and not isinstance(err, DivergenceError):
+                self._write_traceback(trial.number)
             raise
+
+    def _write_traceback(self, number: int) -> None:
+        """``trials/<n>/error.txt``: the traceback of the exception being handled."""
+        path = self.study_dir / "trials" / str(number) / "error.txt"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, traceback.format_exc())
+        except OSError as err:
+            logger.warning("trial %d: could not write %s: %s", number, path, err)
+
+    def _drop_checkpoints(self, number: int) -> None:
+        folder = self.study_dir / "trials" / str(number)
+        for name in ("last.pt", "best.pt"):
+            try:
+                (folder / name).unlink(missing_ok=True)
+            except OSError:
+                pass
 
     def _evaluate(self, trial: optuna.Trial) -> float | list[float]:
         import optuna
@@ -989,8 +1156,9 @@ class _Worker:
 
         skips = failures = 0
         announced_wait = False
+        self.refused = None
         while True:
-            _fail_over(self.study, self.space)
+            _fail_over(self.study, self.space, idle=worker_id())
             tally = _tally(self.study.get_trials(deepcopy=False))
             if tally.done >= self.target:
                 self._write_report(force=True)
@@ -1007,6 +1175,7 @@ class _Worker:
                 time.sleep(_POLL_S)
                 continue
             announced_wait = False
+            self._last = None
             try:
                 self.study.optimize(
                     self.objective,
@@ -1018,6 +1187,15 @@ class _Worker:
             except KeyboardInterrupt:
                 self._interrupted()
                 raise
+            except Exception as err:
+                # Optuna could not record the trial (the database's disk is full or read-only;
+                # it then raises "Should not reach"): say what was refused, in one line.
+                refused = refused_write(err)
+                if refused is None:
+                    raise
+                self.refused = self.refused or refused
+            if self.refused is not None:
+                self._stop_refused(self.refused)
             last = self.study.get_trials(deepcopy=False)
             mine = [t for t in last if t.user_attrs.get("worker") == worker_id()]
             if not mine:
@@ -1039,6 +1217,37 @@ class _Worker:
             else:
                 failures = 0
 
+    def _stop_refused(self, refused: RefusedWrite) -> None:
+        """After a refused write: make sure the trial is FAIL with the reason (Optuna could not
+        record it when the database shares the full disk: try again now that the trial's files
+        are gone), queue it again, and raise one :class:`UserError` line."""
+        from optuna.trial import TrialState
+
+        message = user_message(refused, storage=redact(self.storage), flag="--results")
+        last, self._last, self.current = self._last, None, None
+        if last is None:
+            raise UserError(message)
+        number, trial_id = last
+        storage = self.study._storage
+        reason = str(refused) if refused.path else f"storage: {refused}"
+        try:
+            frozen = storage.get_trial(trial_id)
+            if frozen.state == TrialState.RUNNING:
+                storage.set_trial_user_attr(trial_id, "fail_reason", reason[:500])
+                storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+                frozen = storage.get_trial(trial_id)
+        except Exception:  # noqa: BLE001 - the database refuses as well
+            raise UserError(
+                f"{message} (trial {number} is left RUNNING: the next run fails it over)"
+            ) from None
+        if frozen.state != TrialState.FAIL:
+            raise UserError(message)
+        try:
+            RetryFailedOver(max_retry=None)(self.study, copy.deepcopy(frozen))
+        except Exception:  # noqa: BLE001
+            raise UserError(f"{message} (trial {number} failed)") from None
+        raise UserError(f"{message} (trial {number} failed and is queued again)")
+
     def _interrupted(self) -> None:
         """After Ctrl-C: the running trial was failed by Optuna; queue it again."""
         _ignore_sigint()
@@ -1050,9 +1259,7 @@ class _Worker:
             if frozen.state.name != "FAIL":
                 return  # it had finished before the interrupt
             RetryFailedOver(max_retry=None)(self.study, copy.deepcopy(frozen))
-            folder = self.study_dir / "trials" / str(number)
-            for name in ("last.pt", "best.pt"):
-                (folder / name).unlink(missing_ok=True)
+            self._drop_checkpoints(number)
             if self.on_event is not None:
                 self.on_event(
                     TrialEvent(
@@ -1143,8 +1350,6 @@ def _latency(space: SearchSpace) -> tuple[Any, float]:
 
 
 def _save_study_files(space: SearchSpace, study_dir: Path, url: str) -> None:
-    from ..engine import atomic_write_text
-
     study_dir.mkdir(parents=True, exist_ok=True)
     if not (study_dir / "space.yaml").is_file():
         atomic_write_text(study_dir / "space.yaml", yaml.safe_dump(space.raw, sort_keys=False))
@@ -1154,14 +1359,16 @@ def _save_study_files(space: SearchSpace, study_dir: Path, url: str) -> None:
 
 
 def pretrain(space: SearchSpace, options: RunOptions, *, progress: bool = True) -> Path:
-    """``search.py pretrain``: only train the shared base (once)."""
+    """``search.py pretrain``: only train the shared base (once). A refused write (read-only
+    ``--results``, full disk) is one :class:`UserError` line naming the file."""
     study_dir = study_dir_of(space, results=options.results, study_name=options.study_name)
-    study_dir.mkdir(parents=True, exist_ok=True)
     device = _device(options.device)
     _set_threads(options.threads)
-    return ensure_base(
-        space, study_dir, data=lambda: load_space_data(space), device=device, progress=progress
-    )
+    with refused_writes_as_user_errors(flag="--results"):
+        study_dir.mkdir(parents=True, exist_ok=True)
+        return ensure_base(
+            space, study_dir, data=lambda: load_space_data(space), device=device, progress=progress
+        )
 
 
 def _device(requested: str) -> str:
@@ -1207,7 +1414,26 @@ def run_search(
 
     ``on_event`` sees every finished trial (in worker processes too: it must then be a
     module-level function); ``on_progress(done, target)`` is called by the coordinating process.
+    A write the machine refuses (a read-only ``--results``, a full disk, a read-only database)
+    raises one :class:`UserError` line naming the file or the storage; a trial it cut short is
+    recorded FAIL with its ``fail_reason`` and queued again, to run first on the rerun.
     """
+    study_dir = study_dir_of(space, results=options.results, study_name=options.study_name)
+    label = redact(storage_url(space, study_dir, options.storage))
+    with refused_writes_as_user_errors(storage=label, flag="--results"):
+        return _run_search(
+            space, options, on_event=on_event, on_progress=on_progress, progress=progress
+        )
+
+
+def _run_search(
+    space: SearchSpace,
+    options: RunOptions,
+    *,
+    on_event: Callable[[TrialEvent], None] | None,
+    on_progress: Callable[[int, int], None] | None,
+    progress: bool,
+) -> RunResult:
     if options.workers < 1:
         raise UserError(f"--workers {options.workers} must be >= 1")
     device = _device(options.device)
@@ -1447,42 +1673,54 @@ def _worker_main(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", module="optuna")
     try:
-        space = load_space(space_path)
-        prep = _prepare(space, options)
-        _set_threads(options.threads, options.workers)
-        storage = _space_storage(prep.url, space)
-        study, _ = open_study(
-            space,
-            storage,
-            study_name=study_name,
-            sampler_seed=_sampler_seed(space, prep.url, index),
-            latency_model=prep.latency_model,
-            reference_latency_ms=prep.reference_latency_ms,
-        )
-        worker = _Worker(
-            space,
-            study,
-            prep.study_dir,
-            storage=prep.url,
-            target=target,
-            data=load_space_data(space),
-            base=prep.study_dir / "base" / "best.pt",
-            latency_model=prep.latency_model,
-            reference_latency_ms=prep.reference_latency_ms,
-            device=_device(options.device),
-            index=index,
-            on_event=on_event,
-            report=options.report and index == 0,
-        )
-        deadline = time.monotonic() + options.timeout if options.timeout else None
-        status = worker.run(deadline=deadline)
-        if status.startswith("stopped"):
-            logger.warning("%s", status)
+        with refused_writes_as_user_errors(flag="--results"):
+            _worker_body(space_path, options, index, target, on_event, study_name)
     except KeyboardInterrupt:
         sys.exit(130)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def _worker_body(
+    space_path: str,
+    options: RunOptions,
+    index: int,
+    target: int,
+    on_event: Callable[[TrialEvent], None] | None,
+    study_name: str,
+) -> None:
+    space = load_space(space_path)
+    prep = _prepare(space, options)
+    _set_threads(options.threads, options.workers)
+    storage = _space_storage(prep.url, space)
+    study, _ = open_study(
+        space,
+        storage,
+        study_name=study_name,
+        sampler_seed=_sampler_seed(space, prep.url, index),
+        latency_model=prep.latency_model,
+        reference_latency_ms=prep.reference_latency_ms,
+    )
+    worker = _Worker(
+        space,
+        study,
+        prep.study_dir,
+        storage=prep.url,
+        target=target,
+        data=load_space_data(space),
+        base=prep.study_dir / "base" / "best.pt",
+        latency_model=prep.latency_model,
+        reference_latency_ms=prep.reference_latency_ms,
+        device=_device(options.device),
+        index=index,
+        on_event=on_event,
+        report=options.report and index == 0,
+    )
+    deadline = time.monotonic() + options.timeout if options.timeout else None
+    status = worker.run(deadline=deadline)
+    if status.startswith("stopped"):
+        logger.warning("%s", status)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1533,14 +1771,21 @@ def export_trials(
     storage: str | None = None,
     study_name: str | None = None,
 ) -> list[ExportedArch]:
-    """Write ``results/<study>/pareto/trial_<n>.yaml`` for one trial or the whole front."""
+    """Write ``results/<study>/pareto/trial_<n>.yaml`` for one trial or the whole front.
+
+    :class:`UserError` (one line) for a study without wasearch trials (one that plain Optuna
+    made: no trial has an ``arch`` attribute) and for a folder it cannot write.
+    """
     from optuna.trial import TrialState
 
-    from ..engine import atomic_write_text
-
     study_dir = Path(study_dir)
-    study, _ = load_study_for(study_dir, storage=storage, study_name=study_name)
+    study, url = load_study_for(study_dir, storage=storage, study_name=study_name)
     trials = study.get_trials(deepcopy=False)
+    if not any("arch" in t.user_attrs for t in trials) and "space" not in study.user_attrs:
+        raise UserError(
+            f"study {study.study_name!r} in {redact(url)} has no wasearch trials (no trial has "
+            "an 'arch' attribute): it was not made by search.py run; nothing to export"
+        )
     if trial is not None:
         chosen = [t for t in trials if t.number == trial]
         if not chosen:
@@ -1550,12 +1795,14 @@ def export_trials(
         if chosen[0].state != TrialState.COMPLETE:
             logger.warning("trial %d is %s, not COMPLETE", trial, chosen[0].state.name)
     else:
-        chosen = front_trials(trials, study.user_attrs.get("objectives") or [])
+        with_arch = [t for t in trials if "arch" in t.user_attrs]
+        chosen = front_trials(with_arch, study.user_attrs.get("objectives") or [])
         if not chosen:
             raise UserError(f"{study_dir}: no completed trial yet; nothing to export")
     space = study.user_attrs.get("space") or {}
     out_dir = study_dir / "pareto"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with refused_writes_as_user_errors():
+        out_dir.mkdir(parents=True, exist_ok=True)
     exported = []
     for t in sorted(chosen, key=lambda x: x.number):
         arch = Arch.from_yaml(t.user_attrs["arch"], f"trial {t.number}")
@@ -1570,7 +1817,8 @@ def export_trials(
             + " after the search's fine-tuning; latency "
             + (f"{lat:.3f} ms" if isinstance(lat, float) else "?"),
         ]
-        atomic_write_text(path, "\n".join(header) + "\n" + arch.to_yaml())
+        with refused_writes_as_user_errors():
+            atomic_write_text(path, "\n".join(header) + "\n" + arch.to_yaml())
         ckpt = study_dir / "trials" / str(t.number) / "best.pt"
         commands = _train_commands(space, path, study.study_name, t.number, ckpt)
         exported.append(

@@ -42,8 +42,10 @@ def test_default_applies_to_unlisted_layers():
         ("layers: {layer1.0.conv1: {conv: fancy}}", "layer1.0.conv1: unknown conv kind 'fancy'"),
         ("layers: {layer2.0.conv2: {conv: flex, tile: 4, bits: 1}}", "layer2.0.conv2: bits=1"),
         ("layers: {layer3.0.conv1: {conv: flex, tile: 4, bits: 17}}", "layer3.0.conv1: bits=17"),
-        ("layers: {layer4.0.conv1: {conv: static, tile: 6, bits: 8}}",
-         "layer4.0.conv1: tile=6 does not fit"),
+        (
+            "layers: {layer4.0.conv1: {conv: static, tile: 6, bits: 8}}",
+            "layer4.0.conv1: tile=6 does not fit",
+        ),
         ("layers: {layer1.0.conv1: {conv: static, tile: 3}}", None),
         ("layers: {layer1.0.conv1: {conv: static}}", "layer1.0.conv1: tile=None"),
         ("layers: {layer9.0.conv1: {conv: normal}}", "unknown layer 'layer9.0.conv1'"),

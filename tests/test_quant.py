@@ -15,9 +15,7 @@ def test_outputs_lie_on_the_grid_and_match_torch(bits):
     # float32 rounding of level * scale / scale: relative 1e-7 of the level
     assert ((levels - levels.round()).abs() <= 1e-4 + 2e-7 * qmax(bits)).all()
     assert levels.abs().max() <= qmax(bits)
-    ref = torch.fake_quantize_per_tensor_affine(
-        x.detach(), scale, 0, -qmax(bits), qmax(bits)
-    )
+    ref = torch.fake_quantize_per_tensor_affine(x.detach(), scale, 0, -qmax(bits), qmax(bits))
     torch.testing.assert_close(y.detach(), ref)
     # Straight-through inside the range, zero where clipped.
     y.sum().backward()

@@ -44,7 +44,7 @@ def _error(space: dict, tmp_path: Path) -> str:
         ({"model": {"backbone": "vgg"}}, "model.backbone", "'vgg' is not one of"),
         ({"base": {"conv": "static"}}, "base.tile", "needs a tile"),
         ({"base": {"epochs": 0}}, "base.epochs", ">= 1"),
-        ({"trial": {"lr": "fast"}}, "trial.lr", "must be a number"),
+        ({"trial": {"lr": "fast"}}, "trial.lr", "must be a number or auto"),
         ({"trial": {"transform_lr": 0}}, "trial.transform_lr", "must be > 0"),
         ({"base": {"transform_lr": "x"}}, "base.transform_lr", "must be a number"),
         ({"objectives": ["latency_ms", "accuracy"]}, "objectives", "first objective"),
@@ -180,3 +180,27 @@ def test_transform_lr_reaches_the_training_configs():
     )
     assert trial_config(tuned).transform_lr == 0.005
     assert _base_config(tuned).transform_lr == 0.002
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        ({"epochs": 60, "lr": 1e-3}, 5e-5),  # the paper's base: 1e-3 decayed twice
+        ({"epochs": 5, "lr": 1e-3}, 5e-5),
+        ({"epochs": 2, "lr": 2e-3}, 1e-3),  # milestones 1 and 2: the last epoch ran at 2e-4
+        ({"epochs": 1, "lr": 1e-3}, 5e-3),  # one epoch: no decay ran
+    ],
+)
+def test_auto_trial_lr_follows_the_end_of_the_base_schedule(base, expected):
+    from wasearch.search.study import trial_config
+
+    space = parse_space(tiny_space(base=base, trial={"lr": "auto"}), source="s")
+    assert trial_config(space).lr == pytest.approx(expected)
+    explicit = parse_space(tiny_space(base=base, trial={"lr": 3e-4}), source="s")
+    assert trial_config(explicit).lr == 3e-4
+
+
+def test_trial_lr_defaults_to_auto():
+    from wasearch.search.space import DEFAULTS
+
+    assert DEFAULTS["trial"]["lr"] == "auto"

@@ -503,6 +503,11 @@ def _milestones(config: TrainConfig) -> list[int]:
     return sorted({max(1, int(round(f * config.epochs))) for f in config.lr_decay_at})
 
 
+def last_lr(config: TrainConfig) -> float:
+    """The learning rate of the last epoch ``config`` trains (its step schedule applied)."""
+    return config.lr * 0.1 ** sum(m < config.epochs for m in _milestones(config))
+
+
 def fit(
     model: ResNetWA,
     data: DataSplits,

@@ -68,7 +68,7 @@ def run_sweep(
     from ..dnas import differentiable_search, transfer_weights
     from ..engine import count_params, fit
     from ..models import build
-    from .study import TrialEvent, _tally, bitops, front_trials, trial_config
+    from .study import TrialEvent, _tally, bitops, front_trials, trial_config, trial_lr
 
     cfg = {**DIFFERENTIABLE_DEFAULTS, **{k: v for k, v in space.strategy.items() if v is not None}}
     lambdas = [float(v) for v in cfg["lambdas"]]
@@ -97,7 +97,7 @@ def run_sweep(
             epochs=int(cfg["epochs"]),
             warmup_epochs=int(cfg["warmup_epochs"]),
             batch_size=space.data["batch_size"],
-            lr=space.trial["lr"],
+            lr=trial_lr(space),
             arch_lr=float(cfg["arch_lr"]),
             tau=float(cfg["tau"]),
             max_batches_per_epoch=space.trial["max_batches"],

@@ -97,7 +97,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "trial": {
         "epochs": 2,  # fine-tuning epochs per trial (the adaptation shortcut)
-        "lr": 5e-4,
+        # Adam lr; auto: 5x the last lr of the base's schedule (1e-3 decayed twice: 5e-5). A larger
+        # lr undoes the base and stops the trials from ranking architectures (docs/search.md).
+        "lr": "auto",
         "transform_lr": None,  # Adam lr of flex transforms (None: lr); see docs/fidelity.md
         "max_batches": None,
         "warmup_batches": 10,  # batches that initialise new Winograd-domain quantizer ranges
@@ -435,7 +437,10 @@ def parse_space(data: Any, *, source: str = "space") -> SearchSpace:
 
     trial = sections["trial"]
     r.integer("trial.epochs", trial["epochs"], minimum=1)
-    r.number("trial.lr", trial["lr"], positive=True)
+    if trial["lr"] != "auto":
+        if isinstance(trial["lr"], str):
+            r.fail("trial.lr", f"{trial['lr']!r} must be a number or auto")
+        r.number("trial.lr", trial["lr"], positive=True)
     if trial["transform_lr"] is not None:
         r.number("trial.transform_lr", trial["transform_lr"], positive=True)
     if trial["max_batches"] is not None:

@@ -6,7 +6,7 @@ For every distinct searchable-conv geometry of the ResNet-18-like backbone (widt
 channels-last inputs, so the baseline is torch's best) and of the deploy Winograd kernels
 F2/F4/F6 in float32 (``wasearch.deploy.WinogradConv``), as ratios to conv2d. ``--before`` adds
 the training-time ``winograd_conv2d`` (NCHW, Kronecker transforms, weights transformed on every
-call) for F4, the kernel before the deploy optimisations. The kernels of one geometry are timed
+call) for F4, the kernel before the deploy optimizations. The kernels of one geometry are timed
 in interleaved rounds (one call each per round, shuffled), so that load from other processes on
 a shared machine hits them alike. Target (issue 3): F4 at or below conv2d's time on layers with
 64 or more channels at batch 32.

@@ -362,8 +362,9 @@ def load_data(setting: Setting, data_dir: str | None) -> DataSplits:
     root = Path(data_dir).expanduser() if data_dir else ensure_shared_cifar10()
     if root is None:
         raise UserError(
-            "no CIFAR-10 found: the shared archive ../shared/data/cifar10-jpeg.tar.gz is absent; "
-            "pass --data-dir with a copy in ImageFolder (train/, test/) or torchvision layout"
+            "no CIFAR-10 found: pass --data-dir with a copy in torchvision layout (e.g. "
+            "~/.cache/wasearch/data after: python train.py --dataset cifar10 --download ...; "
+            "README, Data) or ImageFolder layout (train/, test/)"
         )
     try:
         return load_dataset(
@@ -430,7 +431,7 @@ def adapted_model(
     *,
     float_transforms: bool = False,
 ) -> nn.Module:
-    """``arch`` initialised from the base; the new (Winograd-domain) ranges warmed up.
+    """``arch`` initialized from the base; the new (Winograd-domain) ranges warmed up.
 
     ``float_transforms`` leaves the transform matrices unquantized (a diagnostic)."""
     model = build(arch)
@@ -578,7 +579,7 @@ def numerical_error(
                             "error": err,
                         }
                     )
-            # Flex at initialisation: the same matrices and quantizers, so the same outputs.
+            # Flex at initialization: the same matrices and quantizers, so the same outputs.
             if report.flex_initial_equals_static is not False:
                 s = _run_layer(
                     _layer_from_base(conv, LayerChoice("static", fit_tile, 8), None), xc, x, batch
@@ -930,7 +931,7 @@ def render(report: Report) -> str:
     )
     out += [
         "",
-        "Flex at initialisation computes exactly what static does (the same Cook-Toom matrices "
+        "Flex at initialization computes exactly what static does (the same Cook-Toom matrices "
         "and quantizers): "
         + (
             "verified bit-for-bit on every layer, so it has no row of its own. "

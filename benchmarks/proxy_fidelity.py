@@ -202,7 +202,8 @@ def load_data(setting: Setting, data_dir: str | None) -> DataSplits:
     if root is None:
         raise UserError(
             "no CIFAR-10 images: pass --data-dir (an ImageFolder root with train/ and test/, or "
-            "a folder holding cifar-10-batches-py), or put cifar10-jpeg.tar.gz in ../shared/data"
+            "a folder holding cifar-10-batches-py, e.g. ~/.cache/wasearch/data once CIFAR-10 "
+            "is downloaded as the README's Data section says)"
         )
     try:
         return load_dataset(

@@ -4,7 +4,7 @@
 On a space (default ``spaces/quick.yaml``), for each of its reference architectures (and
 ``--random N`` sampled ones):
 
-* adapted: initialise from the space's shared base and fine-tune for the trial budget, as
+* adapted: initialize from the space's shared base and fine-tune for the trial budget, as
   ``search.py run`` does; record the validation accuracy reached and the wall time;
 * from scratch: train the same architecture with the base's recipe, epoch by epoch, until it
   reaches the adapted accuracy, at most ``--scratch-cap`` epochs (reported as capped, and its

@@ -67,7 +67,7 @@ def test_resume_continues_from_last(tmp_path, data):
         fit(build(model.arch), data, cfg2, out_dir=tmp_path / "none", resume=True)
 
 
-def test_static_model_initialised_from_normal_gives_same_float_outputs(trained, data):
+def test_static_model_initialized_from_normal_gives_same_float_outputs(trained, data):
     out, _ = trained
     x = next(iter(_loader(data, data.test, batch_size=16, train=False, device="cpu")))[0]
     normal = build(Arch.uniform("normal", bits=None, width=WIDTH))

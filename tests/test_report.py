@@ -181,7 +181,7 @@ def _new_study(study_dir: Path, directions: list[str], **attrs: object) -> optun
     return study
 
 
-def make_scalarised_study(root: Path, name: str = "scalar", weight: float = 0.5):
+def make_scalarized_study(root: Path, name: str = "scalar", weight: float = 0.5):
     """A ``strategy.scalarize`` study: one value, ``score``; val_acc and latency as attributes."""
     normal = Arch.uniform("normal", bits=8, width=WIDTH)
     ref_ms = _attrs(normal)["latency_ms"]
@@ -341,8 +341,12 @@ def test_pareto_csv(demo):
     assert pareto["latency_ms"].is_monotonic_increasing
     assert (pareto["state"] == "COMPLETE").all()
     for n, cmd in zip(pareto["number"], pareto["command"], strict=True):
-        assert cmd.startswith("python train.py --arch ")
-        assert cmd.endswith(f"demo/pareto/trial_{n}.yaml")
+        # Runs as written: export the file, then train it on the study's data.
+        export, train = cmd.split(" && ")
+        assert export.startswith("python search.py export ")
+        assert export.endswith(f"demo --trial {n}")
+        assert train.startswith("python train.py --arch ")
+        assert f"demo/pareto/trial_{n}.yaml --dataset " in train
     # all-normal is the most accurate, so on the front, at speed-up 1.
     normal = pareto[pareto["reference"] == "all-normal"]
     assert normal["speedup"].tolist() == [pytest.approx(1.0)]
@@ -399,8 +403,8 @@ def test_comparison(tree, tmp_path):
     assert text.count("Plotly.newPlot(") == 2
 
 
-def test_scalarised_study(tmp_path):
-    study_dir, study = make_scalarised_study(tmp_path)
+def test_scalarized_study(tmp_path):
+    study_dir, study = make_scalarized_study(tmp_path)
     text = write_report(study_dir).read_text(encoding="utf-8")
     trials = study.get_trials()
     df = pd.read_csv(study_dir / "trials.csv")

@@ -149,7 +149,7 @@ def test_references_exist_only_in_the_space():
     assert set(refs["flex-F4"].values()) == {"F4-flex/8t"}
 
 
-def test_defaults_single_objective_and_scalarised():
+def test_defaults_single_objective_and_scalarized():
     single = parse_space(
         tiny_space(objectives=["accuracy"], latency={}, strategy={"name": None}), source="s"
     )

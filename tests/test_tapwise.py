@@ -155,7 +155,7 @@ def test_layer_with_all_positions_at_one_range_equals_the_per_tensor_layer():
     x = torch.randn(2, 4, 8, 8)
     tensor = WinogradConv2d(4, 5, tile=4, mode="static", bits=8)
     tensor.train()
-    tensor(x)  # initialise the running ranges
+    tensor(x)  # initialize the running ranges
     tap = WinogradConv2d(4, 5, tile=4, mode="static", bits=8, granularity="tap")
     state = {}
     for key, value in tensor.state_dict().items():

@@ -57,7 +57,6 @@ __all__ = [
     "WinogradConv",
     "has_int_kernel",
     "int8_available",
-    "kernel_bits",
     "to_deploy",
     "winograd_deploy_conv2d",
 ]
@@ -100,11 +99,6 @@ def has_int_kernel(bits: int | None, device: str | torch.device = "cpu") -> bool
     if bits is None:
         return True
     return bits == 8 and torch.device(device).type == "cpu" and int8_available()
-
-
-def kernel_bits(bits: int | None, device: str | torch.device = "cpu") -> int | None:
-    """The precision a layer of ``bits`` actually runs at: its own, or float32 (None)."""
-    return bits if has_int_kernel(bits, device) else None
 
 
 # -- integer kernels (oneDNN) --------------------------------------------------------------------

@@ -197,7 +197,7 @@ def differentiable_search(
     """Train a supernet from the base checkpoint and read off one architecture.
 
     ``cost(spec, choice)`` prices a candidate (seconds); ``lam`` weighs the expected latency,
-    normalised by the latency of the base's own choices, against the cross-entropy.
+    normalized by the latency of the base's own choices, against the cross-entropy.
     """
     log = log or logger.info
     if not (math.isfinite(lam) and lam >= 0):

@@ -5,7 +5,7 @@ multiplied by 0.1 at 3/5 and 4/5 of the epochs, batch 64. The loss and accuracy 
 averaged over samples (the original code averaged batch means over the dataset size).
 
 A checkpoint (``best.pt``, ``last.pt``) holds the ``Arch``, the training config, the data
-normalisation and the metrics besides the weights: :func:`load_checkpoint` rebuilds and evaluates
+normalization and the metrics besides the weights: :func:`load_checkpoint` rebuilds and evaluates
 a model from the file alone.
 
 Checkpoints are plain data: tensors, dicts, lists, strings and numbers (the ``Arch`` and the
@@ -16,12 +16,12 @@ place that unpickles fully, for a file the user trusts. ``format`` is :data:`CHE
 a file of a newer format is refused.
 
 Adaptation (:func:`init_from_checkpoint`): conv kernels have the same shape in every mode, so a
-checkpoint of any architecture initialises any other of the same backbone and width. Weights,
+checkpoint of any architecture initializes any other of the same backbone and width. Weights,
 BatchNorm and matching quantizer ranges are copied; static transforms keep their exact Cook-Toom
 values; the Winograd-domain quantizers of every layer whose algorithm changed start empty and are
 warmed up on the first training batches (:func:`warmup_ranges`). Every other weight, BatchNorm
 statistic and range the model needs must be in the checkpoint with its shape: one that does not
-fit is refused (:class:`CheckpointError`) rather than leaving layers at random initialisation.
+fit is refused (:class:`CheckpointError`) rather than leaving layers at random initialization.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "atomic_write_text",
+    "check_init_from",
+    "checkpoint_arch",
     "count_params",
     "DivergenceError",
     "FitResult",
@@ -418,22 +420,26 @@ def _layer_changed(src: Arch, dst: Arch, name: str) -> bool:
     return (a.conv, a.tile, a.granularity) != (b.conv, b.tile, b.granularity)
 
 
-def init_from_checkpoint(model: ResNetWA, path: str | os.PathLike) -> list[str]:
-    """Initialise ``model`` from a checkpoint of another architecture (the adaptation shortcut).
+def checkpoint_arch(path: str | os.PathLike) -> Arch:
+    """The architecture a checkpoint was trained as; :class:`CheckpointError` if unusable."""
+    return Arch.from_dict(_read_checkpoint(path)["arch"], str(path))
 
-    Every entry the model needs must be in the checkpoint with its shape, except what the
-    conversion sets itself: the transforms of layers whose algorithm changed (and of static
-    layers, which keep their exact values) and the Winograd-domain ranges of layers whose
-    algorithm changed. Returns the names of the quantizers left empty (to be warmed up by
-    :func:`warmup_ranges`). Raises ValueError when backbone, width or classes differ, and
-    :class:`CheckpointError` (a ValueError) naming the first missing or mis-shaped entries.
+
+def check_init_from(model: ResNetWA, path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` where :func:`init_from_checkpoint` would refuse ``path``
+    for ``model``; change nothing. A command line calls it before it prints or writes anything.
     """
+    _adaptation_state(model, path)
+
+
+def _adaptation_state(model: ResNetWA, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The checkpoint entries that initialize ``model`` (see :func:`init_from_checkpoint`)."""
     payload = _read_checkpoint(path)
     src_arch = Arch.from_dict(payload["arch"], str(path))
     dst_arch = model.arch
     for key in ("backbone", "width", "num_classes"):
         if getattr(src_arch, key) != getattr(dst_arch, key):
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} has {key}={getattr(src_arch, key)!r} but the model has "
                 f"{getattr(dst_arch, key)!r}; adaptation needs the same backbone, width, classes"
             )
@@ -450,9 +456,23 @@ def init_from_checkpoint(model: ResNetWA, path: str | os.PathLike) -> list[str]:
             module_name in changed or dst_arch.choice(module_name).conv == "static"
         )
 
-    load = _fitting_state(path, payload["model"], model.state_dict(), optional=set_by_conversion)
+    return _fitting_state(path, payload["model"], model.state_dict(), optional=set_by_conversion)
+
+
+def init_from_checkpoint(model: ResNetWA, path: str | os.PathLike) -> list[str]:
+    """Initialize ``model`` from a checkpoint of another architecture (the adaptation shortcut).
+
+    Every entry the model needs must be in the checkpoint with its shape, except what the
+    conversion sets itself: the transforms of layers whose algorithm changed (and of static
+    layers, which keep their exact values) and the Winograd-domain ranges of layers whose
+    algorithm changed. Returns the names of the quantizers left empty (to be warmed up by
+    :func:`warmup_ranges`). Raises :class:`CheckpointError` (a ValueError) when backbone, width
+    or classes differ, or naming the first missing or mis-shaped entries;
+    :func:`check_init_from` makes the same checks without loading anything.
+    """
+    load = _adaptation_state(model, path)
     model.load_state_dict(load, strict=False)
-    # Quantizers the checkpoint did not initialise (new stages, or ranges skipped above).
+    # Quantizers the checkpoint did not initialize (new stages, or ranges skipped above).
     empty = []
     for name, module in model.named_modules():
         if isinstance(module, FakeQuantize) and module.running and module.bits is not None:
@@ -465,7 +485,7 @@ def init_from_checkpoint(model: ResNetWA, path: str | os.PathLike) -> list[str]:
 
 @torch.no_grad()
 def warmup_ranges(model: nn.Module, loader: BatchLoader, batches: int = 10) -> int:
-    """Initialise empty running quantizer ranges on ``batches`` training batches.
+    """Initialize empty running quantizer ranges on ``batches`` training batches.
 
     Only the quantizers that have no range yet observe, as the mean of the batches' ranges; the
     rest of the model runs in evaluation mode, so BatchNorm statistics and existing ranges do not
@@ -526,7 +546,7 @@ def fit(
 
     With ``out_dir`` the run writes ``metrics.csv``/``metrics.json`` every epoch, ``last.pt``
     every epoch and ``best.pt`` when validation accuracy improves, all atomically. ``resume``
-    continues from ``out_dir/last.pt``. ``init_from`` initialises the weights from another
+    continues from ``out_dir/last.pt``. ``init_from`` initializes the weights from another
     checkpoint and warms up the new quantizer ranges. ``on_epoch`` sees each epoch's metrics
     (a search uses it to report and prune). A NaN or infinite loss raises
     :class:`DivergenceError` after the last good epoch was saved.
@@ -603,7 +623,7 @@ def fit(
         empty = init_from_checkpoint(model, init_from)
         used = warmup_ranges(model, train_loader, config.warmup_batches) if empty else 0
         log(
-            f"initialised from {init_from}; {len(empty)} quantizer ranges warmed up on "
+            f"initialized from {init_from}; {len(empty)} quantizer ranges warmed up on "
             f"{used} batches"
         )
         extra.setdefault("init_from", str(init_from))
@@ -640,9 +660,12 @@ def fit(
                 seen += y.numel()
                 loss_sum += loss.item() * y.numel()
                 correct += (out_logits.argmax(1) == y).sum().item()
+            if progress:  # the epoch's running mean; refresh=False only stores the text (a
+                # few microseconds), which tqdm draws at its next rate-limited redraw
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False
+                )
             bar.update(1)
-            if i % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         bar.close()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()

@@ -4,7 +4,7 @@
 Winograd-aware Quantized Networks" (MLSys 2020): a 3x3 convolution that runs the whole Winograd
 pipeline of Lavin & Gray (2016), equation (8), in its forward pass, every stage fake-quantized, so
 that training sees the error that deploying it as Winograd would make. With ``mode="flex"`` the
-transforms ``A^T``, ``G`` and ``B^T`` are trainable parameters, initialised from the Cook-Toom
+transforms ``A^T``, ``G`` and ``B^T`` are trainable parameters, initialized from the Cook-Toom
 matrices; with ``mode="static"`` they are fixed buffers.
 
 Winograd here is stride 1 only (a strided Winograd convolution computes, and throws away, most of
@@ -129,7 +129,7 @@ class WinogradConv2d(nn.Module):
         self.kernel_size = (3, 3)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        # Same initialisation as nn.Conv2d, so the two are interchangeable from scratch too.
+        # Same initialization as nn.Conv2d, so the two are interchangeable from scratch too.
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
         A_t, G, B_t = transform_matrices(tile, 3, points)

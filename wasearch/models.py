@@ -161,5 +161,5 @@ class ResNetWA(nn.Module):
 
 
 def build(arch: Arch) -> ResNetWA:
-    """Build the network an ``Arch`` describes (weights freshly initialised)."""
+    """Build the network an ``Arch`` describes (weights freshly initialized)."""
     return ResNetWA(arch)

@@ -10,7 +10,7 @@ Two kinds of range:
 
 * **running** (activations: inputs, Winograd-domain inputs, the Hadamard product, outputs): the
   range is an exponential moving average of each training batch's min and max with momentum 0.01,
-  initialised from the first batch; evaluation uses the stored range.
+  initialized from the first batch; evaluation uses the stored range.
 * **current** (weights and their Winograd-domain form, transforms): the range is the tensor's own
   min/max at every call, since the tensor is known exactly.
 
@@ -20,7 +20,7 @@ for a Winograd-domain tensor laid out as ``(alpha^2, ...)`` is one scale per til
 
 On CUDA the rounding is torch's fused kernels, ``torch.fake_quantize_per_tensor_affine`` and
 ``torch.fake_quantize_per_channel_affine`` (the latter along the tap axis). On the CPU it is an
-equivalent vectorised chain (see ``_RoundSTE``), because the fused kernels measured ~15x slower
+equivalent vectorized chain (see ``_RoundSTE``), because the fused kernels measured ~15x slower
 there.
 """
 
@@ -58,7 +58,7 @@ class _RoundSTE(torch.autograd.Function):
 
     The same arithmetic and gradient as ``torch.fake_quantize_per_tensor_affine`` (round half to
     even, zero point 0, gradient masked where ``round(x / scale)`` falls outside the grid), written
-    as vectorised in-place ops: on the CPU, torch 2.14's fused fake-quantize kernel measured about
+    as vectorized in-place ops: on the CPU, torch 2.14's fused fake-quantize kernel measured about
     15x slower than these (17 ms against 1.2 ms per op on a 2.4M-element tensor, one thread), and
     it sat on the hot path of every Winograd-aware layer. The backward keeps a 1-byte mask.
     """
@@ -199,7 +199,7 @@ class FakeQuantize(nn.Module):
             self.max_val.lerp_(hi.to(self.max_val.dtype), self.momentum)
 
     def reset_range(self) -> None:
-        """Forget the running range; the next training batch initialises it again."""
+        """Forget the running range; the next training batch initializes it again."""
         if self.running:
             self.initialized.fill_(False)
             self._initialized_host = False

@@ -339,12 +339,12 @@ class _StudyData:
     reference_latency: float | None
     reference_layers: dict[str, float] | None
     probabilities: tuple[int, Any] | None
-    acc: str  # the accuracy column: the first objective, "accuracy" when scalarised
+    acc: str  # the accuracy column: the first objective, "accuracy" when scalarized
     front_axes: list[tuple[str, bool]]  # (column, maximize) the front is taken over
     front: list[int] = field(default_factory=list)  # numbers, by latency
 
     @property
-    def scalarised(self) -> bool:
+    def scalarized(self) -> bool:
         """One objective, ``score`` (docs/study_format.md): fronts over accuracy and latency."""
         return self.objectives == ["score"]
 
@@ -390,7 +390,7 @@ def _collect(study: optuna.Study, study_dir: Path, storage: str) -> _StudyData:
     objectives = _objective_names(study)
     maximize = [d.name == "MAXIMIZE" for d in study.directions]
     attrs = dict(study.user_attrs)
-    if objectives == ["score"]:  # scalarised: the front is over val_acc and latency_ms
+    if objectives == ["score"]:  # scalarized: the front is over val_acc and latency_ms
         acc, front_axes = "accuracy", [("accuracy", True), ("latency_ms", False)]
     else:
         acc, front_axes = objectives[0], list(zip(objectives, maximize, strict=True))
@@ -529,7 +529,7 @@ def _non_dominated(values: Any, maximize: Sequence[bool]) -> Any:
     import numpy as np
 
     v = np.asarray(values, dtype=float).reshape(len(values), len(maximize))
-    v = np.where(np.asarray(maximize), -v, v)  # minimise everything
+    v = np.where(np.asarray(maximize), -v, v)  # minimize everything
     keep = np.ones(len(v), dtype=bool)
     for i in range(len(v)):
         no_worse = (v <= v[i]).all(axis=1)
@@ -550,7 +550,21 @@ def _display_dir(study_dir: Path) -> str:
 
 
 def _train_command(data: _StudyData, number: int) -> str:
-    return f"python train.py --arch {_display_dir(data.study_dir)}/pareto/trial_{number}.yaml"
+    """The command that trains front trial ``number`` fully, as written: it exports the
+    architecture file first, then runs train.py with the study's data settings."""
+    from .search.study import train_command
+
+    where = _display_dir(data.study_dir)
+    export = f"python search.py export {where} --trial {number}"
+    if data.name != data.study_dir.resolve().name:
+        export += f" --study-name {data.name}"
+    if data.storage != _default_url(data.study_dir):
+        export += f" --storage {_redact(data.storage)}"
+    space = data.attrs.get("space")
+    if not isinstance(space, Mapping):  # a study from an older wasearch: its dataset only
+        space = {"data": {"dataset": data.attrs.get("dataset", "synthetic")}}
+    path = data.study_dir / "pareto" / f"trial_{number}.yaml"
+    return f"{export} && {train_command(space, path, data.name, number)}"
 
 
 def _pareto_frame(data: _StudyData) -> pd.DataFrame:
@@ -623,7 +637,7 @@ def _hover(data: _StudyData, row: Mapping[str, Any]) -> str:
         reason = row["fail_reason"] if isinstance(row["fail_reason"], str) else "no reason given"
         lines.append(f"FAILED: {_esc(reason[:120])}")
     figures = [_fmt_acc(row[data.acc]), _fmt_ms(row["latency_ms"])]
-    if data.scalarised and _isnum(row["score"]):
+    if data.scalarized and _isnum(row["score"]):
         figures.append(f"score {_fmt_metric('score', row['score'])}")
     if _isnum(row["speedup"]):
         figures.append(_fmt_speedup(row["speedup"]))
@@ -723,10 +737,12 @@ def _scatter_figure(data: _StudyData, x: str, *, with_failed: bool) -> dict[str,
     infeasible = shown["feasible"] == False  # noqa: E712
 
     def trace(rows: pd.DataFrame, name: str, marker: dict[str, Any], **kw: Any) -> dict:
+        # "references (5, 1 on the front)": the legend's front counts add up to the line's.
+        k = int(rows["number"].isin(front).sum()) if name != "searched, on the front" else 0
         return {
             "type": "scatter",
             "mode": "markers",
-            "name": f"{name} ({len(rows)})",
+            "name": f"{name} ({len(rows)}{f', {k} on the front' if k else ''})",
             "x": rows[x].tolist(),
             "y": (100 * rows[data.acc]).tolist(),
             "hovertext": [data.hover[int(n)] for n in rows["number"]],
@@ -737,11 +753,13 @@ def _scatter_figure(data: _StudyData, x: str, *, with_failed: bool) -> dict[str,
         }
 
     line = shown[on_front].sort_values(x)
+    refs = shown[is_ref]
     traces: list[dict[str, Any]] = [
         {
             "type": "scatter",
             "mode": "lines",
-            "name": "Pareto front",
+            # Every point on the front, references included: the count the page header gives.
+            "name": f"Pareto front ({len(line)})",
             "x": line[x].tolist(),
             "y": (100 * line[data.acc]).tolist(),
             "line": {"color": "#1f77b4", "width": 2},
@@ -753,7 +771,11 @@ def _scatter_figure(data: _StudyData, x: str, *, with_failed: bool) -> dict[str,
             "other trials",
             {"color": "#9ecae1", "line": {"color": "#4292c6", "width": 1}},
         ),
-        trace(shown[on_front & ~is_ref & ~is_diff], "on the front", {"color": "#1f77b4"}),
+        trace(
+            shown[on_front & ~is_ref & ~is_diff],
+            "searched, on the front",
+            {"color": "#1f77b4"},
+        ),
         trace(
             shown[infeasible & ~is_ref & ~is_diff],
             "infeasible",
@@ -779,7 +801,6 @@ def _scatter_figure(data: _StudyData, x: str, *, with_failed: bool) -> dict[str,
                 cliponaxis=False,
             )
         )
-    refs = shown[is_ref]
     traces.append(
         trace(
             refs,
@@ -908,7 +929,7 @@ def _breakdown_figure(data: _StudyData) -> dict[str, Any] | None:
     return {"data": traces, "layout": layout}
 
 
-def _normalise_probabilities(raw: Any) -> list[dict[str, dict[str, float]]]:
+def _normalize_probabilities(raw: Any) -> list[dict[str, dict[str, float]]]:
     """Per-epoch ``{layer: {candidate: p}}`` from the shapes a differentiable search may store:
     a list per epoch of ``{layer: {candidate: p}}`` (preferred), ``{layer: [per-epoch
     {candidate: p}]}`` or ``{layer: {candidate: [per-epoch p]}}``."""
@@ -948,7 +969,7 @@ def _probability_figures(data: _StudyData) -> tuple[int, list[dict[str, Any]]] |
         return None
     number, raw = data.probabilities
     try:
-        epochs = _normalise_probabilities(raw)
+        epochs = _normalize_probabilities(raw)
     except (TypeError, ValueError, AttributeError):
         _log.warning("trial %d: cannot read its 'probabilities'", number)
         return None
@@ -1130,8 +1151,14 @@ def _study_page(data: _StudyData) -> str:
     rows = data.trials.set_index("number")
     device = data.attrs.get("latency_device")
     headline = f"{len(comp)} completed of {len(data.trials)} trials"
+    if data.attrs.get("synthetic"):
+        headline = "SYNTHETIC data (generated images: accuracies say nothing about a real "
+        headline += f"dataset) · {len(comp)} completed of {len(data.trials)} trials"
     if data.front:
         headline += f" · {len(data.front)} on the Pareto front"
+        n_refs = int(rows.loc[data.front, "reference"].notna().sum())
+        if n_refs:
+            headline += f" ({n_refs} of them reference architecture{'s' * (n_refs > 1)})"
         best = rows.loc[data.front, "speedup"].dropna()
         if len(best):
             headline += f" · up to {best.max():.2f}x faster than all-normal"
@@ -1220,14 +1247,15 @@ def _front_table(page: _Page, data: _StudyData) -> None:
     page.add('<h2 id="table">Pareto front</h2>')
     axes = _axes_text(data.front_axes)
     scalar = (
-        " (the study is scalarised: its one objective, the score, is a column)"
-        if data.scalarised
+        " (the study is scalarized: its one objective, the score, is a column)"
+        if data.scalarized
         else ""
     )
     page.add(
         f'<p class="note">Non-dominated completed, feasible trials over {_esc(axes)}{scalar}, '
-        "fastest first. <code>python search.py export</code> writes the architecture files "
-        "the commands read.</p>"
+        "fastest first. Each command runs as written from the folder this report was made "
+        "in: <code>search.py export</code> writes the trial's architecture file, then "
+        "<code>train.py</code> trains it fully on the study's data.</p>"
     )
     extra = [c for c in data.objectives if c not in (data.acc, "latency_ms", "params")]
     head = (
@@ -1329,7 +1357,7 @@ def _settings_section(page: _Page, data: _StudyData) -> None:
         ("study", data.name),
         ("storage", data.storage),
         ("objectives", _axes_text(zip(data.objectives, data.maximize, strict=True))),
-        ("Pareto front over", _axes_text(data.front_axes) if data.scalarised else None),
+        ("Pareto front over", _axes_text(data.front_axes) if data.scalarized else None),
         ("scalarization", _scalarization_text(a.get("scalarization"))),
         ("space file", a.get("space_path")),
         ("dataset", dataset),

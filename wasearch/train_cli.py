@@ -25,10 +25,13 @@ from .arch import Arch
 from .cli import UserError, nonnegative_float, positive_float, positive_int
 from .data import DATASETS, load_dataset
 from .engine import (
+    CheckpointError,
     DivergenceError,
     TrainConfig,
     _loader,
     atomic_write_text,
+    check_init_from,
+    checkpoint_arch,
     count_params,
     evaluate,
     fit,
@@ -105,9 +108,15 @@ def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.Arg
         "--val-fraction",
         type=float,
         default=0.1,
-        help="fraction of train held out for validation (0.1)",
+        help="fraction of the full training set held out for validation, before --limit-train "
+        "(0.1); 0: the best epoch is picked on the test set",
     )
-    p.add_argument("--limit-train", type=positive_int, help="use at most N training images")
+    p.add_argument(
+        "--limit-train",
+        type=positive_int,
+        help="train on at most N images; the validation split is held out of the full training "
+        "set first and is not cut (the same images whatever N)",
+    )
     p.add_argument("--limit-test", type=positive_int, help="use at most N test images")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--use_cpu", action="store_true", help="same as --device cpu")
@@ -216,6 +225,43 @@ def _run_name(args: argparse.Namespace, arch: Arch) -> str:
     return f"{prefix}{args.dataset}_{kind}_{bits}_w{arch.width:g}_seed{args.seed}"
 
 
+def _check_init_from(args: argparse.Namespace, arch: Arch, model, init_from: Path) -> None:
+    """Refuse a --modelDir checkpoint that cannot initialize ``model``, naming the flag to fix."""
+    source = checkpoint_arch(init_from)
+    if source.width != arch.width:
+        fix = f"pass --mult {source.width:g}"
+        if args.arch:
+            fix = f"set width: {source.width:g} in {args.arch}"
+        raise CheckpointError(
+            f"--modelDir: {init_from} was trained at width {source.width:g} but this run asks for "
+            f"{arch.width:g}; adaptation keeps the width: {fix}"
+        )
+    if source.num_classes != arch.num_classes:
+        raise CheckpointError(
+            f"--modelDir: {init_from} has {source.num_classes} classes but --dataset "
+            f"{args.dataset} has {arch.num_classes}; adapt on a dataset with the same classes"
+        )
+    check_init_from(model, init_from)  # backbone, and every weight with its shape
+
+
+def _split_counts(args: argparse.Namespace, data) -> str:
+    """The images each split really holds, and which flags cut them."""
+    train = f"train {len(data.train)}"
+    if args.limit_train is not None:
+        train += f" (--limit-train {args.limit_train})"
+    if data.val is not None and len(data.val):
+        val = f"val {len(data.val)} (--val-fraction {args.val_fraction:g}"
+        if args.limit_train is not None:
+            val += ", held out of the full training set before --limit-train"
+        val += ")"
+    else:
+        val = "val 0 (the best epoch is picked on test)"
+    test = f"test {len(data.test)}"
+    if args.limit_test is not None:
+        test += f" (--limit-test {args.limit_test})"
+    return f"{train}, {val}, {test} images"
+
+
 def summary_table(arch: Arch, model) -> str:
     """Per searchable layer: weight and input shape, algorithm, flex, bits, parameters."""
     rows = [("layer", "weight", "input", "Winograd", "flex", "bits", "params")]
@@ -304,21 +350,20 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
     if args.resume and not (run_dir / "last.pt").exists():
         raise UserError(f"--resume: {run_dir}/last.pt does not exist")
 
-    model = build(arch)
-    table = summary_table(arch, model)
-    try:
+    try:  # flags first, then the files they name: a bad --latency-model before a checkpoint
         from .latency import format_latency_table, load_latency_model
 
         latency = load_latency_model(args.latency_model)
-        table += "\n\n" + format_latency_table(arch, latency.price(arch, batch=1))
+        latency_table = format_latency_table(arch, latency.price(arch, batch=1))
     except (ValueError, OSError) as err:  # LatencyError is a ValueError
         raise UserError(f"--latency-model {args.latency_model}: {err}") from None
+    model = build(arch)
+    if init_from is not None and not args.resume:  # a checkpoint that does not fit: before output
+        _check_init_from(args, arch, model, init_from)
+    table = summary_table(arch, model) + "\n\n" + latency_table
     label = " (SYNTHETIC data)" if data.synthetic else ""
     print(f"{prog}: {arch.summary()} on {data.name}{label}, {device}")
-    print(
-        f"train {len(data.train)}, val {len(data.val) if data.val else 0}, "
-        f"test {len(data.test)} images; run folder {run_dir}"
-    )
+    print(f"{_split_counts(args, data)}; run folder {run_dir}")
     print(table)
     with refused_writes_as_user_errors(flag="--outDir"):  # a read-only --outDir: one line
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,7 @@ def cook_toom(m: int, r: int = 3, points: Sequence[Rational] | None = None) -> C
     ``f_i = prod_{k != i} (p_i - p_k)``, and row i of ``B^T`` holds the coefficients of
     ``N(x) / (x - p_i)``; the point at infinity contributes the leading coefficients (a unit column
     of ``A^T``, a unit row of ``G`` and the coefficients of ``N(x)`` in ``B^T``). Rows of ``G`` and
-    ``B^T`` are sign-normalised so that every ``f_i`` divides as a positive number.
+    ``B^T`` are sign-normalized so that every ``f_i`` divides as a positive number.
     """
     if not isinstance(m, int) or not 1 <= m <= MAX_TILE:
         raise ValueError(f"output tile m={m!r} is not supported; use an integer in 1..{MAX_TILE}")

@@ -378,7 +378,7 @@ def calibrate(
     """Fit a profile to measured ``(key, seconds)`` pairs.
 
     Non-negative least squares on the op-count features, each row weighted by 1 / its time so
-    that the fit minimises relative errors. Features no sample exercises (e.g. ``int16`` GEMMs on
+    that the fit minimizes relative errors. Features no sample exercises (e.g. ``int16`` GEMMs on
     a machine without such a kernel) keep the base profile's ratio to the nearest fitted
     precision of the same kind (``int16`` GEMM = fitted ``int8`` GEMM x base int16/int8, else
     from ``fp32``), so the result stays on the measured scale.

@@ -406,10 +406,6 @@ class TableModel(LatencyModel):
             return row.seconds, False
         return self._missing(key)
 
-    def coverage(self, keys: Iterable[OpKey]) -> list[OpKey]:
-        """The keys (flex read as static) this table has no row for."""
-        return [k for k in keys if self._lookup(k) is None]
-
 
 def table_rows_as_samples(table: LatencyTable) -> list[tuple[OpKey, float]]:
     """``(key, seconds)`` for calibration; flex rows that copy static ones are skipped."""

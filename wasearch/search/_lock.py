@@ -1,26 +1,31 @@
 """A lock file for work that several processes (or machines sharing a folder) must do once.
 
-``os.open(O_CREAT | O_EXCL)`` creates the file atomically, so exactly one process holds it. The
-holder writes its host and pid into it and touches it every few seconds from a thread; a
-waiter removes a lock whose holder is a dead process on this host, or whose file has not been
-touched for ``stale_after`` seconds (a holder on another machine that died).
+The lock is :class:`filelock.FileLock`, an OS-level ``flock``: the kernel releases it when the
+holder exits or is killed (``SIGKILL`` included), so there is no staleness to judge, no pid to
+check and no lock file to remove, and a waiter can never delete a fresh lock. The lock file
+stays in place after release (waiters must share its inode).
+
+Beside it, ``<name>.holder`` names the holder (``host:pid``) while the lock is held, only for the
+message a waiter shows; the holder removes it before releasing. One left by a killed holder is
+overwritten by the next one.
+
+``flock`` between machines works only where the shared file system supports it: local disks do;
+NFS is unreliable (NFSv4 and recent Linux clients map it to byte-range locks, older setups or
+``nolock`` mounts do not lock across machines at all). Where ``flock`` is missing entirely,
+filelock warns and falls back to a plain lock file that a crashed holder leaves behind.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import socket
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["FileLock", "pid_alive", "worker_id"]
+import filelock
 
-logger = logging.getLogger(__name__)
+__all__ = ["FileLock", "holder_dead", "pid_alive", "worker_id"]
 
 
 def worker_id() -> str:
@@ -54,95 +59,49 @@ def holder_dead(holder: str) -> bool:
 class FileLock:
     """``with FileLock(path): ...`` waits until this process holds ``path``.
 
-    ``on_wait(holder)`` is called once when another process holds it.
+    ``on_wait(holder)`` is called once when another process holds it (``holder`` is its
+    ``host:pid``, or ``"?"`` when it has not written it yet).
     """
 
     def __init__(
         self,
         path: str | os.PathLike,
         *,
-        stale_after: float = 300.0,
-        touch_every: float = 10.0,
         poll: float = 1.0,
         on_wait: Callable[[str], None] | None = None,
     ) -> None:
         self.path = Path(path)
-        self.stale_after = stale_after
-        self.touch_every = touch_every
+        self.holder_path = self.path.with_name(f"{self.path.name}.holder")
         self.poll = poll
         self.on_wait = on_wait
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Not thread-local and not a singleton: one object, one hold, released by whoever
+        # exits the ``with``.
+        self._lock = filelock.FileLock(self.path, thread_local=False, poll_interval=poll)
 
-    def _try(self) -> bool:
+    def _holder(self) -> str:
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"holder": worker_id(), "since": time.time()}, fh)
-        return True
-
-    def _holder(self) -> tuple[str, float] | None:
-        try:
-            text = self.path.read_text()
-            mtime = self.path.stat().st_mtime
-        except FileNotFoundError:
-            return None
-        try:
-            return str(json.loads(text)["holder"]), mtime
-        except (ValueError, KeyError, TypeError):
-            return "?", mtime  # being written right now, or torn: judged by its age
-
-    def _break_stale(self) -> bool:
-        found = self._holder()
-        if found is None:
-            return True
-        holder, mtime = found
-        if holder_dead(holder) or time.time() - mtime > self.stale_after:
-            # Rename first, so two waiters cannot both remove a fresh lock.
-            grave = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}")
-            try:
-                os.replace(self.path, grave)
-                grave.unlink()
-            except FileNotFoundError:
-                pass
-            logger.warning("removed the stale lock %s of %s", self.path, holder)
-            return True
-        return False
+            return self.holder_path.read_text().strip() or "?"
+        except OSError:
+            return "?"
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        told = False
-        while not self._try():
-            if self._break_stale():
-                continue
-            if not told and self.on_wait is not None:
-                found = self._holder()
-                self.on_wait(found[0] if found else "?")
-                told = True
-            time.sleep(self.poll)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._touch, daemon=True)
-        self._thread.start()
-
-    def _touch(self) -> None:
-        while not self._stop.wait(self.touch_every):
-            try:
-                os.utime(self.path)
-            except FileNotFoundError:
-                return
+        try:
+            self._lock.acquire(timeout=0)
+        except filelock.Timeout:
+            if self.on_wait is not None:
+                self.on_wait(self._holder())
+            self._lock.acquire()
+        tmp = self.holder_path.with_name(f"{self.holder_path.name}.{os.getpid()}")
+        tmp.write_text(worker_id())
+        os.replace(tmp, self.holder_path)
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        found = self._holder()
-        if found is not None and found[0] == worker_id():
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+        try:  # while still held, so it cannot be the next holder's file
+            self.holder_path.unlink()
+        except FileNotFoundError:
+            pass
+        self._lock.release()
 
     def __enter__(self) -> FileLock:
         self.acquire()

@@ -90,7 +90,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--results", default="results", help="parent folder of study folders (results)")
     p.add_argument(
-        "--threads", type=positive_int, help="torch threads per worker (default: cores/workers)"
+        "--threads",
+        type=positive_int,
+        help="torch threads per worker (default: the idle cores, i.e. all cores less the "
+        "one-minute load average, shared among --workers; at least 1)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -101,12 +104,9 @@ def _setup_logging() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", module="optuna")
-    try:
-        import optuna
+    import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.ERROR)
-    except ImportError:  # pragma: no cover - a dependency
-        pass
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
@@ -124,7 +124,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
 
 
 def format_event(e: TrialEvent) -> str:
-    """One line per trial: choices summarised, accuracy, latency, front size."""
+    """One line per trial: choices summarized, accuracy, latency, front size."""
     width = len(str(e.target))
     head = f"[{e.done:>{width}}/{e.target}] trial {e.number:<4}"
     if e.state == "FAIL":
@@ -139,10 +139,21 @@ def format_event(e: TrialEvent) -> str:
     if e.reference:
         flags.append(f"ref {e.reference}")
     if e.on_front:
-        flags.append("on front")
+        flags.append("on the front so far")
     summary = e.summary if len(e.summary) <= 44 else e.summary[:41] + "..."
     tail = f"  ({', '.join(flags)})" if flags else ""
     return f"{head} {summary:<44} {acc}  {lat}  front {e.front:<3} {e.seconds:6.1f} s{tail}"
+
+
+def columns_line(*, synthetic: bool) -> str:
+    """The line above the trial lines that says what their columns are."""
+    data = "SYNTHETIC data: accuracies say nothing about a real dataset.\n" if synthetic else ""
+    return (
+        f"{data}Columns: [completed/wanted] trial number, choices, validation accuracy, "
+        "latency, front N = trials on the Pareto front so far, seconds the trial took;\n"
+        "(on the front so far) = on that front when the trial ended (later trials may "
+        "dominate it; the final front is printed at the end)"
+    )
 
 
 def print_event(e: TrialEvent) -> None:
@@ -195,7 +206,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     options = _options(args)
     display = _Display(progress=not args.no_progress)
+    synthetic = space.data["dataset"] == "synthetic"
     print(space.describe())
+    print(columns_line(synthetic=synthetic))
     try:
         result = run_search(
             space,
@@ -209,7 +222,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(result.message)
     if result.front:
         shown = ", ".join(map(str, result.front[:20])) + (" ..." if len(result.front) > 20 else "")
-        print(f"Pareto front: trials {shown}")
+        label = " (SYNTHETIC data: accuracies say nothing about a real dataset)"
+        print(f"Pareto front: trials {shown}{label if synthetic else ''}")
         where = _display_path(result.study_dir)
         flag = ""
         if (
@@ -243,12 +257,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .study import export_trials
 
     _setup_logging()
-    if args.trial is None and not args.pareto:
-        args.pareto = True
-    exported = export_trials(
+    exported = export_trials(  # --pareto (the default) is trial=None
         args.study_dir,
         trial=args.trial,
-        pareto=args.pareto,
         storage=args.storage,
         study_name=args.study_name,
     )

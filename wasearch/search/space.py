@@ -102,7 +102,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": "auto",
         "transform_lr": None,  # Adam lr of flex transforms (None: lr); see docs/fidelity.md
         "max_batches": None,
-        "warmup_batches": 10,  # batches that initialise new Winograd-domain quantizer ranges
+        "warmup_batches": 10,  # batches that initialize new Winograd-domain quantizer ranges
     },
     "choices": {
         "conv": ["normal", "static", "flex"],
@@ -213,7 +213,7 @@ class SearchSpace:
 
     @property
     def study_objectives(self) -> tuple[str, ...]:
-        """The names of the study's values, in order (``score`` when scalarised)."""
+        """The names of the study's values, in order (``score`` when scalarized)."""
         return ("score",) if self.scalarized else self.objectives
 
     @property
@@ -225,14 +225,6 @@ class SearchSpace:
     @property
     def multi_objective(self) -> bool:
         return len(self.directions) > 1
-
-    @property
-    def latency_needed(self) -> bool:
-        return (
-            "latency_ms" in self.objectives
-            or self.constraints.get("latency_ms") is not None
-            or self.scalarized
-        )
 
     @property
     def size(self) -> int:
@@ -279,12 +271,12 @@ class SearchSpace:
             choices = {arch.choice(n) for n in unit.layers}
             if len(choices) != 1:
                 return None
-            label = _normalise(choices.pop()).label
+            label = _normalize(choices.pop()).label
             if label not in unit.labels:
                 return None
             params[unit.name] = label
         for name, choice in self.fixed:
-            if _normalise(arch.choice(name)) != choice:
+            if _normalize(arch.choice(name)) != choice:
                 return None
         return params
 
@@ -746,13 +738,13 @@ def _reference_label(unit: Unit, conv: str, tile: int | None, bits: Any, gran: s
         return unit.labels[0]
     tiles = [tile] if tile is None else [t for t in (tile, tile - 2, 2) if t >= 2]
     for t in tiles:
-        want = _normalise(LayerChoice(conv, t, bits, gran if conv != "normal" else "tensor"))
+        want = _normalize(LayerChoice(conv, t, bits, gran if conv != "normal" else "tensor"))
         if want in unit.options:
             return want.label
     return None
 
 
-def _normalise(choice: LayerChoice) -> LayerChoice:
+def _normalize(choice: LayerChoice) -> LayerChoice:
     if choice.conv == "normal" and choice.granularity != "tensor":
         return LayerChoice("normal", None, choice.bits, "tensor")
     return choice

@@ -1,6 +1,6 @@
 """The search: an Optuna study over a :class:`~wasearch.search.space.SearchSpace`.
 
-Every trial builds the sampled ``Arch``, initialises it from one shared pretrained base (conv
+Every trial builds the sampled ``Arch``, initializes it from one shared pretrained base (conv
 kernels have the same shape in every mode; new Winograd-domain quantizer ranges are warmed up)
 and fine-tunes it for the space's few trial epochs: the adaptation shortcut. Validation accuracy
 and the latency model's price are the objectives; the study records what
@@ -95,7 +95,7 @@ class RunOptions:
     study_name: str | None = None  # default: the space's name
     device: str = "auto"
     results: str = "results"  # parent folder of study folders
-    threads: int | None = None  # torch threads per worker (default: cores / workers)
+    threads: int | None = None  # torch threads per worker (None: default_threads(workers))
     report: bool = True  # refresh results/<study>/report.html after trials
 
 
@@ -440,6 +440,10 @@ def open_study(
         )
         _check_same_space(study, space)
         return study, False
+    # optuna-dashboard and Study.trials_dataframe() show these instead of "Objective 0/1".
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(space.study_objectives))
     attrs = {
         "objectives": list(space.study_objectives),
         "space_path": space.path,
@@ -466,7 +470,7 @@ def _check_same_space(study: optuna.Study, space: SearchSpace) -> None:
     have = [d.name.lower() for d in study.directions]
     if have != space.directions:
         raise UserError(
-            f"{space.path}: study {study.study_name!r} optimises {have} but the space asks for "
+            f"{space.path}: study {study.study_name!r} optimizes {have} but the space asks for "
             f"{space.directions}; give it another name (name: or --study-name)"
         )
     stored = None
@@ -556,7 +560,7 @@ def front_trials(
     feasible_only: bool = True,
 ) -> list[optuna.trial.FrozenTrial]:
     """Completed trials on the Pareto front of the objectives (over accuracy and latency when
-    the study is scalarised). With ``feasible_only``, only trials that meet the constraints
+    the study is scalarized). With ``feasible_only``, only trials that meet the constraints
     compete, as long as there is one."""
     from optuna.trial import TrialState
 
@@ -572,7 +576,7 @@ def front_trials(
         pool = feasible or pool
 
     def vec(t: optuna.trial.FrozenTrial) -> list[float]:
-        return [float(t.user_attrs[k]) * (-1 if mx else 1) for k, mx in axes]  # minimise all
+        return [float(t.user_attrs[k]) * (-1 if mx else 1) for k, mx in axes]  # minimize all
 
     vecs = [vec(t) for t in pool]
     front = []
@@ -1301,11 +1305,9 @@ class _Worker:
 
 
 def write_report_quietly(study_dir: Path, storage: str, study: optuna.Study | None) -> None:
-    """Refresh ``report.html`` when the report module exists; a warning when it fails."""
-    try:
-        from ..report import write_report
-    except ImportError:
-        return
+    """Refresh ``report.html``; a warning when it fails."""
+    from ..report import write_report
+
     try:
         write_report(
             study_dir, storage=storage, study_name=study.study_name if study else None, study=study
@@ -1338,10 +1340,8 @@ def _prepare(space: SearchSpace, options: RunOptions) -> _Prepared:
 
 def _latency(space: SearchSpace) -> tuple[Any, float]:
     """The latency model and the all-normal architecture's latency (ms); errors name the key."""
-    try:
-        from ..latency import load_latency_model
-    except ImportError as err:
-        raise UserError(f"the latency models are not available here ({err})") from None
+    from ..latency import load_latency_model
+
     try:
         model = load_latency_model(dict(space.latency))
         ref = Arch.uniform(
@@ -1785,11 +1785,10 @@ def export_trials(
     study_dir: str | os.PathLike,
     *,
     trial: int | None = None,
-    pareto: bool = False,
     storage: str | None = None,
     study_name: str | None = None,
 ) -> list[ExportedArch]:
-    """Write ``results/<study>/pareto/trial_<n>.yaml`` for one trial or the whole front.
+    """Write ``results/<study>/pareto/trial_<n>.yaml`` for one trial or (``trial=None``) the front.
 
     :class:`UserError` (one line) for a study without wasearch trials (one that plain Optuna
     made: no trial has an ``arch`` attribute) and for a folder it cannot write.
@@ -1847,8 +1846,14 @@ def export_trials(
     return exported
 
 
+def train_command(space: Mapping[str, Any], path: Path, study: str, number: int) -> str:
+    """The train.py command line that trains trial ``number``'s architecture file ``path``
+    fully, on the study's data (``space`` is the study's ``space`` attribute)."""
+    return _train_commands(space, path, study, number)[0]
+
+
 def _train_commands(
-    space: Mapping[str, Any], path: Path, study: str, number: int, ckpt: Path
+    space: Mapping[str, Any], path: Path, study: str, number: int, ckpt: Path | None = None
 ) -> tuple[str, ...]:
     """train.py command lines: full training from scratch, and fine-tuning the search's
     checkpoint when it was kept."""
@@ -1870,13 +1875,18 @@ def _train_commands(
         flags.append(f"--seed {space['seed']}")
     base = " ".join(["python train.py", *flags])
     out = [f"{base} --epochs {epochs} --run-name {study}_trial_{number}"]
-    if ckpt.is_file():
-        trial = space.get("trial") or {}
-        out.append(
-            f"{base} --epochs {max(1, int(trial.get('epochs', 2)) * 5)} --lr "
-            f"{trial.get('lr', 5e-4)} --modelDir {_display(ckpt.parent)} "
-            f"--run-name {study}_trial_{number}_finetune"
-        )
+    if ckpt is not None and ckpt.is_file():
+        try:  # the trial section with its defaults, and lr "auto" resolved as the trials had it
+            parsed = parse_space(space, source="the stored space")
+            epochs, lr = parsed.trial["epochs"], trial_lr(parsed)
+        except UserError:  # a stored space this version no longer reads: its own numbers
+            trial = space.get("trial") or {}
+            epochs, lr = trial.get("epochs", 1), trial.get("lr")
+        if isinstance(lr, (int, float)) and isinstance(epochs, int):
+            out.append(
+                f"{base} --epochs {max(1, epochs * 5)} --lr {lr:g} "
+                f"--modelDir {_display(ckpt.parent)} --run-name {study}_trial_{number}_finetune"
+            )
     return tuple(out)
 
 

@@ -59,10 +59,8 @@ from wasearch.arch import Arch, LayerChoice
 from wasearch.cli import UserError, run_main
 from wasearch.data import (
     BatchLoader,
-    DataError,
     DataSplits,
-    ensure_shared_cifar10,
-    load_dataset,
+    load_real_cifar10,
 )
 from wasearch.engine import (
     TrainConfig,
@@ -359,28 +357,13 @@ def _reusable(previous: Report | None, section: str) -> dict[tuple, dict]:
 
 
 def load_data(setting: Setting, data_dir: str | None) -> DataSplits:
-    root = Path(data_dir).expanduser() if data_dir else ensure_shared_cifar10()
-    if root is None:
-        raise UserError(
-            "no CIFAR-10 found: pass --data-dir with a copy in torchvision layout (e.g. "
-            "~/.cache/wasearch/data after: python train.py --dataset cifar10 --download ...; "
-            "README, Data) or ImageFolder layout (train/, test/)"
-        )
-    try:
-        return load_dataset(
-            "cifar10",
-            data_dir=root,
-            val_fraction=setting.val_fraction,
-            limit_train=setting.train_images,
-            limit_test=setting.test_images,
-            seed=setting.seed,
-        )
-    except DataError as err:  # its advice names train.py's --download, which this script lacks
-        reason = str(err).split("; pass --download")[0]
-        raise UserError(
-            f"--data-dir {root}: {reason}; give a copy in ImageFolder (train/, test/) or "
-            "torchvision layout"
-        ) from None
+    return load_real_cifar10(
+        data_dir,
+        val_fraction=setting.val_fraction,
+        limit_train=setting.train_images,
+        limit_test=setting.test_images,
+        seed=setting.seed,
+    )
 
 
 def _base_key(setting: Setting) -> str:

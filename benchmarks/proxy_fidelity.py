@@ -37,7 +37,7 @@ import torch
 
 from wasearch.arch import Arch, LayerChoice
 from wasearch.cli import UserError, run_main
-from wasearch.data import BatchLoader, DataError, DataSplits, ensure_shared_cifar10, load_dataset
+from wasearch.data import BatchLoader, DataSplits, load_real_cifar10
 from wasearch.engine import (
     TrainConfig,
     atomic_write_text,
@@ -198,24 +198,13 @@ def _fitting(archs: dict[str, Arch], name: str) -> set[int]:
 
 
 def load_data(setting: Setting, data_dir: str | None) -> DataSplits:
-    root = data_dir or ensure_shared_cifar10()
-    if root is None:
-        raise UserError(
-            "no CIFAR-10 images: pass --data-dir (an ImageFolder root with train/ and test/, or "
-            "a folder holding cifar-10-batches-py, e.g. ~/.cache/wasearch/data once CIFAR-10 "
-            "is downloaded as the README's Data section says)"
-        )
-    try:
-        return load_dataset(
-            "cifar10",
-            data_dir=root,
-            val_fraction=setting.val_fraction,
-            limit_train=setting.train_images,
-            limit_test=setting.test_images,
-            seed=setting.seed,
-        )
-    except (DataError, ValueError) as err:
-        raise UserError(f"--data-dir {root}: {err}") from None
+    return load_real_cifar10(
+        data_dir,
+        val_fraction=setting.val_fraction,
+        limit_train=setting.train_images,
+        limit_test=setting.test_images,
+        seed=setting.seed,
+    )
 
 
 def train_base(setting: Setting, data: DataSplits, work_dir: Path, device) -> Path:

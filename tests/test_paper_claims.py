@@ -3,33 +3,13 @@ section runs and renders, and a rerun keeps the rows it may keep and measures on
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from benchmark_module import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-CIFAR10_NAMES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "paper_claims", ROOT / "benchmarks" / "paper_claims.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-pc = _load_benchmark()
+pc = load_benchmark("paper_claims")
 
 TINY = [
     "--train-images", "60", "--test-images", "30", "--val-fraction", "0.1",
@@ -38,21 +18,6 @@ TINY = [
     "--transform-lr-tiles", "4", "--error-images", "10", "--calib-batches", "1",
     "--warmup-batches", "1", "--device", "cpu",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 3)):
-        for c, name in enumerate(CIFAR10_NAMES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
-                img[..., c % 3] //= 4  # a little class signal
-                Image.fromarray(img).save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -3,33 +3,14 @@ CIFAR-10-like ImageFolder (a rerun resumes and measures nothing twice)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from benchmark_module import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-CIFAR10_NAMES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "proxy_fidelity", ROOT / "benchmarks" / "proxy_fidelity.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-pf = _load_benchmark()
+pf = load_benchmark("proxy_fidelity")
 
 
 def test_kendall_tau_orders_ties_and_lengths():
@@ -61,21 +42,6 @@ def test_mixes_fall_back_where_f6_does_not_fit():
     random.seed(1)  # the mixes come from the setting's seed, not the global generator
     again = pf.architectures(pf.Setting(mixes=3), num_classes=10)
     assert again["mix-2"] == archs["mix-2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 3)):
-        for c, name in enumerate(CIFAR10_NAMES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
-                img[..., c % 3] //= 4  # a little class signal
-                Image.fromarray(img).save(folder / f"{i}.png")
-    return root
 
 
 def test_tiny_run_writes_tables_and_resumes(tiny_cifar, tmp_path, capsys):

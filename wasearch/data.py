@@ -58,6 +58,7 @@ __all__ = [
     "augment_batch",
     "cache_root",
     "ensure_shared_cifar10",
+    "load_real_cifar10",
     "load_dataset",
     "make_synthetic",
     "normalize",
@@ -852,6 +853,44 @@ def load_dataset(
         return _load_image_folder(Path(data_dir).expanduser(), **options)
     root = Path(data_dir).expanduser() if data_dir is not None else cache_root() / "data"
     return _load_cifar(key, root, download=download, **options)
+
+
+def load_real_cifar10(
+    data_dir: str | os.PathLike | None,
+    *,
+    val_fraction: float,
+    limit_train: int | None,
+    limit_test: int | None,
+    seed: int,
+) -> DataSplits:
+    """Real CIFAR-10 images for the benchmarks: ``data_dir`` (torchvision's layout or an
+    ImageFolder root), or without it the shared JPEG archive (:func:`ensure_shared_cifar10`).
+
+    Raises DataError with one line naming ``--data-dir`` (the benchmarks' flag) and the layouts
+    when neither is there or the folder holds no CIFAR-10.
+    """
+    root = Path(data_dir).expanduser() if data_dir else ensure_shared_cifar10()
+    if root is None:
+        raise DataError(
+            "no CIFAR-10 found: pass --data-dir with a copy in torchvision layout (e.g. "
+            "~/.cache/wasearch/data after: python train.py --dataset cifar10 --download ...; "
+            "README, Data) or ImageFolder layout (train/, test/)"
+        )
+    try:
+        return load_dataset(
+            "cifar10",
+            data_dir=root,
+            val_fraction=val_fraction,
+            limit_train=limit_train,
+            limit_test=limit_test,
+            seed=seed,
+        )
+    except DataError as err:  # its advice names train.py's --download, which benchmarks lack
+        reason = str(err).split("; pass --download")[0]
+        raise DataError(
+            f"--data-dir {root}: {reason}; give a copy in ImageFolder (train/, test/) or "
+            "torchvision layout"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------

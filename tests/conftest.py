@@ -1,0 +1,27 @@
+"""Fixtures shared by the test files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CIFAR10_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    """A generated CIFAR-10-like ImageFolder (8 train, 3 test images per class, 32x32 PNG)."""
+    root = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 3)):
+        for c, name in enumerate(CIFAR10_NAMES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+                img[..., c % 3] //= 4  # a little class signal
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root

@@ -27,7 +27,7 @@ import torch
 
 from .arch import Arch
 from .cli import UserError
-from .engine import CHECKPOINT_FORMAT, CheckpointError, _plain, _read_checkpoint, _save_torch
+from .engine import CHECKPOINT_FORMAT, CheckpointError, _plain, _save_torch, read_checkpoint
 
 __all__ = ["build_parser", "convert_checkpoint", "main"]
 
@@ -65,7 +65,7 @@ def convert_checkpoint(old: str | os.PathLike, new: str | os.PathLike) -> dict[s
     plain.setdefault("format", CHECKPOINT_FORMAT)
     _save_torch(plain, new)
     try:
-        _read_checkpoint(new)
+        read_checkpoint(new)
     except CheckpointError:
         new.unlink(missing_ok=True)
         raise

@@ -33,7 +33,7 @@ from torch import nn
 
 from .arch import Arch, LayerChoice
 from .data import DataSplits
-from .engine import _loader, _read_checkpoint, select_device, selection_split, warmup_ranges
+from .engine import _loader, read_checkpoint, select_device, selection_split, warmup_ranges
 from .models import ConvSpec, build, make_conv
 from .quant import FakeQuantize
 
@@ -204,7 +204,7 @@ def differentiable_search(
         raise ValueError(f"lambda={lam!r} must be a finite number >= 0")
     device = select_device(device)
     torch.manual_seed(seed)
-    payload = _read_checkpoint(base_checkpoint)
+    payload = read_checkpoint(base_checkpoint)
     base = Arch.from_dict(payload["arch"])
     supernet = Supernet(base, candidates)
     supernet.load_base(payload["model"])

@@ -64,6 +64,7 @@ __all__ = [
     "fit",
     "init_from_checkpoint",
     "load_checkpoint",
+    "read_checkpoint",
     "select_device",
     "warmup_ranges",
 ]
@@ -319,7 +320,7 @@ def _load_error(path: Path, err: Exception) -> CheckpointError:
     )
 
 
-def _read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
     """The payload of a checkpoint, loaded with ``weights_only=True`` and checked for shape.
 
     Raises FileNotFoundError when there is no file and :class:`CheckpointError` (one line naming
@@ -394,7 +395,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
 
     Raises :class:`CheckpointError` (a ValueError) when the file cannot be used.
     """
-    payload = _read_checkpoint(path, map_location=device)
+    payload = read_checkpoint(path, map_location=device)
     arch = Arch.from_dict(payload["arch"], str(path))
     model = build(arch).to(device)
     model.load_state_dict(_fitting_state(path, payload["model"], model.state_dict()))
@@ -422,7 +423,7 @@ def _layer_changed(src: Arch, dst: Arch, name: str) -> bool:
 
 def checkpoint_arch(path: str | os.PathLike) -> Arch:
     """The architecture a checkpoint was trained as; :class:`CheckpointError` if unusable."""
-    return Arch.from_dict(_read_checkpoint(path)["arch"], str(path))
+    return Arch.from_dict(read_checkpoint(path)["arch"], str(path))
 
 
 def check_init_from(model: ResNetWA, path: str | os.PathLike) -> None:
@@ -434,7 +435,7 @@ def check_init_from(model: ResNetWA, path: str | os.PathLike) -> None:
 
 def _adaptation_state(model: ResNetWA, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The checkpoint entries that initialize ``model`` (see :func:`init_from_checkpoint`)."""
-    payload = _read_checkpoint(path)
+    payload = read_checkpoint(path)
     src_arch = Arch.from_dict(payload["arch"], str(path))
     dst_arch = model.arch
     for key in ("backbone", "width", "num_classes"):
@@ -599,7 +600,7 @@ def fit(
         if out is None or not (out / "last.pt").is_file():
             raise FileNotFoundError(f"nothing to resume: {out}/last.pt does not exist")
         last = out / "last.pt"
-        payload = _read_checkpoint(last, map_location=device)
+        payload = read_checkpoint(last, map_location=device)
         if Arch.from_dict(payload["arch"], str(last)) != model.arch:
             raise ValueError(f"{last} holds another architecture; cannot resume into it")
         model.load_state_dict(_fitting_state(last, payload["model"], model.state_dict()))

@@ -10,9 +10,10 @@ Storage: SQLite under ``results/<study>/study.db`` by default, any RDB URL (Post
 with heartbeats so that a dead worker's trial is failed over and retried, or a journal file for
 several processes on one machine. Faults: a diverging or raising trial is recorded FAIL with a
 ``fail_reason`` and the search goes on; Ctrl-C fails the running trial, queues it again and
-stops, so that rerunning the command resumes with nothing lost (queued retries run first); a
-write the machine refuses (a full disk, a read-only folder or database) does the same and
-stops with one :class:`~wasearch.cli.UserError` line naming the file or the storage.
+stops, so that rerunning the command resumes with nothing lost (the retry runs after the trials
+queued before it, in Optuna's order); a write the machine refuses (a full disk, a read-only
+folder or database) does the same and stops with one :class:`~wasearch.cli.UserError` line
+naming the file or the storage.
 """
 
 from __future__ import annotations
@@ -832,10 +833,10 @@ def ensure_base(
 
 def _checked_base(best: Path) -> Path:
     """``best`` when it reads as a checkpoint (safely: nothing in it runs); else a UserError."""
-    from ..engine import CheckpointError, _read_checkpoint
+    from ..engine import CheckpointError, read_checkpoint
 
     try:
-        _read_checkpoint(best)
+        read_checkpoint(best)
     except (FileNotFoundError, CheckpointError) as err:
         raise UserError(
             f"{err}; the base is marked done ({best.parent / 'done.json'}), so replace the file "
@@ -847,11 +848,11 @@ def _checked_base(best: Path) -> Path:
 def _base_resumable(base_dir: Path, arch: Arch, config: Any) -> bool:
     """Whether ``base_dir/last.pt`` continues this base; one of another architecture or recipe
     is moved aside (kept, never deleted) and False returned."""
-    from ..engine import CheckpointError, _read_checkpoint
+    from ..engine import CheckpointError, read_checkpoint
 
     last = base_dir / "last.pt"
     try:
-        payload = _read_checkpoint(last)
+        payload = read_checkpoint(last)
     except CheckpointError as err:
         raise UserError(f"{err}; or move {base_dir} away to train the base again") from None
     try:
@@ -1434,7 +1435,7 @@ def run_search(
     module-level function); ``on_progress(done, target)`` is called by the coordinating process.
     A write the machine refuses (a read-only ``--results``, a full disk, a read-only database)
     raises one :class:`UserError` line naming the file or the storage; a trial it cut short is
-    recorded FAIL with its ``fail_reason`` and queued again, to run first on the rerun.
+    recorded FAIL with its ``fail_reason`` and queued again for the rerun.
     """
     study_dir = study_dir_of(space, results=options.results, study_name=options.study_name)
     label = redact(storage_url(space, study_dir, options.storage))

@@ -18,7 +18,7 @@ from wasearch.arch import Arch
 from wasearch.search import RunOptions, export_trials, load_space, run_search
 from wasearch.search.cli import format_event
 from wasearch.search.study import ensure_base, load_space_data
-from wasearch.search.testing import copy_base, tiny_space, write_space
+from wasearch.search.testing import space_with_base, study_at, tiny_space, write_space
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = REPO / "search.py"
@@ -40,17 +40,6 @@ def base_dir(tmp_path_factory):
     return root
 
 
-def _setup(tmp_path: Path, base_dir: Path, name: str, **changes) -> Path:
-    path = write_space(tmp_path / f"{name}.yaml", tiny_space(name=name, **changes))
-    copy_base(base_dir, tmp_path / "results" / name)
-    return path
-
-
-def _study(tmp_path: Path, name: str) -> optuna.Study:
-    db = tmp_path / "results" / name / "study.db"
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-
-
 def _load_search_cli():
     spec = importlib.util.spec_from_file_location("search_script", SEARCH)
     module = importlib.util.module_from_spec(spec)
@@ -60,13 +49,13 @@ def _load_search_cli():
 
 def test_search_end_to_end_then_export_and_train(tmp_path, base_dir, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    path = _setup(tmp_path, base_dir, "e2e")
+    path = space_with_base(tmp_path, base_dir, "e2e")
     events = []
     options = RunOptions(threads=1, report=False)
     result = run_search(load_space(path), options, on_event=events.append, progress=False)
     assert result.status == "finished" and result.done == 4
 
-    study = _study(tmp_path, "e2e")
+    study = study_at(tmp_path, "e2e")
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 4 and len(study.trials) == 4
     assert [t.user_attrs.get("reference") for t in study.trials[:2]] == ["all-normal", "static-F4"]
@@ -142,14 +131,14 @@ def test_diverging_trial_is_recorded_failed_and_search_goes_on(tmp_path, base_di
     monkeypatch.setattr(engine, "fit", fit)
     monkeypatch.setattr(engine, "F", NaNLoss())
     monkeypatch.chdir(tmp_path)
-    path = _setup(tmp_path, base_dir, "nan", budget={"trials": 3})
+    path = space_with_base(tmp_path, base_dir, "nan", budget={"trials": 3})
     events = []
     result = run_search(
         load_space(path), RunOptions(threads=1, report=False), on_event=events.append,
         progress=False,
     )  # fmt: skip
     assert result.status == "finished" and result.done == 3 and result.failed == 1
-    study = _study(tmp_path, "nan")
+    study = study_at(tmp_path, "nan")
     states = [t.state for t in study.trials]
     assert states.count(TrialState.COMPLETE) == 3 and states[1] == TrialState.FAIL
     reason = study.trials[1].user_attrs["fail_reason"]
@@ -173,7 +162,9 @@ def _wait(predicate, timeout: float, proc: subprocess.Popen | None = None):
 
 
 def test_ctrl_c_marks_the_trial_and_rerun_resumes(tmp_path, base_dir):
-    path = _setup(tmp_path, base_dir, "resume", budget={"trials": 3}, trial={"max_batches": 4})
+    path = space_with_base(
+        tmp_path, base_dir, "resume", budget={"trials": 3}, trial={"max_batches": 4}
+    )
     proc = subprocess.Popen(
         [sys.executable, str(SEARCH), "run", str(path), "--threads", "1", "--no-progress",
          "--no-report"],

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from wasearch.cli import run_main
 from wasearch.search import RunOptions, load_space, run_search
 from wasearch.search.study import ensure_base, load_space_data, study_dir_of
-from wasearch.search.testing import copy_base, tiny_space, write_space
+from wasearch.search.testing import space_with_base, study_at, tiny_space, write_space
 
 REPO = Path(__file__).resolve().parents[1]
 ENOSPC = "No space left on device"
@@ -46,17 +46,6 @@ def base_dir(tmp_path_factory):
     for name in ("last.pt",):  # only best.pt and done.json are needed: a smaller copy
         (root / "base" / name).unlink(missing_ok=True)
     return root
-
-
-def _setup(root: Path, base_dir: Path, name: str, **changes) -> Path:
-    path = write_space(root / f"{name}.yaml", tiny_space(name=name, **changes))
-    copy_base(base_dir, root / "results" / name)
-    return path
-
-
-def _study(root: Path, name: str) -> optuna.Study:
-    db = root / "results" / name / "study.db"
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
 
 
 def _search(argv: list[str]) -> int:
@@ -200,7 +189,7 @@ def test_full_disk_fails_the_trial_queues_it_and_ends_with_one_line(
     tmp_path, base_dir, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    path = _setup(tmp_path, base_dir, "full", budget={"trials": 2})
+    path = space_with_base(tmp_path, base_dir, "full", budget={"trials": 2})
     real_replace = os.replace
 
     def full(src, dst, *args, **kwargs):
@@ -213,7 +202,7 @@ def test_full_disk_fails_the_trial_queues_it_and_ends_with_one_line(
     assert _search(argv) == 2
     line = _one_error_line(capsys)
     assert "trials/0/last.pt" in line and ENOSPC in line and "free some space" in line
-    study = _study(tmp_path, "full")
+    study = study_at(tmp_path, "full")
     first = study.trials[0]
     assert first.state == TrialState.FAIL
     assert ENOSPC in first.user_attrs["fail_reason"]
@@ -227,7 +216,7 @@ def test_full_disk_fails_the_trial_queues_it_and_ends_with_one_line(
     # Disk freed: the rerun completes the queue, the retried trial included.
     monkeypatch.setattr(os, "replace", real_replace)
     assert _search(argv) == 0
-    study = _study(tmp_path, "full")
+    study = study_at(tmp_path, "full")
     assert study.trials[retry[0].number].state == TrialState.COMPLETE
     assert study.trials[retry[0].number].params == first.params
 
@@ -249,7 +238,7 @@ def test_database_full_when_recording_the_trial_is_one_line(
     from optuna.storages import RDBStorage
 
     monkeypatch.chdir(tmp_path)
-    path = _setup(tmp_path, base_dir, "dbfull", budget={"trials": 2})
+    path = space_with_base(tmp_path, base_dir, "dbfull", budget={"trials": 2})
     real_replace, real_set_state = os.replace, RDBStorage.set_trial_state_values
 
     def full(src, dst, *args, **kwargs):
@@ -314,7 +303,7 @@ def test_real_full_disk(small_tmpfs, base_dir, monkeypatch, capsys, storage):
     repaired, not left unreadable)."""
     root = small_tmpfs
     monkeypatch.chdir(root)
-    path = _setup(root, base_dir, "tiny", budget={"trials": 2})
+    path = space_with_base(root, base_dir, "tiny", budget={"trials": 2})
     argv = ["run", str(path), "--no-progress", "--no-report", "--threads", "1"]
     if storage == "journal":
         argv += ["--storage", "results/tiny/journal.log"]
@@ -333,7 +322,7 @@ def test_real_full_disk(small_tmpfs, base_dir, monkeypatch, capsys, storage):
     (root / "filler2").unlink()
     assert _search(argv) == 0, capsys.readouterr()
     if storage == "sqlite":
-        study = _study(root, "tiny")
+        study = study_at(root, "tiny")
     else:
         journal = optuna.storages.journal.JournalFileBackend(
             str(root / "results" / "tiny" / "journal.log")
@@ -416,7 +405,7 @@ def finished(base_dir, tmp_path_factory):
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("finished")
-    path = _setup(root, base_dir, "done", budget={"trials": 2})
+    path = space_with_base(root, base_dir, "done", budget={"trials": 2})
     result = run_search(
         load_space(path),
         RunOptions(threads=1, report=False, results=str(root / "results")),
@@ -497,7 +486,7 @@ def test_interrupted_trial_is_retried_in_queue_order(tmp_path, base_dir, monkeyp
     import wasearch.engine as engine
 
     monkeypatch.chdir(tmp_path)
-    path = _setup(tmp_path, base_dir, "order", budget={"trials": 3})
+    path = space_with_base(tmp_path, base_dir, "order", budget={"trials": 3})
     real_fit = engine.fit
 
     def ctrl_c_in_trial_0(*args, extra=None, **kwargs):
@@ -509,7 +498,7 @@ def test_interrupted_trial_is_retried_in_queue_order(tmp_path, base_dir, monkeyp
     options = RunOptions(threads=1, report=False)
     result = run_search(load_space(path), options, progress=False)
     assert result.status == "interrupted"
-    study = _study(tmp_path, "order")
+    study = study_at(tmp_path, "order")
     assert study.trials[0].state == TrialState.FAIL
     assert study.trials[1].state == TrialState.WAITING  # the static-F4 reference, queued first
     retry = [t for t in study.trials if t.user_attrs.get("retry_of") == 0]
@@ -519,12 +508,12 @@ def test_interrupted_trial_is_retried_in_queue_order(tmp_path, base_dir, monkeyp
     options.trials = 1  # one more completed trial: the reference queued before the retry
     result = run_search(load_space(path), options, progress=False)
     assert result.status == "finished"
-    study = _study(tmp_path, "order")
+    study = study_at(tmp_path, "order")
     assert study.trials[1].state == TrialState.COMPLETE
     assert study.trials[retry[0].number].state == TrialState.WAITING
     options.trials = 2  # and then the retry, with the interrupted trial's parameters
     result = run_search(load_space(path), options, progress=False)
     assert result.status == "finished"
-    study = _study(tmp_path, "order")
+    study = study_at(tmp_path, "order")
     assert study.trials[retry[0].number].state == TrialState.COMPLETE
     assert study.trials[retry[0].number].params == study.trials[0].params

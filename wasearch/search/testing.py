@@ -64,3 +64,22 @@ def copy_base(src_study_dir: str | os.PathLike, dst_study_dir: str | os.PathLike
     dst = Path(dst_study_dir) / "base"
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(Path(src_study_dir) / "base", dst, dirs_exist_ok=True)
+
+
+def space_with_base(
+    root: str | os.PathLike, base_study_dir: str | os.PathLike, name: str, **changes: Any
+) -> Path:
+    """Write the tiny space named ``name`` (with ``changes``, as :func:`tiny_space` takes them)
+    to ``root/<name>.yaml`` and give its study ``root/results/<name>`` the trained base of
+    ``base_study_dir``; return the space file."""
+    path = write_space(Path(root) / f"{name}.yaml", tiny_space(name=name, **changes))
+    copy_base(base_study_dir, Path(root) / "results" / name)
+    return path
+
+
+def study_at(root: str | os.PathLike, name: str) -> Any:
+    """The Optuna study ``name`` in its default SQLite storage under ``root/results``."""
+    import optuna
+
+    db = Path(root) / "results" / name / "study.db"
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")

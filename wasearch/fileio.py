@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import shlex
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +21,42 @@ from typing import IO, Any
 import yaml
 
 from .cli import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers every module that names a file or an error needs
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): what a
+    one-line error shows of an error raised deeper down."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as a user would type it from the current folder: relative when below it, else
+    absolute; always with forward slashes."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except (ValueError, OSError):
+        return p.resolve().as_posix()
+
+
+def shell_path(path: str | os.PathLike) -> str:
+    """:func:`display_path` quoted for a POSIX shell, for commands printed to be run as written
+    (a folder with a space or a quote in its name stays one argument)."""
+    return shlex.quote(display_path(path))
+
 
 # ---------------------------------------------------------------------------------------------
 # Strict YAML: a file the user gave is read completely or refused in one line naming it

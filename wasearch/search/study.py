@@ -26,7 +26,6 @@ import logging
 import math
 import multiprocessing
 import os
-import re
 import signal
 import threading
 import time
@@ -51,6 +50,16 @@ from ..fileio import (
 )
 from ._lock import FileLock, holder_dead, worker_id
 from .space import SearchSpace, load_space, parse_space, study_name_problem
+from .storage import (
+    RetryFailedOver,
+    default_storage_url,
+    driver_url,
+    is_rdb,
+    open_storage,
+    redact,
+    space_storage,
+    storage_url,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -150,211 +159,6 @@ def study_dir_of(
     return Path(results) / (study_name or space.name)
 
 
-def redact(url: str) -> str:
-    """A storage URL without its password."""
-    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)
-
-
-def storage_url(space: SearchSpace | None, study_dir: Path, override: str | None = None) -> str:
-    """``--storage``, else the space's ``storage.url``, else the URL a previous run recorded in
-    ``results/<study>/storage.txt``, else ``sqlite:///results/<study>/study.db``."""
-    if override:
-        return override
-    if space is not None and space.storage["url"]:
-        return space.storage["url"]
-    saved = study_dir / "storage.txt"
-    if saved.is_file():
-        text = saved.read_text().strip()
-        if text:
-            return text
-    return f"sqlite:///{(study_dir / 'study.db').resolve()}"
-
-
-def driver_url(url: str) -> str:
-    """``postgresql://`` with the driver that is installed: SQLAlchemy 2.1 picks psycopg 3 for a
-    bare ``postgresql://`` URL, while this project's test extra installs psycopg2."""
-    import importlib.util
-
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
-        rest = url.split("://", 1)[1]
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-            return "postgresql+psycopg2://" + rest
-        return "postgresql://" + rest
-    return url
-
-
-def _is_rdb(url: str) -> bool:
-    return "://" in url
-
-
-def open_storage(
-    url: str,
-    *,
-    heartbeat_interval: int | None = 30,
-    grace_period: int | None = 90,
-    max_retry: int = 2,
-    create: bool = True,
-) -> optuna.storages.BaseStorage:
-    """An Optuna storage for a URL (RDB, with heartbeats) or a journal file path.
-
-    Raises :class:`UserError` when the database does not answer or the driver is missing.
-    """
-    import optuna
-
-    if not _is_rdb(url):
-        path = Path(url).expanduser()
-        if not path.is_file() and not create:
-            raise UserError(f"storage {url}: no such journal file")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            _drop_torn_record(path)
-        return optuna.storages.JournalStorage(_journal_backend(path))
-    given, url = url, driver_url(url)
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=RetryFailedOver(max_retry=max_retry),
-            )
-    except ImportError as err:
-        raise UserError(
-            f"storage {redact(given)}: the database driver is missing ({_first_line(err)}); "
-            "for PostgreSQL: pip install psycopg2-binary"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - whatever the driver raises, it is the user's URL
-        refused = refused_write(err)  # a full disk, a read-only folder or database
-        if refused is not None:
-            raise UserError(user_message(refused, storage=redact(given))) from None
-        raise UserError(f"cannot open storage {redact(given)}: {_first_line(err)}") from None
-
-
-def _drop_torn_record(path: Path) -> int:
-    """Cut a journal file back to its last complete record; return the bytes dropped.
-
-    Optuna appends each record as one line. A write that failed half-way (a full disk, a killed
-    process) leaves a last line without its newline; the next record appended would run on from
-    it into one unreadable line, and the journal would fail to load (``JSONDecodeError``) or
-    lose records. Readers skip an unfinished last line, so cutting it loses nothing. Done under
-    Optuna's own journal lock, so that no other process is appending at that moment; a journal
-    that cannot be written (read-only) is left as it is.
-    """
-    from optuna.storages.journal import JournalFileSymlinkLock
-
-    if _complete_size(path) is None:
-        return 0
-    lock = JournalFileSymlinkLock(str(path))
-    try:
-        lock.acquire()
-    except OSError:
-        return 0  # a read-only folder: readers cope with the unfinished line
-    try:
-        keep = _complete_size(path)
-        if keep is None:
-            return 0
-        with open(path, "r+b") as fh:
-            dropped = fh.seek(0, os.SEEK_END) - keep
-            fh.truncate(keep)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError:
-        return 0
-    finally:
-        lock.release()
-    logger.warning(
-        "%s: dropped %d bytes of an unfinished record (a write that failed)", path, dropped
-    )
-    return dropped
-
-
-def _complete_size(path: Path) -> int | None:
-    """The size of ``path`` up to its last newline when bytes follow it, else None."""
-    try:
-        with open(path, "rb") as fh:
-            end = fh.seek(0, os.SEEK_END)
-            pos = end
-            while pos > 0:
-                step = min(pos, 1 << 16)
-                fh.seek(pos - step)
-                chunk = fh.read(step)
-                i = chunk.rfind(b"\n")
-                if i >= 0:
-                    keep = pos - step + i + 1
-                    return keep if keep < end else None
-                pos -= step
-            return 0 if end > 0 else None
-    except OSError:
-        return None
-
-
-def _journal_backend(path: Path) -> Any:
-    """Optuna's journal file backend, whose failed append leaves no unfinished record."""
-    from optuna.storages.journal import JournalFileBackend
-
-    class JournalFile(JournalFileBackend):
-        def append_logs(self, logs: list[dict[str, Any]]) -> None:
-            try:
-                super().append_logs(logs)
-            except OSError:
-                _drop_torn_record(path)
-                raise
-
-    return JournalFile(str(path))
-
-
-def _space_storage(url: str, space: SearchSpace) -> optuna.storages.BaseStorage:
-    s = space.storage
-    return open_storage(
-        url,
-        heartbeat_interval=s["heartbeat_interval"],
-        grace_period=s["grace_period"],
-        max_retry=s["max_retry"],
-    )
-
-
-class RetryFailedOver:
-    """Queue a failed-over trial again (same parameters) at most ``max_retry`` times.
-
-    Used as the RDB storage's ``heartbeat_stale_trial_callback`` (Optuna 5's name for the
-    deprecated ``failed_trial_callback``) and for trials of dead local workers and Ctrl-C. Only
-    the parameters and the reference name are carried over, so no stale worker id comes along.
-    """
-
-    def __init__(self, max_retry: int | None = 2) -> None:
-        self.max_retry = max_retry
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        import optuna
-
-        history = [*trial.system_attrs.get("retry_history", []), trial.number]
-        if self.max_retry is not None and len(history) > self.max_retry:
-            logger.warning(
-                "trial %d failed over %d times; not retried again", trial.number, len(history)
-            )
-            return
-        user_attrs: dict[str, Any] = {"retry_of": trial.number}
-        if "reference" in trial.user_attrs:
-            user_attrs["reference"] = trial.user_attrs["reference"]
-        study.add_trial(
-            optuna.trial.create_trial(
-                state=optuna.trial.TrialState.WAITING,
-                params=trial.params,
-                distributions=trial.distributions,
-                user_attrs=user_attrs,
-                system_attrs={"failed_trial": history[0], "retry_history": history},
-            )
-        )
-        logger.info("trial %d queued again (retry of trial %d)", trial.number, history[0])
-
-
 # ---------------------------------------------------------------------------------------------
 # Samplers and the study
 
@@ -408,7 +212,7 @@ def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
 
 def _sampler_seed(space: SearchSpace, url: str, index: int) -> int:
     """Reproducible on one machine; distinct for each process sharing a remote database."""
-    if _is_rdb(url) and not url.startswith("sqlite"):
+    if is_rdb(url) and not url.startswith("sqlite"):
         return (space.seed * 1_000_003 + zlib.crc32(worker_id().encode())) % 2**31
     return space.seed + index
 
@@ -1372,7 +1176,7 @@ def _save_study_files(space: SearchSpace, study_dir: Path, url: str) -> None:
     study_dir.mkdir(parents=True, exist_ok=True)
     if not (study_dir / "space.yaml").is_file():
         atomic_write_text(study_dir / "space.yaml", yaml.safe_dump(space.raw, sort_keys=False))
-    default = f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    default = default_storage_url(study_dir)
     if url != default and redact(url) == url and not (study_dir / "storage.txt").is_file():
         atomic_write_text(study_dir / "storage.txt", url + "\n")
 
@@ -1470,7 +1274,7 @@ def _run_search(
             target = len(lambdas) + len(space.references())
     timeout = options.timeout if options.timeout is not None else space.budget["timeout"]
     deadline = time.monotonic() + timeout if timeout else None
-    storage = _space_storage(url, space)
+    storage = space_storage(url, space)
     study_name = options.study_name or space.name
     for note in space.notes:
         logger.info("%s: %s", space.path, note)
@@ -1712,7 +1516,7 @@ def _worker_body(
     space = load_space(space_path)
     prep = _prepare(space, options)
     _set_threads(options.threads, options.workers)
-    storage = _space_storage(prep.url, space)
+    storage = space_storage(prep.url, space)
     study, _ = open_study(
         space,
         storage,

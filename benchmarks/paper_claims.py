@@ -64,7 +64,6 @@ from wasearch.data import (
 )
 from wasearch.engine import (
     TrainConfig,
-    atomic_write_text,
     evaluate,
     fit,
     init_from_checkpoint,
@@ -72,6 +71,7 @@ from wasearch.engine import (
     select_device,
     warmup_ranges,
 )
+from wasearch.fileio import atomic_write_text
 from wasearch.layers import Conv2d, WinogradConv2d
 from wasearch.models import build, make_conv
 from wasearch.quant import FakeQuantize

@@ -40,12 +40,12 @@ from wasearch.cli import UserError, run_main
 from wasearch.data import BatchLoader, DataSplits, load_real_cifar10
 from wasearch.engine import (
     TrainConfig,
-    atomic_write_text,
     evaluate,
     fit,
     load_checkpoint,
     select_device,
 )
+from wasearch.fileio import atomic_write_text
 from wasearch.models import build
 
 HERE = Path(__file__).resolve().parent

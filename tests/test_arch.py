@@ -1,7 +1,13 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from wasearch.arch import Arch, ArchError, LayerChoice
 from wasearch.models import searchable_convs
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_searchable_convs_geometry():
@@ -79,3 +85,52 @@ def test_load_names_the_file(tmp_path):
         Arch.load(bad)
     with pytest.raises(ArchError, match="missing.yaml"):
         Arch.load(tmp_path / "missing.yaml")
+
+
+# What importing the architecture side costs: the package's names load lazily, so reading an
+# arch file or a space's geometry must not pull in torch or the model builder.
+_IMPORT_ARCH_ALONE = """
+import sys
+import wasearch.arch, wasearch.geometry
+arch = wasearch.arch.Arch.uniform("flex", 4, 8, width=0.25)
+assert arch.specs()[0].name == "layer1.0.conv1"
+loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "wasearch.")))
+print(" ".join(loaded))
+"""
+
+
+def test_arch_does_not_import_torch_or_the_model_builder():
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ARCH_ALONE],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout.split()
+    assert "torch" not in out
+    assert "wasearch.models" not in out and "wasearch.layers" not in out
+    assert "wasearch.geometry" in out
+
+
+def test_package_names_load_on_first_use():
+    import wasearch
+
+    assert wasearch.Arch is __import__("wasearch.arch").arch.Arch
+    assert set(wasearch.__all__) <= set(dir(wasearch))
+    for name in wasearch.__all__:
+        assert getattr(wasearch, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        wasearch.nope  # noqa: B018
+
+
+def test_limits_and_geometry_have_one_home():
+    from wasearch import geometry, layers, models, quant, winograd
+
+    assert layers.CONV_KINDS is geometry.CONV_KINDS
+    assert layers.GRANULARITIES is geometry.GRANULARITIES
+    assert (quant.MIN_BITS, quant.MAX_BITS) == (geometry.MIN_BITS, geometry.MAX_BITS)
+    assert winograd.MAX_TILE == geometry.MAX_TILE
+    assert models.ConvSpec is geometry.ConvSpec
+    assert models.searchable_convs is geometry.searchable_convs
+    assert models.BACKBONES is geometry.BACKBONES
+    assert set(geometry.SPACE_TILES) <= set(range(2, geometry.MAX_TILE + 1))

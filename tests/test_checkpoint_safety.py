@@ -21,7 +21,7 @@ from wasearch.data import load_dataset
 from wasearch.engine import TrainConfig, fit, init_from_checkpoint, load_checkpoint
 from wasearch.models import build
 from wasearch.search import load_space
-from wasearch.search.study import ensure_base, load_space_data
+from wasearch.search.base import ensure_base, load_space_data
 from wasearch.search.testing import copy_base, tiny_space, write_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,7 +363,7 @@ def test_finished_base_without_done_json_is_not_trained_again(base_study, tmp_pa
 def test_cifar_sums_are_the_published_ones():
     import torchvision
 
-    from wasearch.data import _CIFAR
+    from wasearch.data.cifar import _CIFAR
 
     releases = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
     for name, cls in releases.items():

@@ -24,7 +24,9 @@ from wasearch.data import (
     ImageSet,
     augment_batch,
     ensure_shared_cifar10,
+    imagefolder,
     load_dataset,
+    loader,
     make_synthetic,
     normalize,
 )
@@ -159,7 +161,8 @@ def _write_pickle(path: Path, obj: dict) -> None:
 def _trust_fake_cifar(monkeypatch, name: str, folder: Path) -> None:
     """Fake batches are not the published files: make the reader expect their MD5 sums."""
     sums = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
-    monkeypatch.setitem(data._CIFAR, name, dataclasses.replace(data._CIFAR[name], md5=sums))
+    table = data.cifar._CIFAR
+    monkeypatch.setitem(table, name, dataclasses.replace(table[name], md5=sums))
 
 
 def _fake_cifar10(root: Path, per_batch: int = 20, n_test: int = 30) -> dict[str, np.ndarray]:
@@ -283,13 +286,13 @@ def test_image_folder_loads(tmp_path):
 def test_image_folder_split_and_limits_decode_only_the_selection(tmp_path, monkeypatch):
     root = _image_folder(tmp_path / "imgs")
     decoded = []
-    real_decode = data._decode_files
+    real_decode = imagefolder._decode_files
 
     def counting(files):
         decoded.extend(files)
         return real_decode(files)
 
-    monkeypatch.setattr(data, "_decode_files", counting)
+    monkeypatch.setattr(imagefolder, "_decode_files", counting)
     s = load_dataset("imagefolder", data_dir=root, val_fraction=0.2, limit_train=9, limit_test=6)
     assert len(s.val) == 6 and len(s.train) == 9 and len(s.test) == 6
     assert len(decoded) == 21
@@ -311,7 +314,7 @@ def test_image_folder_cache(tmp_path, monkeypatch):
     def no_decoding(files):
         raise AssertionError("decoded although the cache is valid")
 
-    monkeypatch.setattr(data, "_decode_files", no_decoding)
+    monkeypatch.setattr(imagefolder, "_decode_files", no_decoding)
     second = load_dataset("imagefolder", data_dir=root)
     assert torch.equal(first.train.images, second.train.images)
     assert torch.equal(first.test.labels, second.test.labels)
@@ -365,11 +368,11 @@ def test_crop_flip_exact():
     x = torch.arange(2 * 3 * 6 * 5, dtype=torch.int64).reshape(2, 3, 6, 5).to(torch.uint8)
     p = 4
     centred = torch.full((2,), p)
-    mirrored = data._crop_flip(x, centred, centred, torch.tensor([True, False]), p)
+    mirrored = loader._crop_flip(x, centred, centred, torch.tensor([True, False]), p)
     assert torch.equal(mirrored[0], x[0].flip(-1))
     assert torch.equal(mirrored[1], x[1])
     # top = p + 2, left = p - 3: out[i, j] = x[i + 2, j - 3], zero outside the image.
-    shifted = data._crop_flip(x, centred + 2, centred - 3, torch.tensor([False, False]), p)
+    shifted = loader._crop_flip(x, centred + 2, centred - 3, torch.tensor([False, False]), p)
     expected = torch.zeros_like(x)
     expected[:, :, :4, 3:] = x[:, :, 2:, :2]
     assert torch.equal(shifted, expected)
@@ -389,7 +392,7 @@ def test_augment_batch():
     top, left, flip = top.flatten(), left.flatten(), flip.flatten().bool()
     flips = set()
     for i in range(8):
-        candidates = data._crop_flip(x[i].expand(len(top), -1, -1, -1), top, left, flip, 4)
+        candidates = loader._crop_flip(x[i].expand(len(top), -1, -1, -1), top, left, flip, 4)
         matches = (candidates == out[i]).flatten(1).all(dim=1)
         assert matches.any(), f"image {i} is no crop/flip of its input"
         flips.update(flip[matches].tolist())

@@ -9,11 +9,11 @@ from wasearch.data import load_dataset
 from wasearch.engine import (
     DivergenceError,
     TrainConfig,
-    _loader,
     evaluate,
     fit,
     init_from_checkpoint,
     load_checkpoint,
+    split_loader,
 )
 from wasearch.models import build
 
@@ -51,7 +51,7 @@ def test_checkpoint_alone_rebuilds_and_evaluates(trained, data):
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt.arch == Arch.uniform("normal", bits=8, width=WIDTH)
     assert ckpt.data["mean"] == list(data.mean)
-    loader = _loader(data, data.val, batch_size=256, train=False, device="cpu")
+    loader = split_loader(data, data.val, batch_size=256, train=False, device="cpu")
     _, acc = evaluate(ckpt.model, loader)
     assert acc == pytest.approx(result.best_val_acc)
 
@@ -69,7 +69,7 @@ def test_resume_continues_from_last(tmp_path, data):
 
 def test_static_model_initialized_from_normal_gives_same_float_outputs(trained, data):
     out, _ = trained
-    x = next(iter(_loader(data, data.test, batch_size=16, train=False, device="cpu")))[0]
+    x = next(iter(split_loader(data, data.test, batch_size=16, train=False, device="cpu")))[0]
     normal = build(Arch.uniform("normal", bits=None, width=WIDTH))
     init_from_checkpoint(normal, out / "best.pt")
     for tile in (2, 4, 6):
@@ -111,3 +111,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data):
     assert all(torch.equal(good[k], after[k]) for k in good)
     with pytest.raises(DivergenceError, match="no checkpoint was written"):
         fit(model, data, cfg, out_dir=tmp_path / "fresh", progress=False)
+
+
+def test_engine_keeps_exporting_what_moved_to_checkpoint_and_fileio(tmp_path):
+    from wasearch import checkpoint, engine, fileio
+
+    for name in ("read_checkpoint", "save_checkpoint", "init_from_checkpoint", "CheckpointError"):
+        assert getattr(engine, name) is getattr(checkpoint, name)
+    assert engine.atomic_write_text is fileio.atomic_write_text
+    payload = {"arch": Arch.uniform(width=WIDTH).to_dict(), "model": {"w": torch.ones(2)}}
+    checkpoint.save_checkpoint(payload, tmp_path / "c.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
+    assert torch.equal(engine.read_checkpoint(tmp_path / "c.pt")["model"]["w"], torch.ones(2))

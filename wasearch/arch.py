@@ -18,6 +18,10 @@ YAML form (short and hand-editable; ``default`` applies to every layer not liste
       layer3.1.conv2: {conv: static, tile: 2, bits: 8, granularity: tap}
 
 ``save`` writes every layer explicitly, so a saved file reads as the whole network.
+
+This module does not import torch: the geometry and the limits it validates against come from
+:mod:`wasearch.geometry`, so a space, a report or a command line can read and check
+architectures without loading the model builder.
 """
 
 from __future__ import annotations
@@ -33,10 +37,17 @@ import yaml
 
 from .cli import UserError
 from .fileio import InputFileError, atomic_write_text, parse_yaml, read_text
-from .layers import CONV_KINDS, GRANULARITIES
-from .models import BACKBONES, ConvSpec, searchable_convs
-from .quant import MAX_BITS, MIN_BITS
-from .winograd import MAX_TILE
+from .geometry import (
+    BACKBONES,
+    CONV_KINDS,
+    GRANULARITIES,
+    MAX_BITS,
+    MAX_TILE,
+    MIN_BITS,
+    ConvSpec,
+    searchable_convs,
+    tile_fits,
+)
 
 __all__ = ["Arch", "ArchError", "LayerChoice"]
 
@@ -181,7 +192,7 @@ class Arch:
         for spec in searchable_convs(backbone, width, input_size):
             c = choice
             if conv != "normal" and fallback:
-                while c.tile > 2 and not _tile_fits(spec, c.tile):
+                while c.tile > 2 and not tile_fits(c.tile, spec.height, spec.width):
                     c = replace(c, tile=c.tile - 2)
             layers.append((spec.name, c))
         return cls(backbone, width, num_classes, input_size, choice, tuple(layers))
@@ -225,7 +236,7 @@ class Arch:
         self.default.check("default")
         for spec, (name, choice) in zip(self.specs(), self.layers, strict=True):
             choice.check(name)
-            if choice.conv != "normal" and not _tile_fits(spec, choice.tile):
+            if choice.conv != "normal" and not tile_fits(choice.tile, spec.height, spec.width):
                 raise ArchError(
                     f"{name}: tile={choice.tile} does not fit: F({choice.tile}x{choice.tile}, "
                     f"3x3) reads {choice.tile + 2}x{choice.tile + 2} input tiles and the layer's "
@@ -308,8 +319,3 @@ class Arch:
         except ArchError as err:
             msg = str(err)
             raise ArchError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
-
-
-def _tile_fits(spec: ConvSpec, tile: int) -> bool:
-    """An F(m x m, 3 x 3) input tile (m + 2) must fit the layer's padded input."""
-    return tile + 2 <= min(spec.height, spec.width) + 2

@@ -26,8 +26,15 @@ from typing import Any
 import torch
 
 from .arch import Arch
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    plain_data,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .cli import UserError
-from .engine import CHECKPOINT_FORMAT, CheckpointError, _plain, _save_torch, read_checkpoint
+from .fileio import first_line
 
 __all__ = ["build_parser", "convert_checkpoint", "main"]
 
@@ -36,7 +43,7 @@ def convert_checkpoint(old: str | os.PathLike, new: str | os.PathLike) -> dict[s
     """Fully unpickle the TRUSTED checkpoint ``old`` and write it as plain data to ``new``.
 
     Returns the converted payload. Raises FileNotFoundError, FileExistsError (``new`` exists),
-    :class:`~wasearch.engine.CheckpointError` (not a wasearch checkpoint, or it cannot be read)
+    :class:`~wasearch.checkpoint.CheckpointError` (not a wasearch checkpoint, or it cannot be read)
     and TypeError (an object that has no plain form; nothing is written then).
     """
     old, new = Path(old), Path(new)
@@ -48,13 +55,12 @@ def convert_checkpoint(old: str | os.PathLike, new: str | os.PathLike) -> dict[s
         # The one full unpickling of the package: only for a file the user names and trusts.
         payload = torch.load(old, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - torn or foreign: one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{old} cannot be read: {first}") from None
+        raise CheckpointError(f"{old} cannot be read: {first_line(err)}") from None
     if not isinstance(payload, dict) or "arch" not in payload or "model" not in payload:
         raise CheckpointError(
             f"{old} is not a wasearch checkpoint (no 'arch' and 'model' entries); nothing written"
         )
-    plain = _plain(payload, "checkpoint", convert=True)
+    plain = plain_data(payload, "checkpoint", convert=True)
     try:
         Arch.from_dict(plain["arch"], str(old))
     except ValueError as err:
@@ -63,7 +69,7 @@ def convert_checkpoint(old: str | os.PathLike, new: str | os.PathLike) -> dict[s
     if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
         raise CheckpointError(f"{old}: its 'model' entry is not a state dict of tensors")
     plain.setdefault("format", CHECKPOINT_FORMAT)
-    _save_torch(plain, new)
+    save_checkpoint(plain, new)
     try:
         read_checkpoint(new)
     except CheckpointError:

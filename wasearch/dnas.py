@@ -33,7 +33,7 @@ from torch import nn
 
 from .arch import Arch, LayerChoice
 from .data import DataSplits
-from .engine import _loader, read_checkpoint, select_device, selection_split, warmup_ranges
+from .engine import read_checkpoint, select_device, selection_split, split_loader, warmup_ranges
 from .models import ConvSpec, build, make_conv
 from .quant import FakeQuantize
 
@@ -216,10 +216,10 @@ def differentiable_search(
     }
     reference = sum(cost(specs[n], base.choice(n)) for n in supernet.mixed) or 1.0
 
-    train_loader = _loader(
+    train_loader = split_loader(
         data, data.train, batch_size=batch_size, train=True, device=device, seed=seed
     )
-    val_loader = _loader(
+    val_loader = split_loader(
         data,
         selection_split(data),
         batch_size=batch_size,

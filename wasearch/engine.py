@@ -1,27 +1,15 @@
-"""Training and evaluation: fit, evaluate, checkpoints, resume, adaptation from a checkpoint.
+"""Training and evaluation: fit, evaluate, resume, adaptation from a checkpoint.
 
 Defaults are the Winograd-aware paper's: Adam, lr 1e-3, weight decay 4e-5, the learning rate
 multiplied by 0.1 at 3/5 and 4/5 of the epochs, batch 64. The loss and accuracy of an epoch are
 averaged over samples (the original code averaged batch means over the dataset size).
 
-A checkpoint (``best.pt``, ``last.pt``) holds the ``Arch``, the training config, the data
-normalization and the metrics besides the weights: :func:`load_checkpoint` rebuilds and evaluates
-a model from the file alone.
-
-Checkpoints are plain data: tensors, dicts, lists, strings and numbers (the ``Arch`` and the
-config as dicts), and every read uses ``torch.load(weights_only=True)``, so a crafted ``.pt``
-cannot run code. A file that needs full unpickling (an older wasearch or another tool wrote it) is
-refused with one line naming the converter, ``python -m wasearch.convert OLD.pt NEW.pt``, the one
-place that unpickles fully, for a file the user trusts. ``format`` is :data:`CHECKPOINT_FORMAT`;
-a file of a newer format is refused.
-
-Adaptation (:func:`init_from_checkpoint`): conv kernels have the same shape in every mode, so a
-checkpoint of any architecture initializes any other of the same backbone and width. Weights,
-BatchNorm and matching quantizer ranges are copied; static transforms keep their exact Cook-Toom
-values; the Winograd-domain quantizers of every layer whose algorithm changed start empty and are
-warmed up on the first training batches (:func:`warmup_ranges`). Every other weight, BatchNorm
-statistic and range the model needs must be in the checkpoint with its shape: one that does not
-fit is refused (:class:`CheckpointError`) rather than leaving layers at random initialization.
+A run with an output folder writes ``last.pt`` every epoch and ``best.pt`` when validation
+accuracy improves; :func:`load_checkpoint` rebuilds and evaluates a model from such a file alone.
+What a checkpoint holds, how it is written and read safely (``weights_only``, no code runs) and
+how one architecture's checkpoint initializes another (:func:`init_from_checkpoint`) is
+:mod:`wasearch.checkpoint`; its public names are re-exported here, and so is
+``atomic_write_text`` (:mod:`wasearch.fileio`), which older callers import from this module.
 """
 
 from __future__ import annotations
@@ -31,11 +19,10 @@ import io
 import json
 import logging
 import os
-import pickle
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,40 +31,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Arch
-from .cli import UserError
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    TRANSFORMS,
+    CheckpointError,
+    check_init_from,
+    checkpoint_arch,
+    checkpoint_payload,
+    fitting_state,
+    init_from_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .data import BatchLoader, DataSplits, ImageSet
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_text, first_line
 from .models import ResNetWA, build
 from .quant import FakeQuantize
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "Checkpoint",
     "CheckpointError",
+    "DivergenceError",
+    "FitResult",
+    "TrainConfig",
     "atomic_write_text",
     "check_init_from",
     "checkpoint_arch",
     "count_params",
-    "DivergenceError",
-    "FitResult",
-    "TrainConfig",
     "evaluate",
     "fit",
     "init_from_checkpoint",
+    "last_lr",
     "load_checkpoint",
     "read_checkpoint",
+    "save_checkpoint",
     "select_device",
+    "selection_split",
+    "split_loader",
     "warmup_ranges",
 ]
 
 logger = logging.getLogger(__name__)
-#: The checkpoint payload's layout. 1: the entries of :func:`_checkpoint_payload`, all plain data
-#: (weights_only-loadable). Files without ``format`` are read as 1; newer ones are refused.
-CHECKPOINT_FORMAT = 1
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be used: unreadable, needing full unpickling, of a newer format,
-    not a wasearch checkpoint, or not fitting the model. One line that names the file."""
 
 
 class DivergenceError(RuntimeError):
@@ -136,6 +131,10 @@ class FitResult:
 
 @dataclass
 class Checkpoint:
+    """What :func:`load_checkpoint` returns: the rebuilt model (in eval mode) and the run's
+    record. It lives here rather than in :mod:`wasearch.checkpoint` because it holds a
+    :class:`TrainConfig`, which the training loop owns."""
+
     arch: Arch
     model: ResNetWA
     config: TrainConfig
@@ -156,7 +155,7 @@ def select_device(requested: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def _loader(
+def split_loader(
     data: DataSplits,
     split: ImageSet,
     *,
@@ -201,16 +200,6 @@ def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
     return loss_sum / total, correct / total
 
 
-# The one atomic write of the package (wasearch.fileio); the old names stay importable.
-_atomic_write_bytes = atomic_write_bytes
-
-
-def _save_torch(obj: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    _atomic_write_bytes(path, buf.getvalue())
-
-
 def _write_metrics(out_dir: Path, history: list[dict[str, float]]) -> None:
     if not history:
         return
@@ -222,174 +211,6 @@ def _write_metrics(out_dir: Path, history: list[dict[str, float]]) -> None:
     atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
 
 
-def _plain(obj: Any, where: str, *, convert: bool = False) -> Any:
-    """``obj`` as data that ``torch.load(weights_only=True)`` reads on any supported torch.
-
-    Paths become strings, NumPy scalars numbers, a ``Counter`` a dict; with ``convert`` (only
-    :mod:`wasearch.convert`) objects with ``to_dict()``, dataclasses and modules (their state
-    dict) are turned into data too. Anything else raises TypeError naming ``where``: a caller
-    put something into a checkpoint that does not belong there.
-    """
-    if obj is None or isinstance(obj, (torch.Tensor, torch.device, torch.dtype)):
-        return obj
-    if type(obj).__module__.split(".")[0] == "numpy" and getattr(obj, "ndim", None) == 0:
-        return obj.item()  # before float: numpy.float64 is a float subclass
-    for base in (bool, int, float, str, bytes):  # subclasses (enums, numpy) pickle by class
-        if isinstance(obj, base):
-            return obj if type(obj) is base else base(obj)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, Mapping):
-        out = {}
-        for key, value in obj.items():
-            if not isinstance(key, (str, int, float, bool)) and key is not None:
-                raise TypeError(f"{where} has a key of type {type(key).__name__}: {key!r}")
-            out[key] = _plain(value, f"{where}[{key!r}]", convert=convert)
-        return out
-    if isinstance(obj, (list, tuple)):
-        items = [_plain(v, f"{where}[{i}]", convert=convert) for i, v in enumerate(obj)]
-        return items if isinstance(obj, list) else tuple(items)
-    if convert:
-        if isinstance(obj, nn.Module):
-            return dict(obj.state_dict())
-        if callable(getattr(obj, "to_dict", None)):
-            return _plain(obj.to_dict(), where, convert=True)
-        if is_dataclass(obj) and not isinstance(obj, type):
-            return _plain(asdict(obj), where, convert=True)
-        if type(obj).__module__.split(".")[0] == "numpy" and hasattr(obj, "shape"):
-            return torch.from_numpy(obj.copy())
-    raise TypeError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a checkpoint holds only "
-        "tensors, dicts, lists, strings and numbers"
-    )
-
-
-def _checkpoint_payload(
-    model, arch, config, data_info, epoch, best, history, optimizer, scheduler, extra
-) -> dict[str, Any]:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "arch": _plain(arch.to_dict(), "arch"),
-        "config": _plain(config.to_dict(), "config"),
-        "data": _plain(data_info, "data"),
-        "epoch": int(epoch),
-        "best_val_acc": float(best),
-        "history": _plain(history, "history"),
-        "model": model.state_dict(),  # str -> tensor (an OrderedDict: allowed by weights_only)
-        "optimizer": None if optimizer is None else _plain(optimizer.state_dict(), "optimizer"),
-        # MultiStepLR keeps its milestones in a Counter: stored as a dict, restored on resume.
-        "scheduler": None if scheduler is None else _plain(scheduler.state_dict(), "scheduler"),
-        "extra": _plain(extra, "extra"),
-    }
-
-
-# The entries a checkpoint may hold and their types; "arch" and "model" are required.
-_ENTRIES: dict[str, type | tuple[type, ...]] = {
-    "format": int,
-    "arch": dict,
-    "config": dict,
-    "data": dict,
-    "epoch": int,
-    "best_val_acc": (int, float),
-    "history": list,
-    "model": dict,
-    "optimizer": (dict, type(None)),
-    "scheduler": (dict, type(None)),
-    "extra": dict,
-}
-
-
-def _convert_hint(path: Path) -> str:
-    return (
-        f"checkpoint {path} needs full unpickling (written by an older wasearch or another "
-        f"tool); if you trust it, convert it: python -m wasearch.convert {path} NEW.pt"
-    )
-
-
-def _load_error(path: Path, err: Exception) -> CheckpointError:
-    message = str(err)
-    if isinstance(err, pickle.UnpicklingError) and (
-        "Unsupported global" in message or "Unsupported class" in message
-    ):
-        return CheckpointError(_convert_hint(path))
-    # torch's own text is long; keep the line that says what went wrong
-    tail = message.split("WeightsUnpickler error:", 1)[-1]
-    reason = next((ln.strip() for ln in tail.splitlines() if ln.strip()), type(err).__name__)
-    return CheckpointError(
-        f"checkpoint {path} cannot be read (torn, or not a checkpoint): {reason[:200]}"
-    )
-
-
-def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
-    """The payload of a checkpoint, loaded with ``weights_only=True`` and checked for shape.
-
-    Raises FileNotFoundError when there is no file and :class:`CheckpointError` (one line naming
-    the file) when it cannot be used; nothing in the file is executed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a torn, foreign or unsafe file: one line
-        raise _load_error(path, err) from None
-    if not isinstance(payload, dict) or "arch" not in payload or "model" not in payload:
-        raise CheckpointError(f"{path} is not a wasearch checkpoint (no 'arch'/'model' entries)")
-    for key, kind in _ENTRIES.items():
-        if key in payload and (
-            not isinstance(payload[key], kind) or isinstance(payload[key], bool)
-        ):
-            raise CheckpointError(
-                f"{path} is not a wasearch checkpoint: its {key!r} entry is a "
-                f"{type(payload[key]).__name__}"
-            )
-    fmt = payload.get("format", 1)
-    if fmt > CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"checkpoint {path} has format {fmt}, newer than this wasearch reads "
-            f"({CHECKPOINT_FORMAT}); update wasearch to use it"
-        )
-    return payload
-
-
-def _fitting_state(
-    path: str | os.PathLike,
-    state: Mapping[str, Any],
-    own: Mapping[str, torch.Tensor],
-    *,
-    optional: Callable[[str], bool] = lambda key: False,
-) -> dict[str, torch.Tensor]:
-    """The entries of ``state`` for every key of ``own``: present, a tensor of the same shape.
-
-    Keys for which ``optional(key)`` holds are left out (a conversion sets them itself). A
-    missing or mis-shaped key raises :class:`CheckpointError` naming the first few of each.
-    """
-    load, missing, misfit = {}, [], []
-    for key, value in own.items():
-        if optional(key):
-            continue
-        source = state.get(key)
-        if source is None:
-            missing.append(key)
-        elif not isinstance(source, torch.Tensor):
-            misfit.append(f"{key} is a {type(source).__name__} in the checkpoint, not a tensor")
-        elif source.shape != value.shape:
-            misfit.append(
-                f"shape of {key} is {tuple(source.shape)} in the checkpoint and "
-                f"{tuple(value.shape)} in the model"
-            )
-        else:
-            load[key] = source
-    if missing or misfit:
-        parts = []
-        if missing:
-            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-            parts.append(f"missing {', '.join(missing[:3])}{more}")
-        parts += misfit[:3] + ([f"{len(misfit) - 3} more mis-shaped"] if len(misfit) > 3 else [])
-        raise CheckpointError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}")
-    return load
-
-
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the model a checkpoint describes, with its weights, ready to evaluate.
 
@@ -398,7 +219,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     payload = read_checkpoint(path, map_location=device)
     arch = Arch.from_dict(payload["arch"], str(path))
     model = build(arch).to(device)
-    model.load_state_dict(_fitting_state(path, payload["model"], model.state_dict()))
+    model.load_state_dict(fitting_state(path, payload["model"], model.state_dict()))
     model.eval()
     return Checkpoint(
         arch=arch,
@@ -410,78 +231,6 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         history=payload.get("history", []),
         extra=payload.get("extra", {}),
     )
-
-
-_WINOGRAD_DOMAIN = ("weight_wd", "input_wd", "product")
-_TRANSFORMS = ("A_t", "G", "B_t")
-
-
-def _layer_changed(src: Arch, dst: Arch, name: str) -> bool:
-    a, b = src.choice(name), dst.choice(name)
-    return (a.conv, a.tile, a.granularity) != (b.conv, b.tile, b.granularity)
-
-
-def checkpoint_arch(path: str | os.PathLike) -> Arch:
-    """The architecture a checkpoint was trained as; :class:`CheckpointError` if unusable."""
-    return Arch.from_dict(read_checkpoint(path)["arch"], str(path))
-
-
-def check_init_from(model: ResNetWA, path: str | os.PathLike) -> None:
-    """Raise :class:`CheckpointError` where :func:`init_from_checkpoint` would refuse ``path``
-    for ``model``; change nothing. A command line calls it before it prints or writes anything.
-    """
-    _adaptation_state(model, path)
-
-
-def _adaptation_state(model: ResNetWA, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The checkpoint entries that initialize ``model`` (see :func:`init_from_checkpoint`)."""
-    payload = read_checkpoint(path)
-    src_arch = Arch.from_dict(payload["arch"], str(path))
-    dst_arch = model.arch
-    for key in ("backbone", "width", "num_classes"):
-        if getattr(src_arch, key) != getattr(dst_arch, key):
-            raise CheckpointError(
-                f"checkpoint {path} has {key}={getattr(src_arch, key)!r} but the model has "
-                f"{getattr(dst_arch, key)!r}; adaptation needs the same backbone, width, classes"
-            )
-    changed = {n for n in dst_arch.layer_names if _layer_changed(src_arch, dst_arch, n)}
-
-    def set_by_conversion(key: str) -> bool:
-        if ".q_" in key:
-            module_name, rest = key.split(".q_", 1)
-            # Winograd-domain ranges of another algorithm mean nothing here
-            return module_name in changed and rest.split(".")[0] in _WINOGRAD_DOMAIN
-        module_name, leaf = key.rsplit(".", 1)
-        # static transforms stay exact; other tiles' transforms do not apply
-        return leaf in _TRANSFORMS and (
-            module_name in changed or dst_arch.choice(module_name).conv == "static"
-        )
-
-    return _fitting_state(path, payload["model"], model.state_dict(), optional=set_by_conversion)
-
-
-def init_from_checkpoint(model: ResNetWA, path: str | os.PathLike) -> list[str]:
-    """Initialize ``model`` from a checkpoint of another architecture (the adaptation shortcut).
-
-    Every entry the model needs must be in the checkpoint with its shape, except what the
-    conversion sets itself: the transforms of layers whose algorithm changed (and of static
-    layers, which keep their exact values) and the Winograd-domain ranges of layers whose
-    algorithm changed. Returns the names of the quantizers left empty (to be warmed up by
-    :func:`warmup_ranges`). Raises :class:`CheckpointError` (a ValueError) when backbone, width
-    or classes differ, or naming the first missing or mis-shaped entries;
-    :func:`check_init_from` makes the same checks without loading anything.
-    """
-    load = _adaptation_state(model, path)
-    model.load_state_dict(load, strict=False)
-    # Quantizers the checkpoint did not initialize (new stages, or ranges skipped above).
-    empty = []
-    for name, module in model.named_modules():
-        if isinstance(module, FakeQuantize) and module.running and module.bits is not None:
-            key = f"{name}.initialized"
-            if key not in load or not bool(load[key]):
-                module.reset_range()
-                empty.append(name)
-    return empty
 
 
 @torch.no_grad()
@@ -571,13 +320,13 @@ def fit(
     # Flex transforms get their own group only when asked, so older checkpoints still resume.
     own_lr = config.transform_lr is not None
     transforms = [
-        p for n, p in model.named_parameters() if own_lr and n.rsplit(".", 1)[-1] in _TRANSFORMS
+        p for n, p in model.named_parameters() if own_lr and n.rsplit(".", 1)[-1] in TRANSFORMS
     ]
     no_decay = [
         p
         for n, p in model.named_parameters()
         if not (p.ndim > 1 and n.endswith("weight"))
-        and not (own_lr and n.rsplit(".", 1)[-1] in _TRANSFORMS)
+        and not (own_lr and n.rsplit(".", 1)[-1] in TRANSFORMS)
     ]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
@@ -587,11 +336,11 @@ def fit(
         groups.append({"params": transforms, "weight_decay": 0.0, "lr": config.transform_lr})
     optimizer = torch.optim.Adam(groups, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, _milestones(config), gamma=0.1)
-    train_loader = _loader(
+    train_loader = split_loader(
         data, data.train, batch_size=config.batch_size, train=True, device=device, seed=config.seed
     )
     val_split = selection_split(data)
-    val_loader = _loader(
+    val_loader = split_loader(
         data, val_split, batch_size=config.eval_batch_size, train=False, device=device
     )
 
@@ -603,7 +352,7 @@ def fit(
         payload = read_checkpoint(last, map_location=device)
         if Arch.from_dict(payload["arch"], str(last)) != model.arch:
             raise ValueError(f"{last} holds another architecture; cannot resume into it")
-        model.load_state_dict(_fitting_state(last, payload["model"], model.state_dict()))
+        model.load_state_dict(fitting_state(last, payload["model"], model.state_dict()))
         try:
             optimizer.load_state_dict(payload["optimizer"])
             sched = dict(payload["scheduler"])
@@ -616,7 +365,7 @@ def fit(
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(
                 f"checkpoint {last} cannot be resumed here (its optimizer, scheduler or history "
-                f"does not fit this run: {type(err).__name__}: {_first_line(err)})"
+                f"does not fit this run: {type(err).__name__}: {first_line(err)})"
             ) from None
         extra = {**payload.get("extra", {}), **extra}
         log(f"resuming {out} at epoch {start_epoch}/{config.epochs}")
@@ -685,7 +434,7 @@ def fit(
         if improved:
             best, best_epoch = val_acc, epoch
         if out is not None:
-            payload = _checkpoint_payload(
+            payload = checkpoint_payload(
                 model,
                 model.arch,
                 config,
@@ -697,9 +446,9 @@ def fit(
                 scheduler,
                 extra,
             )
-            _save_torch(payload, out / "last.pt")
+            save_checkpoint(payload, out / "last.pt")
             if improved:
-                _save_torch(payload, out / "best.pt")
+                save_checkpoint(payload, out / "best.pt")
             _write_metrics(out, history)
         log(
             f"epoch {epoch}/{config.epochs}  lr {lr:.2e}  train loss {row['train_loss']:.4f} "
@@ -716,11 +465,6 @@ def fit(
         seconds=time.perf_counter() - t_start,
         out_dir=out,
     )
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def _progress(total: int, desc: str, enabled: bool):

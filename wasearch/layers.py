@@ -22,13 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .geometry import CONV_KINDS, GRANULARITIES, MAX_TILE
 from .quant import FakeQuantize, check_bits
-from .winograd import MAX_TILE, transform_matrices, winograd_conv2d
+from .winograd import transform_matrices, winograd_conv2d
 
 __all__ = ["CONV_KINDS", "GRANULARITIES", "Conv2d", "Linear", "WinogradConv2d"]
-
-CONV_KINDS = ("normal", "static", "flex")
-GRANULARITIES = ("tensor", "tap")
 
 
 class Conv2d(nn.Conv2d):

@@ -7,71 +7,33 @@ ResNet-18 uses a stride-2 3x3 convolution the block starts with a 2x2 max-pool a
 paths continue at stride 1 (the paper's code does the same); the projection shortcut is a 1x1
 quantized direct convolution. Every 3x3 convolution inside a block is *searchable*: its kind
 (normal, static or flex Winograd), tile and bit-width come from the ``Arch``.
+
+The geometry (stages, channels, the searchable convolutions and their input sizes) lives in the
+torch-free :mod:`wasearch.geometry`, which ``wasearch.arch`` reads without importing this module;
+``BACKBONES``, ``ConvSpec`` and ``searchable_convs`` stay importable from here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .geometry import (
+    BACKBONES,
+    BLOCKS_PER_STAGE,
+    STAGES,
+    ConvSpec,
+    scaled_channels,
+    searchable_convs,
+)
 from .layers import Conv2d, WinogradConv2d
 
 if TYPE_CHECKING:
     from .arch import Arch, LayerChoice
 
 __all__ = ["BACKBONES", "ConvSpec", "ResNetWA", "build", "searchable_convs", "make_conv"]
-
-BACKBONES = ("resnet18",)
-_STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels at width 1, first-block stride)
-_BLOCKS_PER_STAGE = 2
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """A searchable convolution: its module name and input geometry (per image)."""
-
-    name: str
-    in_channels: int
-    out_channels: int
-    height: int
-    width: int
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (self.in_channels, self.out_channels, self.height, self.width)
-
-
-def _channels(base: int, width: float) -> int:
-    return max(1, int(round(base * width)))
-
-
-def _check_backbone(backbone: str) -> None:
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; available: {', '.join(BACKBONES)}")
-
-
-def searchable_convs(
-    backbone: str = "resnet18", width: float = 0.5, input_size: int = 32
-) -> list[ConvSpec]:
-    """The searchable convolutions of a backbone, in forward order, with their input geometry."""
-    _check_backbone(backbone)
-    if not 0 < width < float("inf"):  # false for nan too
-        raise ValueError(f"width={width!r} must be a positive finite number")
-    specs = []
-    c_in = _channels(64, width)
-    size = input_size
-    for s, (base, stride) in enumerate(_STAGES, start=1):
-        c_out = _channels(base, width)
-        for b in range(_BLOCKS_PER_STAGE):
-            if b == 0 and stride == 2:
-                size //= 2
-            specs.append(ConvSpec(f"layer{s}.{b}.conv1", c_in, c_out, size, size))
-            specs.append(ConvSpec(f"layer{s}.{b}.conv2", c_out, c_out, size, size))
-            c_in = c_out
-    return specs
 
 
 def make_conv(in_channels: int, out_channels: int, choice: LayerChoice) -> nn.Module:
@@ -129,15 +91,15 @@ class ResNetWA(nn.Module):
         super().__init__()
         arch.validate()
         self.arch = arch
-        stem = _channels(64, arch.width)
+        stem = scaled_channels(64, arch.width)
         self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)  # floating point, as in the paper
         self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU(inplace=True)
         c_in = stem
-        for s, (base, stride) in enumerate(_STAGES, start=1):
-            c_out = _channels(base, arch.width)
+        for s, (base, stride) in enumerate(STAGES, start=1):
+            c_out = scaled_channels(base, arch.width)
             blocks = []
-            for b in range(_BLOCKS_PER_STAGE):
+            for b in range(BLOCKS_PER_STAGE):
                 prefix = f"layer{s}.{b}"
                 blocks.append(
                     BasicBlock(

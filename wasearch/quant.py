@@ -29,10 +29,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .geometry import MAX_BITS, MIN_BITS
+
 __all__ = ["MIN_BITS", "MAX_BITS", "FakeQuantize", "check_bits", "fake_quantize", "qmax"]
 
-MIN_BITS = 2
-MAX_BITS = 16
 _EPS = 1e-12
 
 

@@ -28,8 +28,6 @@ from .engine import (
     CheckpointError,
     DivergenceError,
     TrainConfig,
-    _loader,
-    atomic_write_text,
     check_init_from,
     checkpoint_arch,
     count_params,
@@ -37,8 +35,9 @@ from .engine import (
     fit,
     load_checkpoint,
     select_device,
+    split_loader,
 )
-from .fileio import refused_writes_as_user_errors
+from .fileio import atomic_write_text, refused_writes_as_user_errors
 from .models import build, searchable_convs
 
 __all__ = ["build_parser", "main", "summary_table"]
@@ -399,7 +398,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     best = load_checkpoint(run_dir / "best.pt", device=device)
-    test_loader = _loader(
+    test_loader = split_loader(
         data, data.test, batch_size=config.eval_batch_size, train=False, device=device
     )
     test_loss, test_acc = evaluate(best.model, test_loader)

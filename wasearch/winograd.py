@@ -41,6 +41,8 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+from .geometry import MAX_TILE
+
 __all__ = [
     "DEFAULT_POINTS",
     "MAX_TILE",
@@ -57,8 +59,6 @@ __all__ = [
 DEFAULT_POINTS: tuple[Fraction, ...] = tuple(
     Fraction(p) for p in ("0", "1", "-1", "2", "-2", "1/2", "-1/2", "3", "-3")
 )
-#: The largest output tile this module builds transforms for (as documented in the README).
-MAX_TILE = 8
 
 Rational = Fraction | int | str
 

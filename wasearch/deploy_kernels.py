@@ -1,0 +1,414 @@
+"""Deploy kernels: the real convolutions a deployed network runs, float32 and 8-bit.
+
+:mod:`wasearch.deploy` converts a trained network into modules of this file; the latency models
+(``wasearch.latency``) time them one by one. Direct convolutions are
+``torch.nn.functional.conv2d``; Winograd F(m x m, 3 x 3) (Lavin & Gray, CVPR 2016, equation (8))
+transforms the filters once, gathers input tiles, applies ``B^T d B``, multiplies in the Winograd
+domain as one batched GEMM over the ``(m + 2)^2`` tile positions and applies ``A^T M A``.
+
+Kernel layout (measured on a 2-core AVX2 machine; see ``benchmarks/kernels.py``): the network
+runs in channels-last memory format, so a tile gather copies contiguous runs of channels and the
+untiling writes them; each 2-D transform is two small GEMMs (one per axis) for F4 and larger,
+where the Kronecker form ``kron(B^T, B^T)`` does 3-4x more multiply-adds, and the Kronecker form
+for F2, where the two are equal and one GEMM is cheaper than two; large batches run in groups of
+images of about ``CHUNK_TILES`` tiles so the intermediate tensors stay in cache.
+
+**8-bit.** Where this machine has an integer kernel, 8-bit layers use it:
+``torch.ops.onednn.qconv2d_pointwise`` (uint8 activations x int8 weights, int32 accumulation,
+float32 output) for direct convolutions, and the same kernel as a grouped 1x1 convolution (one
+group per tile position) for the Winograd-domain product. ``torch._int_mm`` exists on the CPU but
+is a reference loop about 40x slower than float32 ``matmul`` here, so it is not used. Without
+VNNI (AVX2 only) the u8 x s8 instruction saturates when both operands use their full range, so
+one side keeps 7 bits: non-negative activations (post-ReLU inputs) use levels 0..127, which is
+exactly the 8-bit symmetric grid of such data, with 8-bit weights; signed activations (the
+Winograd-domain input) keep 8 bits (zero point 128) and the weights 7. Weights are quantized per
+output channel after BN folding, activations per tensor with the range the training quantizers
+learned (or measured on a calibration batch), so an 8-bit deploy model approximates, and does not
+bit-match, the fake-quantized training model (Jacob et al., CVPR 2018, describe the scheme).
+Bit-widths with no integer kernel here (e.g. 4, 16) run in float32 and are reported in
+``DeployResNet.substituted``; the latency models price them analytically and flag them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .winograd import tile_counts
+
+__all__ = [
+    "CHUNK_TILES",
+    "DirectConv",
+    "Head",
+    "WinogradConv",
+    "has_int_kernel",
+    "int8_available",
+    "winograd_deploy_conv2d",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Tiles from which the separable (two-GEMM) transform is used; below, the Kronecker form.
+_SEPARABLE_FROM_TILE = 4
+#: Tiles per group of images the Winograd pipeline runs on (see ``winograd_deploy_conv2d``):
+#: 256 tiles keep a group's Winograd-domain tensors near 2 MB for 64 channels, so they stay in
+#: cache between the stages, while the per-position GEMMs stay large enough to be efficient
+#: (2-core AVX2 machine, batch 32, F4, time relative to conv2d: 64 channels at 32x32 from 2.5x
+#: with the whole batch at once to 1.1x; 64 at 16x16 from 1.4x to 0.9x).
+CHUNK_TILES = 256
+
+
+# -- capability probes ---------------------------------------------------------------------------
+@functools.cache
+def int8_available() -> bool:
+    """Whether oneDNN's int8 convolution runs, and computes exactly, on this CPU and build."""
+    try:
+        x = torch.randint(0, 128, (1, 4, 5, 5), dtype=torch.uint8)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randint(-127, 128, (3, 4, 3, 3), dtype=torch.int8)
+        scales = torch.full((3,), 0.01)
+        y = _qconv(x, 0.02, 0, _qprepack(w, scales, 0.02, 0, 1, 1), scales, None, 1, 1)
+        ref = F.conv2d(x.float() * 0.02, w.float() * 0.01, padding=1)
+        return bool(torch.allclose(y, ref, rtol=1e-4, atol=1e-4))
+    except (RuntimeError, AttributeError, NotImplementedError) as err:
+        logger.info("no int8 convolution kernel on this build: %s", err)
+        return False
+
+
+def has_int_kernel(bits: int | None, device: str | torch.device = "cpu") -> bool:
+    """True when a layer of ``bits`` runs on a real kernel of its own precision here.
+
+    Floating point always does; 8-bit does on the CPU when :func:`int8_available`; every other
+    bit-width (and 8-bit on CUDA, where no int8 convolution is wired up) does not.
+    """
+    if bits is None:
+        return True
+    return bits == 8 and torch.device(device).type == "cpu" and int8_available()
+
+
+# -- integer kernels (oneDNN) --------------------------------------------------------------------
+def _qprepack(
+    w: torch.Tensor, scales: torch.Tensor, x_scale: float, x_zp: int, padding: int, groups: int
+) -> torch.Tensor:
+    return torch.ops.onednn.qconv_prepack(
+        w, scales, float(x_scale), int(x_zp), [1, 1], [padding, padding], [1, 1], groups, None
+    )
+
+
+def _qconv(
+    qx: torch.Tensor,
+    x_scale: float,
+    x_zp: int,
+    packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: int,
+    groups: int,
+) -> torch.Tensor:
+    zps = torch.zeros(w_scales.shape, dtype=torch.int64)
+    return torch.ops.onednn.qconv2d_pointwise(
+        qx,
+        float(x_scale),
+        int(x_zp),
+        packed,
+        w_scales,
+        zps,
+        bias,
+        [1, 1],
+        [padding, padding],
+        [1, 1],
+        groups,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
+    )
+
+
+def _quantize_weight(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantization to ``[-levels, levels]``: (int8, scales)."""
+    amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1).clamp_min(1e-12)
+    scales = (amax / levels).float()
+    q = torch.round(w / scales.view(-1, *([1] * (w.dim() - 1)))).clamp_(-levels, levels)
+    return q.to(torch.int8), scales
+
+
+def _quantize_act(
+    x: torch.Tensor, scale: float, zero_point: int, top: int, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Round ``x / scale + zero_point`` into ``[0, top]`` as uint8 (``out``: a float buffer)."""
+    t = torch.mul(x, 1.0 / scale, out=out) if out is not None else x * (1.0 / scale)
+    t.round_()
+    if zero_point:
+        t.add_(zero_point)
+    return t.clamp_(0, top).to(torch.uint8)
+
+
+class _ActRange:
+    """An activation's quantization range: fixed (from training or calibration), else per call."""
+
+    def __init__(self, amax: float | None) -> None:
+        self.amax = None if amax is None else float(amax)
+
+    def scale(self, x: torch.Tensor, levels: int) -> float:
+        amax = self.amax if self.amax is not None else float(x.detach().abs().max())
+        return max(amax, 1e-12) / levels
+
+
+# -- modules -------------------------------------------------------------------------------------
+class DirectConv(nn.Module):
+    """Direct convolution (any kernel size, stride 1): float32, or 8-bit on oneDNN.
+
+    ``weight``/``bias`` already carry the folded BatchNorm. ``bits=8`` needs
+    :func:`int8_available`; ``act_amax`` fixes the input range (None: measured on every call).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        padding: int,
+        bits: int | None = None,
+        act_amax: float | None = None,
+        signed_input: bool = False,
+    ) -> None:
+        super().__init__()
+        if bits not in (None, 8):
+            raise ValueError(f"bits={bits!r}: DirectConv runs float32 (None) or 8-bit")
+        self.in_channels = weight.shape[1]
+        self.out_channels = weight.shape[0]
+        self.kernel_size = weight.shape[2]
+        self.padding = padding
+        self.bits = bits
+        self.signed_input = signed_input
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        if bits is None:
+            self.register_buffer("weight", weight.detach().float().clone())
+            return
+        # 7 bits on one side keeps AVX2's u8 x s8 pair sums inside int16 (see the module doc).
+        self.x_zp, self.x_top, self.x_levels = (128, 255, 127) if signed_input else (0, 127, 127)
+        w_levels = 63 if signed_input else 127
+        self.range = _ActRange(act_amax)
+        qw, scales = _quantize_weight(weight.detach().float(), w_levels)
+        self.register_buffer("w_scales", scales)
+        self.register_buffer("qweight", qw)
+        self._packed: dict[float, torch.Tensor] = {}
+
+    def extra_repr(self) -> str:
+        kind = "float32" if self.bits is None else "int8 (oneDNN)"
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel={self.kernel_size}, "
+            f"padding={self.padding}, {kind}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits is None:
+            return F.conv2d(x, self.weight, self.bias, padding=self.padding)
+        scale = self.range.scale(x, self.x_levels)
+        packed = self._packed.get(scale)
+        if packed is None:  # prepacking depends on the input scale; fixed ranges pack once
+            packed = _qprepack(self.qweight, self.w_scales, scale, self.x_zp, self.padding, 1)
+            if self.range.amax is not None:
+                self._packed = {scale: packed}
+        qx = _quantize_act(
+            x.contiguous(memory_format=torch.channels_last), scale, self.x_zp, self.x_top
+        )
+        return _qconv(qx, scale, self.x_zp, packed, self.w_scales, self.bias, self.padding, 1)
+
+
+def _apply_2d(
+    mat: torch.Tensor, kron: torch.Tensor | None, t: torch.Tensor, a: int, x: int
+) -> torch.Tensor:
+    """``mat t mat^T`` for every column of ``t`` laid out as (a, a, x): returns (r, r, x)."""
+    r = mat.shape[0]
+    if kron is not None:  # one GEMM with the (r^2, a^2) Kronecker matrix
+        return (kron @ t.reshape(a * a, x)).view(r, r, x)
+    t1 = (mat @ t.reshape(a, a * x)).view(r, a, x)  # first axis
+    return torch.matmul(mat, t1)  # second axis: r GEMMs (r, a) @ (a, x) -> (r, r, x)
+
+
+def winograd_deploy_conv2d(
+    x: torch.Tensor,
+    u_t: torch.Tensor,
+    A_t: torch.Tensor,
+    B_t: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    kron_a: torch.Tensor | None = None,
+    kron_b: torch.Tensor | None = None,
+    product: Any = None,
+    chunk_tiles: int | None = CHUNK_TILES,
+) -> torch.Tensor:
+    """3x3, stride-1, padding-1 convolution as Winograd F(m x m, 3 x 3), weights pre-transformed.
+
+    Args:
+        x: (N, C, H, W); fastest in channels-last memory format.
+        u_t: the filters in the Winograd domain, ``G g G^T`` laid out as (alpha^2, C, K).
+        A_t, B_t: output (m, alpha) and input (alpha, alpha) transforms.
+        bias: (K,) added to the output.
+        kron_a, kron_b: ``kron(A_t, A_t)`` and ``kron(B_t, B_t)`` to apply a 2-D transform as one
+            GEMM; when None the transform runs as two GEMMs, one per axis.
+        product: replaces the float32 Winograd-domain GEMM: a callable
+            ``(v (alpha^2, tiles, C)) -> (alpha^2, tiles, K)`` (the 8-bit kernel).
+        chunk_tiles: run the pipeline on groups of whole images holding at least this many tiles,
+            so that the Winograd-domain tensors of a group stay in cache between the stages
+            (None: all images at once).
+
+    Returns (N, K, H, W) in channels-last memory format (a cropped view when H or W is not a
+    multiple of m).
+    """
+    n, c, h, w = x.shape
+    m, a = A_t.shape
+    a2 = a * a
+    th, tw = tile_counts(h, w, m)
+    per_image = th * tw
+    step = n if not chunk_tiles else min(n, max(1, -(-chunk_tiles // per_image)))
+
+    # Tiles: alpha x alpha windows, stride m, of the input padded by 1 (the conv's padding) and
+    # bottom/right up to whole tiles; gathered from NHWC so each copy moves C contiguous values.
+    xp = F.pad(x, (1, tw * m + 1 - w, 1, th * m + 1 - h)).permute(0, 2, 3, 1)  # (N, Hp, Wp, C)
+    if not xp.is_contiguous():
+        xp = xp.contiguous()
+    s_n, s_h, s_w, s_c = xp.stride()
+    out = None
+    for i in range(0, n, step):
+        nb = min(step, n - i)
+        nt = nb * per_image
+        tiles = xp.as_strided(
+            (a, a, nb, th, tw, c),
+            (s_h, s_w, s_n, m * s_h, m * s_w, s_c),
+            xp.storage_offset() + i * s_n,
+        ).contiguous()  # (a, a, nb, th, tw, C)
+        v = _apply_2d(B_t, kron_b, tiles, a, nt * c).view(a2, nt, c)  # B^T d B
+        # (a2, NT, K): the Hadamard product summed over C, one GEMM per tile position
+        mprod = torch.bmm(v, u_t) if product is None else product(v)
+        k = mprod.shape[2]
+        y = _apply_2d(A_t, kron_a, mprod, a, nt * k)  # (m, m, NT*K): A^T M A
+        if out is None:
+            out = torch.empty((n, th, m, tw, m, k), dtype=y.dtype, device=y.device)
+        yv = y.view(m, m, nb, th, tw, k).permute(2, 3, 0, 4, 1, 5)
+        if bias is None:
+            out[i : i + nb].copy_(yv)
+        else:
+            torch.add(yv, bias, out=out[i : i + nb])  # the untiling copy and the bias in one pass
+    out = out.view(n, th * m, tw * m, out.shape[-1])
+    if th * m != h or tw * m != w:
+        out = out[:, :h, :w]
+    return out.permute(0, 3, 1, 2)
+
+
+class WinogradConv(nn.Module):
+    """Winograd F(m x m, 3 x 3) deploy kernel: weights transformed once, at construction.
+
+    Args:
+        weight: (K, C, 3, 3) with the BatchNorm folded in; bias likewise.
+        A_t, G, B_t: the transforms (static Cook-Toom or learned flex values).
+        bits: None (float32) or 8 (the Winograd-domain product on oneDNN's int8 kernel).
+        act_amax: the range of the Winograd-domain input ``B^T d B`` for 8-bit: a number, or one
+            per tile position (alpha^2,); None: measured per call.
+        transform: ``"auto"`` (two GEMMs per 2-D transform from F4 up, Kronecker below),
+            ``"kron"`` or ``"separable"``.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        A_t: torch.Tensor,
+        G: torch.Tensor,
+        B_t: torch.Tensor,
+        *,
+        bits: int | None = None,
+        act_amax: float | torch.Tensor | None = None,
+        transform: str = "auto",
+    ) -> None:
+        super().__init__()
+        if bits not in (None, 8):
+            raise ValueError(f"bits={bits!r}: WinogradConv runs float32 (None) or 8-bit")
+        if transform not in ("auto", "kron", "separable"):
+            raise ValueError(f"transform={transform!r}; use 'auto', 'kron' or 'separable'")
+        k, c = weight.shape[:2]
+        m, a = A_t.shape
+        self.in_channels, self.out_channels, self.tile, self.bits = c, k, m, bits
+        A_t, G, B_t = (t.detach().float() for t in (A_t, G, B_t))
+        w = weight.detach().float()
+        u = (torch.kron(G, G) @ w.reshape(k * c, 9).t()).reshape(a * a, k, c)  # U = G g G^T
+        self.register_buffer("A_t", A_t.clone())
+        self.register_buffer("B_t", B_t.clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        kron = transform == "kron" or (transform == "auto" and m < _SEPARABLE_FROM_TILE)
+        self.register_buffer("kron_a", torch.kron(A_t, A_t) if kron else None)
+        self.register_buffer("kron_b", torch.kron(B_t, B_t) if kron else None)
+        if bits is None:
+            self.register_buffer("u_t", u.transpose(1, 2).contiguous())  # (a2, C, K)
+            return
+        # The Winograd-domain input is signed: 8 bits (zero point 128), weights 7 (module doc).
+        # Its scales are per tile position (the positions' ranges differ by orders of magnitude),
+        # which a per-tensor kernel takes by quantizing v_p / s_p and multiplying the product of
+        # position p by s_p afterwards, in the copy that reorders it anyway.
+        if act_amax is not None:
+            act_amax = torch.as_tensor(act_amax, dtype=torch.float32).expand(a * a).clone()
+        self.register_buffer("act_amax", act_amax)
+        qu, scales = _quantize_weight(u.reshape(a * a * k, c, 1, 1), 63)
+        self.register_buffer("u_scales", scales)
+        self.register_buffer("qu", qu)
+        self.packed = _qprepack(qu, scales, 1.0, 128, 0, a * a)
+
+    def extra_repr(self) -> str:
+        kind = "float32" if self.bits is None else "int8 product (oneDNN)"
+        form = "kron" if self.kron_a is not None else "separable"
+        return (
+            f"{self.in_channels}, {self.out_channels}, F({self.tile}x{self.tile}, 3x3), "
+            f"{kind}, {form} transforms"
+        )
+
+    def _int8_product(self, v: torch.Tensor) -> torch.Tensor:
+        a2, nt, c = v.shape
+        amax = self.act_amax
+        if amax is None:  # no trained or calibrated range: this batch's, per position
+            amax = v.detach().abs().reshape(a2, -1).amax(dim=1)
+        scale = amax.clamp_min(1e-12) / 127  # (a2,)
+        # Quantize straight into the (NT, a2, C) layout that the grouped 1x1 convolution reads as
+        # channels-last (1, a2*C, NT, 1): one group per tile position.
+        buf = torch.empty((nt, a2, c), dtype=v.dtype, device=v.device)
+        torch.mul(v.permute(1, 0, 2), (1.0 / scale).view(1, a2, 1), out=buf)
+        q = _quantize_act(buf, 1.0, 128, 255, out=buf)
+        q = q.as_strided((1, a2 * c, nt, 1), (nt * a2 * c, 1, a2 * c, a2 * c))
+        mprod = _qconv(q, 1.0, 128, self.packed, self.u_scales, None, 0, a2)  # (1, a2*K, NT, 1)
+        k = mprod.shape[1] // a2
+        out = torch.empty((a2, nt, k), dtype=mprod.dtype, device=mprod.device)
+        mv = mprod.as_strided((nt, a2, k), (a2 * k, k, 1)).permute(1, 0, 2)
+        return torch.mul(mv, scale.view(a2, 1, 1), out=out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        return winograd_deploy_conv2d(
+            x,
+            self.u_t if self.bits is None else self.qu,
+            self.A_t,
+            self.B_t,
+            bias=self.bias,
+            kron_a=self.kron_a,
+            kron_b=self.kron_b,
+            product=None if self.bits is None else self._int8_product,
+        )
+
+
+class Head(nn.Module):
+    """Global average pooling and the float classifier."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.mean(dim=(2, 3)), self.weight, self.bias)

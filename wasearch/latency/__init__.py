@@ -4,6 +4,8 @@ Three implementations behind one interface (:class:`LatencyModel`): ``analytical
 counts and a device profile), ``table`` (any CSV in the documented schema) and ``measured`` (a
 table of the deploy kernels timed on this machine, extended on demand). Build one from a search
 space's ``latency:`` mapping with :func:`load_latency_model`; see docs/latency.md.
+``search.py measure`` builds the table of a space parsed by :func:`wasearch.search.load_space`
+(:meth:`MeasurePlan.for_space`).
 """
 
 from __future__ import annotations
@@ -21,19 +23,11 @@ from .analytical import (
 )
 from .base import LatencyEntry, LatencyError, LatencyModel, LatencyReport, format_latency_table
 from .factory import MODEL_KEYS, load_latency_model
-from .measure import (
-    MeasuredModel,
-    MeasurePlan,
-    NetworkTimer,
-    comparison_table,
-    device_identity,
-    measure_plan,
-    measure_table,
-    time_callable,
-    time_network_ops,
-)
+from .measure import MeasuredModel, measure_plan, measure_table
 from .ops import NetOp, OpKey, conv_key, network_ops
+from .plan import MeasurePlan, comparison_table
 from .table import LatencyTable, Row, TableModel
+from .timing import NetworkTimer, device_identity, time_callable, time_network_ops
 
 __all__ = [
     "MODEL_KEYS",

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import UserError
-from ..fileio import load_yaml
 
 __all__ = ["register"]
 
@@ -27,7 +26,11 @@ def register(subparsers: Any) -> None:
         "uniform deploy networks, and write a latency table (CSV). An existing table is "
         "extended; present rows are kept unless --remeasure.",
     )
-    p.add_argument("space", help="search space YAML (reads model:, choices:, latency:)")
+    p.add_argument(
+        "space",
+        help="search space YAML, validated as `search.py run` does (reads model:, "
+        "choices:, latency:)",
+    )
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where to time (default: cpu)"
     )
@@ -86,25 +89,15 @@ def register(subparsers: Any) -> None:
     c.set_defaults(func=_calibrate)
 
 
-def _load_space(path: str) -> dict[str, Any]:
-    data = load_yaml(path, what="search space")  # strict; an InputFileError is a UserError
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping (model:, choices:, latency:)")
-    return data
-
-
 def _measure(args: argparse.Namespace) -> int:
     import torch
 
     from .. import deploy
-    from .measure import (
-        MeasurePlan,
-        comparison_table,
-        device_identity,
-        device_slug,
-        measure_plan,
-    )
+    from ..search.space import load_space
+    from .measure import measure_plan
+    from .plan import MeasurePlan, comparison_table
     from .table import LatencyTable, TableModel
+    from .timing import device_identity, device_slug
 
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be >= 1")
@@ -112,7 +105,10 @@ def _measure(args: argparse.Namespace) -> int:
         raise UserError(f"--repeats {args.repeats}: must be >= 1")
     if args.batch is not None and args.batch < 1:
         raise UserError(f"--batch {args.batch}: must be >= 1")
-    plan = MeasurePlan.from_space(_load_space(args.space), source=args.space)
+    # The one parser: every mistake in the space is one line naming the file and the key. The
+    # table may not exist yet: this command builds it.
+    space = load_space(args.space, require_latency_table=False)
+    plan = MeasurePlan.for_space(space)
     batch = args.batch or plan.batch
     out = args.out
     if out is None and plan.latency.get("kind") in ("measured", "table"):

@@ -1,0 +1,235 @@
+"""Timing on this machine: who measured (the machine's identity) and how (the harness).
+
+:func:`time_callable` times one kernel in a loop: warm-up calls, then ``repeats`` samples of
+enough calls to last ``min_sample_s`` each. :class:`NetworkTimer` times a whole deploy network
+operation by operation, in place. :class:`Timing` keeps the samples and the statistics a table
+row can store of them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import deploy
+from ..arch import Arch
+from .ops import OpKey, network_ops
+
+__all__ = [
+    "STATS",
+    "NetworkTimer",
+    "Timing",
+    "device_identity",
+    "device_slug",
+    "time_callable",
+    "time_network_ops",
+]
+
+
+# -- machine identity ----------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_identity(
+    device: str | torch.device = "cpu", *, threads: int | None = None
+) -> dict[str, str]:
+    """``device`` (CPU model, or GPU name), ``cores`` (logical CPUs), ``threads``, ``torch``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = f"cuda: {torch.cuda.get_device_name(dev)}"
+    else:
+        name = f"cpu: {_cpu_model()}"
+    return {
+        "device": name,
+        "cores": str(os.cpu_count() or 0),
+        "threads": str(threads if threads is not None else torch.get_num_threads()),
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+def device_slug(device: str | torch.device = "cpu", *, threads: int | None = None) -> str:
+    """A file-name-safe name of this machine, e.g. ``cpu-amd-epyc-2t``."""
+    ident = device_identity(device, threads=threads)
+    slug = re.sub(r"[^a-z0-9]+", "-", ident["device"].lower()).strip("-")
+    return f"{slug[:40].rstrip('-')}-{ident['threads']}t"
+
+
+# -- timing --------------------------------------------------------------------------------------
+#: Statistics a table row can keep of its samples (the ``stat`` column).
+STATS = ("median", "mean", "min")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call times of ``repeats`` samples of ``number`` calls each.
+
+    ``median`` is robust to the occasional preempted sample; ``mean`` is additive (the mean
+    of a network's operations sums to the network's mean, which medians do not when other
+    processes interrupt random operations); ``min`` estimates the uninterrupted time.
+    """
+
+    samples: tuple[float, ...]
+    number: int = 1  # calls per sample
+
+    @property
+    def repeats(self) -> int:
+        return len(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range (the full range below 4 samples)."""
+        s = sorted(self.samples)
+        if len(s) >= 4:
+            q = statistics.quantiles(s, n=4)
+            return q[2] - q[0]
+        return s[-1] - s[0]
+
+    def stat(self, name: str) -> float:
+        if name not in STATS:
+            raise ValueError(f"stat={name!r}; use one of {', '.join(STATS)}")
+        return getattr(self, name)
+
+
+def time_callable(
+    fn: Callable[[], Any],
+    *,
+    repeats: int = 15,
+    warmup: int = 3,
+    warmup_s: float = 0.03,
+    min_sample_s: float = 2e-3,
+    device: str | torch.device = "cpu",
+) -> Timing:
+    """Time ``fn()``: at least ``warmup`` calls and ``warmup_s`` seconds of warm-up (oneDNN
+    creates its primitives, caches fill), then ``repeats`` samples of ``number`` calls each,
+    where ``number`` makes a sample last about ``min_sample_s`` (timer resolution, call noise)."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats!r} must be >= 1")
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with torch.inference_mode():
+        fn()  # the first call pays one-off costs: keep it out of the estimate
+        sync()
+        calls, t0 = 0, time.perf_counter()
+        while calls < max(warmup, 1) or time.perf_counter() - t0 < warmup_s:
+            fn()
+            sync()
+            calls += 1
+        per_call = (time.perf_counter() - t0) / calls
+        number = max(1, math.ceil(min_sample_s / max(per_call, 1e-9)))
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            sync()
+            samples.append((time.perf_counter() - t0) / number)
+    return Timing(tuple(samples), number)
+
+
+class NetworkTimer:
+    """The deploy model of ``arch`` on a random input, timed operation by operation *in place*.
+
+    :meth:`run` makes forward passes with a clock read after each operation
+    (``DeployResNet.forward``'s ``tick``); :meth:`run_total` times plain forward passes end to
+    end. In place, each operation runs with the caches and allocator state a real forward pass
+    leaves it, which timing one kernel alone in a loop does not reproduce.
+    """
+
+    def __init__(self, arch: Arch, *, batch: int = 1, device: str | torch.device = "cpu") -> None:
+        from ..models import build
+
+        self.arch = arch
+        self.device = torch.device(device)
+        self.x = torch.randn(batch, 3, arch.input_size, arch.input_size, device=self.device)
+        quantized = any(c.bits is not None for _, c in arch) or arch.default.bits is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # substitutions are reported by the caller
+            self.deployed = deploy.to_deploy(
+                build(arch).eval().to(self.device), calibration=self.x if quantized else None
+            )
+        self.keys = {op.name: op.key.with_batch(batch) for op in network_ops(arch)}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def warmup(self, seconds: float = 0.05) -> NetworkTimer:
+        with torch.inference_mode():
+            t0, runs = time.perf_counter(), 0
+            while runs < 2 or time.perf_counter() - t0 < seconds:
+                self.deployed(self.x)
+                runs += 1
+            self._sync()
+        return self
+
+    def run(self, repeats: int = 1) -> dict[OpKey, list[float]]:
+        """Per-operation samples of ``repeats`` passes (layers sharing a key pool theirs)."""
+        samples: dict[OpKey, list[float]] = {}
+        clock = [0.0]
+
+        def tick(name: str) -> None:
+            self._sync()
+            now = time.perf_counter()
+            samples.setdefault(self.keys[name], []).append(now - clock[0])
+            clock[0] = now
+
+        with torch.inference_mode():
+            for _ in range(repeats):
+                clock[0] = time.perf_counter()
+                self.deployed(self.x, tick)
+        return samples
+
+    def run_total(self, repeats: int = 1) -> list[float]:
+        """End-to-end seconds of ``repeats`` plain forward passes."""
+        out = []
+        with torch.inference_mode():
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.deployed(self.x)
+                self._sync()
+                out.append(time.perf_counter() - t0)
+        return out
+
+
+def time_network_ops(
+    arch: Arch,
+    *,
+    batch: int = 1,
+    device: str | torch.device = "cpu",
+    repeats: int = 15,
+    warmup_s: float = 0.05,
+) -> dict[OpKey, list[float]]:
+    """Per-operation samples of ``repeats`` forward passes of ``arch``'s deploy model, timed in
+    place (see :class:`NetworkTimer`), after ``warmup_s`` seconds of warm-up."""
+    timer = NetworkTimer(arch, batch=batch, device=device).warmup(warmup_s)
+    return timer.run(repeats)

@@ -1,0 +1,208 @@
+"""The searched parameters of a space: per-layer choices, grouped into units.
+
+Each searchable layer's options are the product of ``choices`` (conv x tile x bits x
+granularity; a direct convolution has no tile and a per-tensor range), narrowed by
+``choices.layers`` patterns; layers are grouped into units by ``choices.groups`` and then
+``choices.tie``. A unit offers the options every one of its layers can take: a tile that does not
+fit a layer's input (F6 on a 4x4 input) is removed, and said once in the space's notes. A layer
+left with a single option is fixed rather than searched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..arch import LayerChoice
+from ..geometry import ConvSpec, tile_fits
+from .schema import CHOICE_VALUE_KEYS, Reader
+
+__all__ = [
+    "REFERENCES",
+    "Unit",
+    "build_units",
+    "layer_options",
+    "normalize_choice",
+    "reference_label",
+]
+
+#: Reference architectures enqueued first: (name, conv, tile).
+REFERENCES = (
+    ("all-normal", "normal", None),
+    ("static-F2", "static", 2),
+    ("static-F4", "static", 4),
+    ("flex-F2", "flex", 2),
+    ("flex-F4", "flex", 4),
+)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One searched parameter: the layers that share a choice and the labels they can take."""
+
+    name: str
+    layers: tuple[str, ...]
+    options: tuple[LayerChoice, ...]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(o.label for o in self.options)
+
+    def option(self, label: str) -> LayerChoice:
+        for o in self.options:
+            if o.label == label:
+                return o
+        raise KeyError(f"{self.name}: {label!r} is not one of {', '.join(self.labels)}")
+
+
+def build_units(
+    r: Reader, choices: Mapping[str, Any], specs: Sequence[ConvSpec]
+) -> tuple[tuple[Unit, ...], tuple[tuple[str, LayerChoice], ...], list[str]]:
+    """The searched units, the fixed layers (name, choice) in network order, and the notes on
+    removed tiles, from a checked ``choices`` section and the backbone's searchable layers."""
+    names = [s.name for s in specs]
+    by_name = {s.name: s for s in specs}
+
+    # Per-layer option lists: the global lists, narrowed by choices.layers patterns.
+    per_layer = {n: {k: list(choices[k]) for k in CHOICE_VALUE_KEYS} for n in names}
+    overrides = choices["layers"]
+    if not isinstance(overrides, Mapping):
+        r.fail("choices.layers", "must map layer patterns to {conv, tile, bits, granularity}")
+    for pattern, values in overrides.items():
+        key = f"choices.layers.{pattern}"
+        matched = _match(r, key, pattern, names)
+        if not isinstance(values, Mapping):
+            r.fail(key, "must be a mapping such as {conv: [normal, static], bits: 8}")
+        r.unknown(key, values, CHOICE_VALUE_KEYS)
+        for k, v in values.items():
+            allowed = r.value_list(f"{key}.{k}", v, k)
+            for n in matched:
+                per_layer[n][k] = allowed
+
+    # Units: named groups first, then the tie rule for the remaining layers.
+    groups = choices["groups"]
+    if not isinstance(groups, Mapping):
+        r.fail("choices.groups", "must map group names to lists of layer patterns")
+    owner: dict[str, str] = {}
+    unit_layers: dict[str, list[str]] = {}
+    for group, patterns in groups.items():
+        key = f"choices.groups.{group}"
+        if not isinstance(group, str) or group in names:
+            r.fail(key, "a group name must be a string that is not a layer name")
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        if not isinstance(patterns, Sequence) or not patterns:
+            r.fail(key, "must be a list of layer names or patterns (layer2.*)")
+        members = []
+        for p in patterns:
+            for n in _match(r, key, p, names):
+                if n in owner and owner[n] != group:
+                    r.fail(key, f"{n} is already in group {owner[n]!r}")
+                if n not in members:
+                    members.append(n)
+                owner[n] = group
+        unit_layers[group] = members
+    tie = choices["tie"]
+    for n in names:
+        if n in owner:
+            continue
+        stage, block, _ = n.split(".")
+        unit = {"layer": n, "block": f"{stage}.{block}", "stage": stage, "all": "all"}[tie]
+        unit_layers.setdefault(unit, []).append(n)
+        owner[n] = unit
+
+    units, fixed, notes = [], [], []
+    removed: dict[tuple[int, int], list[str]] = {}
+    for unit_name, all_members in unit_layers.items():
+        options = None
+        members = []
+        for n in all_members:
+            opts, dropped = layer_options(per_layer[n], by_name[n])
+            for tile in dropped:
+                removed.setdefault((tile, by_name[n].height), []).append(n)
+            if len(opts) == 1 and len(all_members) > 1:
+                fixed.append((n, opts[0]))  # a layer pinned to one choice leaves its unit
+                continue
+            members.append(n)
+            options = opts if options is None else [o for o in options if o in opts]
+        if not members:
+            continue
+        if not options:
+            r.fail(
+                f"choices (unit {unit_name})",
+                f"no choice is possible for {', '.join(members)}: every listed tile is too "
+                "large for its input, or a choices.layers entry excludes everything",
+            )
+        if len(options) == 1:
+            fixed.extend((n, options[0]) for n in members)
+        else:
+            units.append(Unit(unit_name, tuple(members), tuple(options)))
+    for (tile, size), layers in sorted(removed.items()):
+        notes.append(
+            f"F{tile} removed for {_name_span(layers)}: their {size}x{size} input (padded "
+            f"{size + 2}x{size + 2}) cannot hold an F({tile}x{tile}, 3x3) input tile of "
+            f"{tile + 2}x{tile + 2}"
+        )
+    order = {n: i for i, n in enumerate(names)}
+    fixed.sort(key=lambda item: order[item[0]])
+    return tuple(units), tuple(fixed), notes
+
+
+def layer_options(
+    values: Mapping[str, list[Any]], spec: ConvSpec
+) -> tuple[list[LayerChoice], set[int]]:
+    """The distinct choices a layer can take, and the tiles removed because they do not fit."""
+    options: list[LayerChoice] = []
+    dropped: set[int] = set()
+    for conv in values["conv"]:
+        if conv == "normal":
+            combos: Iterable[tuple[Any, ...]] = ((None, b, "tensor") for b in values["bits"])
+        else:
+            combos = itertools.product(values["tile"], values["bits"], values["granularity"])
+        for tile, bits, gran in combos:
+            if tile is not None and not tile_fits(tile, spec.height, spec.width):
+                dropped.add(tile)
+                continue
+            choice = LayerChoice(conv, tile, bits, gran)
+            if choice not in options:
+                options.append(choice)
+    return options, dropped
+
+
+def reference_label(unit: Unit, conv: str, tile: int | None, bits: Any, gran: str) -> str | None:
+    if len(unit.options) == 1:
+        return unit.labels[0]
+    tiles = [tile] if tile is None else [t for t in (tile, tile - 2, 2) if t >= 2]
+    for t in tiles:
+        want = normalize_choice(LayerChoice(conv, t, bits, gran if conv != "normal" else "tensor"))
+        if want in unit.options:
+            return want.label
+    return None
+
+
+def normalize_choice(choice: LayerChoice) -> LayerChoice:
+    if choice.conv == "normal" and choice.granularity != "tensor":
+        return LayerChoice("normal", None, choice.bits, "tensor")
+    return choice
+
+
+def _match(r: Reader, key: str, pattern: Any, names: Sequence[str]) -> list[str]:
+    if not isinstance(pattern, str):
+        r.fail(key, f"{pattern!r} must be a layer name or pattern")
+    matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not matched:
+        r.fail(
+            key,
+            f"{pattern!r} matches no searchable layer (they are {names[0]} .. {names[-1]}, "
+            f"{len(names)} layers)",
+        )
+    return matched
+
+
+def _name_span(layers: Sequence[str]) -> str:
+    return (
+        ", ".join(layers) if len(layers) <= 4 else f"{layers[0]} .. {layers[-1]} ({len(layers)})"
+    )

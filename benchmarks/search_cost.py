@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from wasearch.engine import TrainConfig, fit
     from wasearch.models import build
+    from wasearch.search.base import default_threads, ensure_base, load_space_data, trial_config
     from wasearch.search.space import load_space
-    from wasearch.search.study import default_threads, ensure_base, load_space_data, trial_config
 
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)

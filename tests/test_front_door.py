@@ -119,7 +119,8 @@ def test_printed_train_command_runs_as_written(study):
 def test_fine_tune_command_gives_the_trials_learning_rate(tmp_path):
     """``trial.lr: auto`` (the default) is resolved: train.py takes no ``--lr auto``."""
     from wasearch.search import load_space
-    from wasearch.search.study import _train_commands, trial_lr
+    from wasearch.search.base import trial_lr
+    from wasearch.search.record import train_commands as _train_commands
 
     ckpt = tmp_path / "trials" / "3" / "best.pt"
     ckpt.parent.mkdir(parents=True)

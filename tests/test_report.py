@@ -24,7 +24,8 @@ import pytest
 from wasearch.arch import Arch, LayerChoice
 from wasearch.cli import UserError, run_main
 from wasearch.report import register, trials_frame, write_comparison, write_report
-from wasearch.search.study import driver_url, front_trials, redact
+from wasearch.search.record import front_trials
+from wasearch.search.storage import driver_url, redact
 
 CHROMIUM = Path("/usr/bin/chromium")
 WIDTH = 0.125  # a small backbone: the report never builds it, only lists its layers
@@ -713,3 +714,197 @@ def test_comparison_of_optuna_and_differentiable_studies_renders(tree, tmp_path)
     assert status["plots-rendered"] == status["plots-expected"] == "2"
     assert int(status["trial-points"]) == n == int(status["svg-points"])
     assert "λ=0.5" in dom  # the labels drawn
+
+
+# ---------------------------------------------------------------------------------------------
+# What a new user reads first: synthetic data said everywhere, counts that agree, plots that
+# say something, and no markup from the study interpreted as the page's own
+# ---------------------------------------------------------------------------------------------
+def _header(page_text: str) -> str:
+    return re.search(r'<p class="sub">(.*?)</p>', page_text, re.S).group(1)
+
+
+def _figures(page_text: str) -> list[tuple[list[dict], dict]]:
+    """(traces, layout) of every figure of a page."""
+    decoder, out = json.JSONDecoder(), []
+    for m in re.finditer(r'Plotly\.newPlot\(\s*"fig\d+",\s*', page_text):
+        data, end = decoder.raw_decode(page_text, m.end())
+        layout, _ = decoder.raw_decode(
+            page_text, re.compile(r"\s*,\s*").match(page_text, end).end()
+        )
+        out.append((data, layout))
+    return out
+
+
+def _strings(obj: object):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def test_synthetic_results_say_so_in_every_file(tree, tmp_path, capsys, monkeypatch):
+    study_dir, _ = tree["demo"]
+    write_report(study_dir)
+    assert _header((study_dir / "report.html").read_text()).startswith("SYNTHETIC data (")
+    for name in ("trials.csv", "pareto.csv"):
+        assert pd.read_csv(study_dir / name)["synthetic"].tolist() != []
+        assert pd.read_csv(study_dir / name)["synthetic"].all()
+    dnas_dir, _ = make_differentiable_study(tmp_path)  # cifar10, real
+    text = write_report(dnas_dir).read_text(encoding="utf-8")
+    assert "SYNTHETIC" not in text and not pd.read_csv(dnas_dir / "trials.csv")["synthetic"].any()
+    # The comparison page: all synthetic, or which of them.
+    both = write_comparison([tree["a"][0], tree["b"][0]], out=tmp_path / "ab.html").read_text()
+    assert _header(both).startswith("SYNTHETIC data (generated images")
+    assert both.count("<td>cifar10 (synthetic)</td>") == 2
+    mixed = write_comparison([tree["a"][0], dnas_dir], out=tmp_path / "ad.html").read_text()
+    assert _header(mixed).startswith("SYNTHETIC data in a (generated images")
+    assert mixed.count("<td>cifar10 (synthetic)</td>") == 1 and "<td>cifar10</td>" in mixed
+    # A study from before the flag: its dataset is "synthetic".
+    old = _new_study(tmp_path / "old", ["maximize", "minimize"], dataset="synthetic")
+    arch = Arch.uniform("normal", bits=8, width=WIDTH)
+    attrs = _attrs(arch, val_acc=0.5)
+    old.add_trial(optuna.trial.create_trial(values=[0.5, attrs["latency_ms"]], user_attrs=attrs))
+    assert _header(write_report(tmp_path / "old").read_text()).startswith("SYNTHETIC data (")
+    assert "<dd>synthetic</dd>" in (tmp_path / "old" / "report.html").read_text()
+    # What the command prints.
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tree["a"][0], tmp_path / "results" / "a")
+    assert _cli(["report", "results/a"]) == 0
+    assert "(SYNTHETIC data: generated images" in capsys.readouterr().out
+    assert _cli(["report", "results/a", str(dnas_dir)]) == 0
+    assert "(SYNTHETIC data in a: generated images" in capsys.readouterr().out
+
+
+def _legend_counts(page_text: str) -> tuple[int, int, int]:
+    """(the line's count, the front points counted group by group, references on the front)."""
+    names = [t["name"] for t in _plot_data(page_text)[0]]
+    line = int(next(re.fullmatch(r"Pareto front \((\d+)\)", n) for n in names if "Pareto" in n)[1])
+    counted = refs = 0
+    for name in names:
+        if m := re.fullmatch(r"searched, on the front \((\d+)\)", name):
+            counted += int(m[1])
+        elif m := re.search(r", (\d+) on the front\)$", name):
+            counted += int(m[1])
+            refs += int(m[1]) if name.startswith("references") else 0
+    return line, counted, refs
+
+
+def test_legend_counts_the_front_as_the_header_does(tree, tmp_path):
+    scalar_dir, _ = make_scalarized_study(tmp_path)
+    dnas_dir, _ = make_differentiable_study(tmp_path)
+    for study_dir in (tree["demo"][0], tree["a"][0], scalar_dir, dnas_dir):
+        text = write_report(study_dir).read_text(encoding="utf-8")
+        header = _header(text)
+        n_front = int(re.search(r"(\d+) on the Pareto front \(|(\d+) on the Pareto front", header)
+                      .group(0).split()[0])  # fmt: skip
+        m = re.search(r"\((\d+) of them reference", header)
+        n_refs = int(m[1]) if m else 0
+        assert n_front == len(pd.read_csv(study_dir / "pareto.csv"))
+        assert _legend_counts(text) == (n_front, n_front, n_refs), study_dir.name
+    assert _legend_counts((tree["demo"][0] / "report.html").read_text())[2] >= 1
+    # A front over more than accuracy and latency: the header names its axes.
+    study = _new_study(tmp_path / "three", ["maximize", "minimize", "minimize"],
+                       objectives=["accuracy", "latency_ms", "params"])  # fmt: skip
+    rng = random.Random(3)
+    for _ in range(6):
+        attrs = _attrs(_random_arch(rng), val_acc=round(rng.uniform(0.8, 0.9), 3))
+        values = [attrs["val_acc"], attrs["latency_ms"], attrs["params"]]
+        study.add_trial(optuna.trial.create_trial(values=values, user_attrs=attrs))
+    header = _header(write_report(tmp_path / "three").read_text())
+    assert "on the Pareto front over accuracy (max), latency_ms (min), params (min)" in header
+
+
+def _sized_study(study_dir: Path, params: list[float], bitops: list[float]) -> None:
+    study = _new_study(study_dir, ["maximize", "minimize"], dataset="cifar10")
+    rng = random.Random(4)
+    for p, b in zip(params, bitops, strict=True):
+        attrs = _attrs(_random_arch(rng), val_acc=round(rng.uniform(0.8, 0.9), 3))
+        attrs.update(params=p, bitops=b)
+        study.add_trial(
+            optuna.trial.create_trial(
+                values=[attrs["val_acc"], attrs["latency_ms"]], user_attrs=attrs
+            )
+        )
+
+
+def _x_titles(page_text: str) -> list[str | None]:
+    return [lay.get("xaxis", {}).get("title", {}).get("text") for _, lay in _figures(page_text)]
+
+
+def test_size_is_plotted_only_where_it_varies(tmp_path):
+    """Parameters within 1% of each other: bit-operations are plotted; neither varying: no
+    size view at all."""
+    _sized_study(tmp_path / "flat", [150_000, 150_400, 151_000], [2e9, 3e9, 4e9])
+    text = write_report(tmp_path / "flat").read_text()
+    assert "Accuracy against size" in text and 'href="#cost"' in text
+    titles = _x_titles(text)
+    assert "bit-operations" in titles and "parameters" not in titles
+    assert "Not plotted: parameters" in text
+    _sized_study(tmp_path / "none", [150_000] * 3, [2e9, 2.001e9, 2.002e9])
+    text = write_report(tmp_path / "none").read_text()
+    assert "Accuracy against size" not in text and 'href="#cost"' not in text
+    titles = _x_titles(text)
+    assert "bit-operations" not in titles and "parameters" not in titles
+    _sized_study(tmp_path / "both", [150_000, 160_000, 170_000], [2e9, 3e9, 4e9])
+    titles = _x_titles(write_report(tmp_path / "both").read_text())
+    assert "bit-operations" in titles and "parameters" in titles
+
+
+def test_every_string_from_the_study_is_escaped(tmp_path):
+    """Markup in any name, label, reason or setting is shown as text: never as HTML, never
+    as plotly's rich text."""
+    mark = "<u>x</u>"
+    study_dir = tmp_path / f"st{mark.replace('/', '')}"
+    study = _new_study(
+        study_dir,
+        ["maximize", "minimize"],
+        dataset=f"cifar{mark}",
+        sampler=f"S{mark}",
+        latency_device=f"D{mark}",
+        space_path=f"spaces/{mark}.yaml",
+        latency_model={"kind": mark},
+        created=mark,
+        reference_latency_ms=5.0,
+        reference_layer_latency_ms={f"{mark}.conv": 1.0},
+    )
+    layers = {f"{mark}{i}.conv": {"conv": "flex", "tile": 4, "bits": 8} for i in range(3)}
+    import yaml
+
+    arch_text = yaml.safe_dump({"backbone": "resnet18", "width": WIDTH, "layers": layers})
+    probs = [{f"{mark}0.conv": {f"c{mark}": 0.5, "normal/8": 0.5}}] * 2
+    for i, extra in enumerate(
+        [{"reference": f"ref{mark}"}, {"source": "differentiable", "probabilities": probs}, {}]
+    ):
+        attrs = {
+            "arch": arch_text,
+            "arch_summary": f"sum{mark}",
+            "latency_ms": 4.0 - i,
+            "layer_latency_ms": {f"{mark}{j}.conv": 0.5 for j in range(3)},
+            "params": 1000 * (i + 1),
+            **extra,
+        }
+        study.add_trial(
+            optuna.trial.create_trial(values=[0.9 - 0.1 * i, 4.0 - i], user_attrs=attrs)
+        )
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.FAIL,
+            user_attrs={"fail_reason": f"boom {mark}", "latency_ms": 2.0},
+        )
+    )
+    for text in (
+        write_report(study_dir).read_text(encoding="utf-8"),
+        write_comparison([study_dir, study_dir], out=tmp_path / "c.html").read_text(),
+    ):
+        html_only = re.sub(r"<script\b.*?</script>", "", text, flags=re.S)
+        assert "<u>" not in html_only and "&lt;u&gt;x&lt;/u&gt;" in html_only
+        figures = _figures(text)
+        assert figures
+        shown = [s for fig in figures for s in _strings(list(fig))]
+        assert not [s for s in shown if "<u>" in s]
+        assert any("&lt;u&gt;x&lt;/u&gt;" in s for s in shown)

@@ -16,8 +16,8 @@ from optuna.trial import TrialState
 
 from wasearch.arch import Arch
 from wasearch.search import RunOptions, export_trials, load_space, run_search
+from wasearch.search.base import ensure_base, load_space_data
 from wasearch.search.cli import format_event
-from wasearch.search.study import ensure_base, load_space_data
 from wasearch.search.testing import space_with_base, study_at, tiny_space, write_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,6 +161,7 @@ def _wait(predicate, timeout: float, proc: subprocess.Popen | None = None):
     pytest.fail("timed out waiting")
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_trial_and_rerun_resumes(tmp_path, base_dir):
     path = space_with_base(
         tmp_path, base_dir, "resume", budget={"trials": 3}, trial={"max_batches": 4}
@@ -217,3 +218,25 @@ def test_ctrl_c_marks_the_trial_and_rerun_resumes(tmp_path, base_dir):
         assert (t.values, t.datetime_complete, t.user_attrs["arch"]) == (values, completed, arch)
     assert study.trials[retry[0].number].state == TrialState.COMPLETE
     assert study.trials[retry[0].number].params == trial.params
+
+    # The same space and seed without the interruption. What Ctrl-C and the rerun legitimately
+    # change: trial numbers (the interrupted trial stays FAIL and its retry is a new trial),
+    # times and worker ids. The completed trials must be the same architectures, with the same
+    # parameters, latencies and (deterministic CPU training from the same base) accuracies.
+    (tmp_path / "straight").mkdir()
+    straight = space_with_base(
+        tmp_path / "straight", base_dir, "resume", budget={"trials": 3}, trial={"max_batches": 4}
+    )
+    options = RunOptions(threads=1, report=False, results=str(tmp_path / "straight" / "results"))
+    assert run_search(load_space(straight), options, progress=False).done == 3
+    plain = study_at(tmp_path / "straight", "resume")
+    assert [t.state for t in plain.trials] == [TrialState.COMPLETE] * 3
+    resumed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(resumed) == 3
+    by_arch = {t.user_attrs["arch"]: t for t in resumed}
+    assert by_arch.keys() == {t.user_attrs["arch"] for t in plain.trials}
+    for t in plain.trials:
+        again = by_arch[t.user_attrs["arch"]]
+        assert again.params == t.params
+        assert again.user_attrs["latency_ms"] == t.user_attrs["latency_ms"]
+        assert again.user_attrs["val_acc"] == pytest.approx(t.user_attrs["val_acc"], abs=1e-6)

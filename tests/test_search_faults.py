@@ -25,7 +25,8 @@ from optuna.trial import TrialState
 
 from wasearch.cli import run_main
 from wasearch.search import RunOptions, load_space, run_search
-from wasearch.search.study import ensure_base, load_space_data, study_dir_of
+from wasearch.search.base import ensure_base, load_space_data
+from wasearch.search.storage import study_dir_of
 from wasearch.search.testing import space_with_base, study_at, tiny_space, write_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def test_study_name_the_space_accepts_is_accepted(tmp_path):
 
 
 def test_run_with_a_bad_study_name_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    import wasearch.search.study as study
+    import wasearch.search.run as study
 
     def no_base(*args, **kwargs):
         raise AssertionError("the search must stop before training anything")
@@ -340,7 +341,7 @@ def test_real_full_disk(small_tmpfs, base_dir, monkeypatch, capsys, storage):
 
 
 def _journal_study(path: Path) -> optuna.Study:
-    from wasearch.search.study import open_storage
+    from wasearch.search.storage import open_storage
 
     storage = open_storage(str(path), heartbeat_interval=None, grace_period=None)
     return optuna.create_study(study_name="j", storage=storage, load_if_exists=True)

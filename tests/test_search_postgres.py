@@ -19,8 +19,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from wasearch.search.base import ensure_base, load_space_data
 from wasearch.search.space import load_space
-from wasearch.search.study import driver_url, ensure_base, load_space_data
+from wasearch.search.storage import driver_url
 from wasearch.search.testing import copy_base, tiny_space, write_space
 
 pytestmark = pytest.mark.postgres

@@ -1,7 +1,9 @@
 """``search.py run | pretrain | export``: the command-line layer of the search (printing only).
 
-The work is done by :mod:`wasearch.search.study`; this module parses flags, sets up logging,
-prints one line per trial plus a progress bar, and turns the result into an exit code.
+The work is done by :mod:`wasearch.search.run`, :mod:`.base` and :mod:`.export`; this module
+parses flags, sets up logging, prints one line per trial plus a progress bar, turns the result
+into an exit code, and wires the report writer (:func:`refresh_report`) into the run: it is the
+only module of the search that imports :mod:`wasearch.report`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import sys
 from typing import Any
 
 from ..cli import UserError, positive_float, positive_int
-from .study import RunOptions, TrialEvent
+from ..fileio import display_path, shell_path
+from .record import TrialEvent
+from .run import RunOptions
 
-__all__ = ["format_event", "register"]
+__all__ = ["format_event", "refresh_report", "register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -120,6 +124,17 @@ def _options(args: argparse.Namespace) -> RunOptions:
         results=args.results,
         threads=args.threads,
         report=not getattr(args, "no_report", False),
+        on_report=refresh_report,
+    )
+
+
+def refresh_report(study_dir: Any, storage: str, study: Any) -> None:
+    """``RunOptions.on_report``: write the study's report.html and CSVs (module level, so that
+    worker processes can be given it)."""
+    from ..report import write_report
+
+    write_report(
+        study_dir, storage=storage, study_name=study.study_name if study else None, study=study
     )
 
 
@@ -199,8 +214,8 @@ class _Display:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .run import run_search
     from .space import load_space
-    from .study import run_search
 
     _setup_logging()
     space = load_space(args.space)
@@ -224,7 +239,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         shown = ", ".join(map(str, result.front[:20])) + (" ..." if len(result.front) > 20 else "")
         label = " (SYNTHETIC data: accuracies say nothing about a real dataset)"
         print(f"Pareto front: trials {shown}{label if synthetic else ''}")
-        where = _display_path(result.study_dir)
+        where = display_path(result.study_dir)
         flag = ""
         if (
             options.storage
@@ -232,7 +247,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             and not options.storage.startswith("sqlite")
         ):
             flag = " --storage URL"
-        print(f"export: python search.py export {where} --pareto{flag}")
+        print(f"export: python search.py export {shell_path(result.study_dir)} --pareto{flag}")
         if (result.study_dir / "report.html").is_file():
             print(f"report: {where}/report.html")
     if result.status == "interrupted":
@@ -243,18 +258,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .run import pretrain
     from .space import load_space
-    from .study import pretrain
 
     _setup_logging()
     space = load_space(args.space)
     path = pretrain(space, _options(args), progress=not args.no_progress and sys.stderr.isatty())
-    print(f"base checkpoint: {_display_path(path)}")
+    print(f"base checkpoint: {display_path(path)}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .study import export_trials
+    from .export import export_trials
 
     _setup_logging()
     exported = export_trials(  # --pareto (the default) is trial=None
@@ -266,20 +281,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for e in exported:
         acc = f"{e.val_acc:.4f}" if isinstance(e.val_acc, float) else "?"
         lat = f"{e.latency_ms:.3f} ms" if isinstance(e.latency_ms, float) else "?"
-        print(f"wrote {_display_path(e.path)}: {e.arch.summary()} (acc {acc}, latency {lat})")
+        print(f"wrote {display_path(e.path)}: {e.arch.summary()} (acc {acc}, latency {lat})")
         print(f"  train fully:  {e.commands[0]}")
         if len(e.commands) > 1:
             print(f"  or fine-tune the search's checkpoint:  {e.commands[1]}")
     if not exported:
         raise UserError("nothing exported")
     return 0
-
-
-def _display_path(path: Any) -> str:
-    from pathlib import Path
-
-    p = Path(path)
-    try:
-        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return p.as_posix()

@@ -68,7 +68,8 @@ def run_sweep(
     from ..dnas import differentiable_search, transfer_weights
     from ..engine import count_params, fit
     from ..models import build
-    from .study import TrialEvent, _tally, bitops, front_trials, trial_config, trial_lr
+    from . import record
+    from .base import trial_config, trial_lr
 
     cfg = {**DIFFERENTIABLE_DEFAULTS, **{k: v for k, v in space.strategy.items() if v is not None}}
     lambdas = [float(v) for v in cfg["lambdas"]]
@@ -122,41 +123,32 @@ def run_sweep(
             extra={"study": study.study_name, "lambda": lam},
         )
         priced = latency_model.price(arch)
-        latency_ms = priced.total * 1e3
-        val_acc = float(fitted.best_val_acc)
-        limit = space.constraints["latency_ms"]
+        probabilities = [
+            {
+                layer: dict(zip([c.label for c in candidates[layer]], probs, strict=True))
+                for layer, probs in epoch.items()
+            }
+            for epoch in result.probabilities
+        ]
         attrs = {
-            "source": "differentiable",
-            "lambda": lam,
-            "arch": arch.to_yaml(),
-            "arch_summary": arch.summary(),
-            "latency_ms": latency_ms,
-            "layer_latency_ms": {k: v * 1e3 for k, v in priced.layers.items()},
-            "latency_estimated": bool(priced.any_estimated),
-            "params": count_params(model),
-            "bitops": bitops(arch),
-            "val_acc": val_acc,
-            "train_seconds": time.perf_counter() - started,
-            "supernet_seconds": result.seconds,
-            "feasible": limit is None or latency_ms <= limit,
-            "history": fitted.history,
-            "probabilities": [
-                {
-                    layer: dict(zip([c.label for c in candidates[layer]], probs, strict=True))
-                    for layer, probs in epoch.items()
-                }
-                for epoch in result.probabilities
-            ],
-            "checkpoint": str(trial_dir / "best.pt"),
+            **record.start_attrs("differentiable"),
+            **record.arch_attrs(arch, params=count_params(model)),
+            **record.latency_attrs(priced, limit_ms=space.constraints["latency_ms"]),
+            **record.fit_attrs(
+                fitted.best_val_acc,
+                seconds=time.perf_counter() - started,
+                history=fitted.history,
+            ),
+            **record.differentiable_attrs(
+                lam=lam,
+                supernet_seconds=result.seconds,
+                probabilities=probabilities,
+                checkpoint=trial_dir / "best.pt",
+            ),
         }
-        values_by_name = {"accuracy": val_acc, "latency_ms": latency_ms,
-                          "params": attrs["params"], "bitops": attrs["bitops"]}  # fmt: skip
-        if space.scalarized:
-            ref = study.user_attrs.get("reference_latency_ms") or latency_ms
-            w = space.strategy["scalarize"]["latency_weight"]
-            values = [val_acc - w * latency_ms / ref]
-        else:
-            values = [float(values_by_name[o]) for o in space.objectives]
+        values = record.objective_values(
+            space, attrs, reference_ms=study.user_attrs.get("reference_latency_ms")
+        )
         params = space.params_of(arch)
         dists = {u.name: CategoricalDistribution(list(u.labels)) for u in space.units}
         study.add_trial(
@@ -171,22 +163,12 @@ def run_sweep(
         added += 1
         trials = study.get_trials(deepcopy=False)
         objectives = study.user_attrs.get("objectives") or list(space.study_objectives)
-        front = front_trials(trials, objectives)
+        front = record.front_trials(trials, objectives)
         if on_event is not None:
+            frozen = next(t for t in trials if t.number == number)
             on_event(
-                TrialEvent(
-                    number=number,
-                    state="COMPLETE",
-                    summary=f"[lambda {lam:g}] {arch.summary()}",
-                    val_acc=val_acc,
-                    latency_ms=latency_ms,
-                    feasible=attrs["feasible"],
-                    reference=None,
-                    front=len(front),
-                    done=_tally(trials).done,
-                    target=len(lambdas),
-                    seconds=attrs["train_seconds"],
-                    on_front=number in {f.number for f in front},
+                record.trial_event(
+                    frozen, trials, front, target=len(lambdas), seconds=attrs["train_seconds"]
                 )
             )
         if report is not None:

@@ -1,5 +1,6 @@
-"""Where a study lives: storage URLs and opening an Optuna storage (RDB with heartbeats, or a
-journal file), with the retry of failed-over trials that the storage's heartbeat calls.
+"""Where a study lives: its folder ``results/<study>``, storage URLs and opening an Optuna
+storage (RDB with heartbeats, or a journal file), with the retry of failed-over trials that the
+storage's heartbeat calls.
 
 Nothing here trains or samples; the worker and the report both open studies through it.
 """
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..cli import UserError
 from ..fileio import first_line, refused_write, user_message
+from .record import retry_attrs
 
 if TYPE_CHECKING:
     import optuna
@@ -33,7 +35,23 @@ __all__ = [
     "space_storage",
     "sqlite_path",
     "storage_url",
+    "study_dir_of",
 ]
+
+
+def study_dir_of(
+    space: SearchSpace, *, results: str | os.PathLike = "results", study_name: str | None = None
+) -> Path:
+    """``results/<study>``. A ``study_name`` (``--study-name``) obeys the rule of the space's
+    ``name:`` (:func:`~wasearch.search.space.study_name_problem`), so the folder is always one
+    level inside ``results``: no ``../x``, no ``a/b``."""
+    from .space import study_name_problem
+
+    if study_name is not None:
+        problem = study_name_problem(study_name)
+        if problem is not None:
+            raise UserError(f"--study-name: {problem}")
+    return Path(results) / (study_name or space.name)
 
 
 def redact(url: str) -> str:
@@ -224,7 +242,8 @@ class RetryFailedOver:
 
     Used as the RDB storage's ``heartbeat_stale_trial_callback`` (Optuna 5's name for the
     deprecated ``failed_trial_callback``) and for trials of dead local workers and Ctrl-C. Only
-    the parameters and the reference name are carried over, so no stale worker id comes along.
+    the parameters and the reference name are carried over (:func:`.record.retry_attrs`), so no
+    stale worker id comes along.
     """
 
     def __init__(self, max_retry: int | None = 2) -> None:
@@ -239,15 +258,12 @@ class RetryFailedOver:
                 "trial %d failed over %d times; not retried again", trial.number, len(history)
             )
             return
-        user_attrs: dict[str, Any] = {"retry_of": trial.number}
-        if "reference" in trial.user_attrs:
-            user_attrs["reference"] = trial.user_attrs["reference"]
         study.add_trial(
             optuna.trial.create_trial(
                 state=optuna.trial.TrialState.WAITING,
                 params=trial.params,
                 distributions=trial.distributions,
-                user_attrs=user_attrs,
+                user_attrs=retry_attrs(trial),
                 system_attrs={"failed_trial": history[0], "retry_history": history},
             )
         )

@@ -25,3 +25,20 @@ def tiny_cifar(tmp_path_factory):
                 img[..., c % 3] //= 4  # a little class signal
                 Image.fromarray(img).save(folder / f"{i}.png")
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip when CUDA is absent. Nothing deselects ``slow`` tests: the
+    README's ``python -m pytest`` runs them (``-m "not slow"`` leaves them out)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return
+    import torch  # only when a gpu test was collected
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason="marked gpu: needs CUDA, and torch.cuda.is_available() is False"
+    )
+    for item in gpu:
+        item.add_marker(skip)

@@ -103,6 +103,7 @@ def base_ckpt(tmp_path_factory):
     return out / "best.pt", data
 
 
+@pytest.mark.slow
 def test_tiny_differentiable_search_end_to_end_and_train_arch(base_ckpt, tmp_path):
     ckpt, data = base_ckpt
     names = Arch.uniform("normal", width=WIDTH).layer_names
@@ -150,6 +151,7 @@ def test_tiny_differentiable_search_end_to_end_and_train_arch(base_ckpt, tmp_pat
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_differentiable_strategy_through_search_py_and_export(tmp_path):
     import optuna
 
@@ -214,7 +216,26 @@ def test_differentiable_strategy_through_search_py_and_export(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     arch_file = tmp_path / "results" / "dtiny" / "pareto" / f"trial_{number}.yaml"
-    assert arch_file.is_file()
+    # The exported file is the architecture the study recorded for that trial: the argmax of the
+    # supernet's last recorded probabilities, in the space, with its real accuracy in the header.
+    import json
+    import math
+
+    from wasearch.search import load_space
+
+    recorded = dnas[-1]
+    exported = Arch.load(arch_file)
+    assert exported == Arch.from_yaml(recorded.user_attrs["arch"])
+    assert exported.summary() == recorded.user_attrs["arch_summary"]
+    last_probs = recorded.user_attrs["probabilities"][-1]
+    assert sorted(last_probs) == sorted(exported.layer_names)
+    for layer, probs in last_probs.items():
+        assert probs[exported.choice(layer).label] == max(probs.values()), layer
+    assert recorded.params == (load_space(path).params_of(exported) or {})
+    acc = recorded.user_attrs["val_acc"]
+    assert isinstance(acc, float) and math.isfinite(acc) and 0.0 <= acc <= 1.0
+    assert recorded.values == [acc, recorded.user_attrs["latency_ms"]]  # accuracy, latency
+    assert f"# val acc {acc:.4f} after the search's fine-tuning" in arch_file.read_text()
     r = subprocess.run(
         [
             sys.executable,
@@ -233,6 +254,8 @@ def test_differentiable_strategy_through_search_py_and_export(tmp_path):
             "0.02",
             "--outDir",
             str(tmp_path / "runs"),
+            "--run-name",
+            "exported",
             "--no-progress",
         ],
         capture_output=True,
@@ -240,3 +263,6 @@ def test_differentiable_strategy_through_search_py_and_export(tmp_path):
         timeout=600,
     )
     assert r.returncode == 0, r.stderr
+    final = json.loads((tmp_path / "runs" / "exported" / "final.json").read_text())
+    assert final["arch"] == exported.summary()
+    assert 0.0 <= final["best_val_acc"] <= 1.0 and 0.0 <= final["test_acc"] <= 1.0

@@ -110,3 +110,42 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args, needle, tmp_path):
 def test_adapt_requires_model_dir(tmp_path):
     r = run("adapt.py", "--flex", "--outDir", str(tmp_path))
     assert r.returncode == 2 and "--modelDir" in r.stderr
+
+
+def test_train_a_user_model_at_another_input_size(tmp_path):
+    # The new user's case: a factory in the working directory, images fitted to 28x28 and a
+    # uniform static F4 that is not refused where layers are smaller than the tile.
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_discovery import VGG_SOURCE
+
+    (tmp_path / "digits_net.py").write_text(VGG_SOURCE)
+    args = ["--model", "digits_net:make_vgg", "--static", "--F", "4", "--input-size", "28"]
+    r = run("train.py", *args, "--epochs", "1", "--outDir", "runs", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resized to 28x28" in r.stderr  # said once, by the data loader's log
+    assert "latency: not priced" in r.stdout and "F(4x4,3x3)" in r.stdout
+    run_dir = tmp_path / "runs" / "synthetic_static_F4_fp32_make_vgg_28px_seed0"
+    saved = (run_dir / "arch.yaml").read_text()
+    assert "name: digits_net:make_vgg" in saved or "model: digits_net:make_vgg" in saved
+    assert "input_size: 28" in saved
+    r = run("train.py", "--arch", str(run_dir / "arch.yaml"), "--epochs", "1", "--outDir", "runs",
+            "--run-name", "again", *TINY, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--model", "resnet99"], "--model: 'resnet99' is not a model reference"),
+        (["--model", "torchvision:resnet18", "--mult", "0.5"], "--mult applies only"),
+        (["--arch", "a.yaml", "--model", "torchvision:resnet18"], "--model conflicts with --arch"),
+        (["--model", "no_pkg_xyz.nets:make", "--dataset", "synthetic"], "cannot import"),
+        (["--arch", "a.yaml", "--input-size", "28"], "--input-size 28 conflicts with --arch"),
+    ],
+)
+def test_bad_model_flags_give_one_line(args, needle, tmp_path):
+    (tmp_path / "a.yaml").write_text("width: 0.125\n")
+    r = run("train.py", *args, "--outDir", "runs", "--limit-train", "50", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written

@@ -288,9 +288,9 @@ def test_image_folder_split_and_limits_decode_only_the_selection(tmp_path, monke
     decoded = []
     real_decode = imagefolder._decode_files
 
-    def counting(files):
+    def counting(files, image_size=None):
         decoded.extend(files)
-        return real_decode(files)
+        return real_decode(files, image_size)
 
     monkeypatch.setattr(imagefolder, "_decode_files", counting)
     s = load_dataset("imagefolder", data_dir=root, val_fraction=0.2, limit_train=9, limit_test=6)
@@ -311,7 +311,7 @@ def test_image_folder_cache(tmp_path, monkeypatch):
     cached = list((tmp_path / "cache" / "decoded").glob("*.pt"))
     assert len(cached) == 1
 
-    def no_decoding(files):
+    def no_decoding(files, image_size=None):
         raise AssertionError("decoded although the cache is valid")
 
     monkeypatch.setattr(imagefolder, "_decode_files", no_decoding)
@@ -358,6 +358,30 @@ def test_image_folder_errors(tmp_path):
     Image.fromarray(_image(0, size=8)).save(odd)
     with pytest.raises(DataError, match=str(odd)):
         load_dataset("imagefolder", data_dir=sizes, val_fraction=0.0)
+
+
+def test_images_of_other_sizes_are_fitted_to_the_input_size(tmp_path, caplog):
+    # Mixed sizes (16x16 and an 8x8 file) load once an input size is given: each image is
+    # resized by its shorter side and centre-cropped to 12x12, in the decode cache too.
+    sizes = _image_folder(tmp_path / "sizes", n_train=2, n_test=1)
+    Image.fromarray(_image(0, size=8)).save(sizes / "train" / "dog" / "01.png")
+    wide = np.zeros((16, 24, 3), dtype=np.uint8)
+    wide[:, 4:20] = 200  # the centre 16 columns bright, the margins dark
+    Image.fromarray(wide).save(sizes / "train" / "cat" / "00.png")
+    s = load_dataset("imagefolder", data_dir=sizes, val_fraction=0.0, image_size=12)
+    assert s.image_size == (12, 12) and len(s.train) == 6
+    assert int(s.train.images[0].min()) >= 150  # the crop kept the centre, not the dark margins
+    again = load_dataset("imagefolder", data_dir=sizes, val_fraction=0.0, image_size=12)
+    assert torch.equal(again.train.images, s.train.images)
+    # Any dataset: the synthetic 32x32 set fitted to 28x28, said once in the log.
+    with caplog.at_level("INFO", logger="wasearch.data"):
+        small = load_dataset("synthetic", limit_train=20, limit_test=10, image_size=28)
+    assert small.image_size == (28, 28) and small.test.images.shape[-2:] == (28, 28)
+    assert sum("resized to 28x28" in r.message for r in caplog.records) == 1
+    assert load_dataset("synthetic", limit_train=20, limit_test=10, image_size=32).image_size == (
+        32,
+        32,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -149,5 +149,55 @@ def test_bit_widths_without_kernel_are_flagged() -> None:
 
 
 def test_to_deploy_rejects_other_modules() -> None:
-    with pytest.raises(TypeError, match="ResNetWA"):
+    with pytest.raises(TypeError, match="a network from wasearch.models.build"):
         to_deploy(torch.nn.Conv2d(3, 3, 3))
+
+
+def _any_net() -> torch.nn.Module:
+    """A small net with a padding-0, a padding-2 and a biased searchable conv."""
+    c = torch.nn.Conv2d
+    return torch.nn.Sequential(
+        c(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        c(8, 8, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        c(8, 8, 3, padding=0),
+        torch.nn.ReLU(),
+        c(8, 8, 3, padding=2),
+        c(8, 8, 3, stride=2, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    )
+
+
+@pytest.mark.parametrize("size", [16, 19])
+def test_any_model_deploys_like_its_training_form(size: int) -> None:
+    from wasearch.arch import LayerChoice
+    from wasearch.models import convert
+    from wasearch.netref import ModelRef
+
+    # convert() reads the discovery of the arch's model: trace this module under a reference
+    # whose builder returns it (the user's factory, monkeypatched in as a torchvision stand-in).
+    torch.manual_seed(0)
+    net = _randomize(_any_net())
+    ref = ModelRef("factory", "deploy_any_net:make")
+    import sys
+    import types
+
+    module = types.ModuleType("deploy_any_net")
+    module.make = lambda num_classes=10: _randomize(_any_net())
+    sys.modules["deploy_any_net"] = module
+    try:
+        arch = Arch.uniform("static", 4, None, model=ref, input_size=size, fallback=False)
+        arch = arch.with_layers({"2": LayerChoice("normal", None, None)})
+        model = convert(net, arch).eval()
+        deployed = to_deploy(model, int8=False)
+    finally:
+        sys.modules.pop("deploy_any_net")
+    assert arch.layer_names == ["2", "5", "7"]  # 0 reads the image, 8 has stride 2
+    assert deployed.kernels == {"2": "fp32", "5": "fp32", "7": "fp32"}
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), rtol=1e-4, atol=1e-5)

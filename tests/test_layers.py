@@ -105,3 +105,27 @@ def test_bad_arguments():
         WinogradConv2d(1, 1, tile=0)
     with pytest.raises(ValueError, match="bits"):
         WinogradConv2d(1, 1, bits=1)
+
+
+@pytest.mark.parametrize("padding", [0, 1, 2, (0, 1), "same", "valid"])
+@pytest.mark.parametrize("size", [(28, 30), (33, 5), (3, 4)])
+def test_from_conv_matches_the_conv_at_any_padding_and_size(padding, size):
+    # Any zero padding, and inputs that are no multiple of the tile or smaller than it: the
+    # partial tiles are padded and cropped. In float64 the static transforms are rebuilt from
+    # their exact rationals after .double(), so the error is rounding only.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 7, 3, padding=padding, bias=True).double()
+    layer = WinogradConv2d.from_conv(conv, tile=6)
+    assert layer.A_t.dtype == torch.float64 and torch.equal(layer.bias, conv.bias)
+    x = torch.randn(2, 5, *size, dtype=torch.float64)
+    expected = conv(x)
+    got = layer(x)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max() / expected.abs().max()) < 1e-12
+
+
+def test_from_conv_refuses_what_winograd_cannot_compute():
+    with pytest.raises(ValueError, match="needs a 3x3 kernel, stride 1"):
+        WinogradConv2d.from_conv(torch.nn.Conv2d(4, 4, 3, stride=2), tile=4)
+    quantized = Conv2d.from_conv(torch.nn.Conv2d(4, 6, 1, stride=2, groups=2), bits=8)
+    assert quantized.stride == (2, 2) and quantized.groups == 2 and quantized.bits == 8

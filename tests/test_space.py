@@ -211,3 +211,113 @@ def test_trial_lr_defaults_to_auto():
     from wasearch.search.space import DEFAULTS
 
     assert DEFAULTS["trial"]["lr"] == "auto"
+
+
+def _any_model_space(model: dict, **changes) -> dict:
+    """The tiny space on another network: accuracy only (no latency model prices it yet)."""
+    space = tiny_space(**{"objectives": ["accuracy"], "latency": {}, **changes})
+    space["model"] = model
+    return space
+
+
+def test_a_torchvision_model_is_searched_by_module_path_with_generic_ties():
+    space = parse_space(
+        _any_model_space(
+            {"name": "torchvision:resnet18", "input_size": 128},  # layer4: 4x4, F4 fits
+            choices={"tie": "block", "groups": {"late": ["layer4.*"]}},
+        ),
+        source="s",
+    )
+    assert space.model_ref.text == "torchvision:resnet18"
+    assert len(space.specs) == 13  # 16 3x3 convs, 3 of them stride 2
+    names = [u.name for u in space.units]
+    # blocks are the layers' parent modules; layer2.0 keeps only its stride-1 conv2
+    assert names == ["late", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0",
+                     "layer3.1"]  # fmt: skip
+    assert space.units[0].layers == ("layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2")
+    arch = space.arch({u.name: "F4-static/8t" for u in space.units})
+    assert arch.model == space.model_ref and arch.choice("layer4.1.conv2").tile == 4
+    assert space.params_of(arch) == {u.name: "F4-static/8t" for u in space.units}
+    assert space.base_arch().model == space.model_ref
+    by_stage = parse_space(
+        _any_model_space(
+            {"name": "torchvision:resnet18", "input_size": 128}, choices={"tie": "stage"}
+        ),
+        source="s",
+    )
+    assert [u.name for u in by_stage.units] == ["layer1", "layer2", "layer3", "layer4"]
+
+
+@pytest.mark.parametrize(
+    "model, changes, key, words",
+    [
+        ({"name": "resnet99"}, {}, "model.name", "not a model reference"),
+        ({"name": "torchvision:nope"}, {}, "model.name", "torchvision has no model 'nope'"),
+        ({"name": "no_pkg_xyz:make"}, {}, "model.name", "cannot import 'no_pkg_xyz'"),
+        (
+            {"name": "torchvision:resnet18", "kwargs": {"weights": "DEFAULT"}},
+            {},
+            "model.kwargs",
+            "no weights are downloaded",
+        ),
+        ({"name": "torchvision:resnet18", "width": 0.5}, {}, "model.width", "paper's network"),
+        (
+            {"name": "torchvision:mobilenet_v3_small"},  # depthwise and strided 3x3s only
+            {},
+            "model",
+            "no searchable convolution",
+        ),
+        (
+            {"name": "torchvision:resnet18", "checkpoint": "missing.pt"},
+            {},
+            "model.checkpoint",
+            "does not exist",
+        ),
+        (
+            {"name": "torchvision:resnet18"},
+            {"choices": {"groups": {"g": ["features.*"]}}},
+            "choices.groups.g",
+            "matches no searchable layer",
+        ),
+        (
+            {"name": "torchvision:resnet18"},
+            {"latency": {"kind": "analytical", "profile": "cortex-a73"}},
+            "latency",
+            "prices only the paper's network so far",
+        ),
+    ],
+)
+def test_bad_model_sections_name_the_key(tmp_path, model, changes, key, words):
+    message = _error(_any_model_space(model, **changes), tmp_path)
+    assert f"x.yaml: {key}" in message and words in message
+    assert "\n" not in message
+
+
+def test_inspect_lists_every_conv_and_the_units_without_training(tmp_path):
+    import subprocess
+    import sys
+
+    from wasearch.search.cli import inspect_text
+
+    text = inspect_text(
+        parse_space(
+            _any_model_space({"name": "torchvision:resnet18", "input_size": 64}), source="s"
+        )
+    )
+    assert "s: torchvision:resnet18 at 3x64x64, 10 classes" in text
+    assert "13 searchable of 20 convolutions" in text
+    assert "layer2.0.conv1" in text and "no: stride 2" in text
+    assert "no: 7x7 kernel, stride 2" in text
+    paper = inspect_text(parse_space(tiny_space(), source="t"))
+    assert "16 searchable of 20 convolutions" in paper and "4 searched unit(s)" in paper
+    # the command: a bad reference is one line and exit code 2
+    bad = write_space(tmp_path / "bad.yaml", _any_model_space({"name": "torchvision:nope"}))
+    r = subprocess.run(
+        [sys.executable, str(REPO / "search.py"), "inspect", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "bad.yaml: model.name: torchvision has no model 'nope'" in r.stderr
+    assert not (tmp_path / "results").exists()

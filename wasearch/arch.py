@@ -1,9 +1,10 @@
 """``Arch``: one immutable, serializable description of a network configuration.
 
-An ``Arch`` names the backbone (name, width multiplier, classes, input size) and, for every
-searchable convolution by its module name, a :class:`LayerChoice` ``{conv, tile, bits,
-granularity}``. The model builder, train.py, the latency models, the search and the reports all
-speak it, and every checkpoint embeds it.
+An ``Arch`` names the network (the paper's backbone and width multiplier, or any other model by
+a :class:`~wasearch.netref.ModelRef`), its classes and input size and, for every searchable
+convolution by its module path, a :class:`LayerChoice` ``{conv, tile, bits, granularity}``.
+The model builder, train.py, the latency models, the search and the reports all speak it, and
+every checkpoint embeds it.
 
 YAML form (short and hand-editable; ``default`` applies to every layer not listed under
 ``layers`` and gives the bit-width of the non-searchable quantized parts, the 1x1 shortcuts)::
@@ -19,9 +20,13 @@ YAML form (short and hand-editable; ``default`` applies to every layer not liste
 
 ``save`` writes every layer explicitly, so a saved file reads as the whole network.
 
-This module does not import torch: the geometry and the limits it validates against come from
-:mod:`wasearch.geometry`, so a space, a report or a command line can read and check
-architectures without loading the model builder.
+Any other network replaces ``backbone``/``width`` by ``model: torchvision:resnet18`` (or
+``{name, kwargs, checkpoint}``, see :mod:`wasearch.netref`); its searchable layers are found by
+tracing it once (:func:`wasearch.discovery.discover`, which imports torch).
+
+For the paper's network this module does not import torch: the geometry and the limits it
+validates against come from :mod:`wasearch.geometry`, so a space, a report or a command line can
+read and check architectures without loading the model builder.
 """
 
 from __future__ import annotations
@@ -48,11 +53,12 @@ from .geometry import (
     searchable_convs,
     tile_fits,
 )
+from .netref import PAPER, PAPER_NAME, ModelRef
 
 __all__ = ["Arch", "ArchError", "LayerChoice"]
 
 _CHOICE_KEYS = ("conv", "tile", "bits", "granularity")
-_ARCH_KEYS = ("backbone", "width", "num_classes", "input_size", "default", "layers")
+_ARCH_KEYS = ("model", "backbone", "width", "num_classes", "input_size", "default", "layers")
 
 
 class ArchError(UserError, ValueError):
@@ -148,6 +154,9 @@ class Arch:
     input_size: int = 32
     default: LayerChoice = field(default_factory=LayerChoice)
     layers: tuple[tuple[str, LayerChoice], ...] = ()
+    #: The network (see :mod:`wasearch.netref`); the paper's by default, whose width and
+    #: backbone are the fields above. Any other model is traced to find its searchable convs.
+    model: ModelRef = PAPER
 
     def __post_init__(self) -> None:
         # Resolve: every searchable layer gets a choice (listed, else the default), in order.
@@ -158,7 +167,7 @@ class Arch:
         unknown = [n for n in given if n not in names]
         if unknown:
             raise ArchError(
-                f"unknown layer {unknown[0]!r} for {self.backbone} (searchable: {names[0]} .. "
+                f"unknown layer {unknown[0]!r} for {self.network} (searchable: {names[0]} .. "
                 f"{names[-1]}, {len(names)} layers)"
             )
         resolved = tuple((n, given.get(n, self.default)) for n in names)
@@ -179,23 +188,25 @@ class Arch:
         num_classes: int = 10,
         input_size: int = 32,
         fallback: bool = True,
+        model: ModelRef = PAPER,
     ) -> Arch:
         """Every searchable conv the same choice.
 
-        Layers whose input cannot hold the tile (F6 on a 4x4 input) fall back to the largest tile
-        that fits when ``fallback`` is set (the paper's uniform F6 networks do the same), and
-        raise otherwise.
+        Layers whose input is smaller than the tile (F6 on a 4x4 input) fall back to the largest
+        tile that fits when ``fallback`` is set (the paper's uniform F6 networks do the same);
+        without it they keep the tile, computed on a padded partial tile.
         """
         choice = LayerChoice(conv, tile if conv != "normal" else None, bits, granularity)
         choice.check("uniform choice")
         layers = []
-        for spec in searchable_convs(backbone, width, input_size):
+        probe = cls(backbone, width, num_classes, input_size, model=model)
+        for spec in probe.specs():
             c = choice
             if conv != "normal" and fallback:
                 while c.tile > 2 and not tile_fits(c.tile, spec.height, spec.width):
                     c = replace(c, tile=c.tile - 2)
             layers.append((spec.name, c))
-        return cls(backbone, width, num_classes, input_size, choice, tuple(layers))
+        return cls(backbone, width, num_classes, input_size, choice, tuple(layers), model)
 
     def with_layers(self, changes: Mapping[str, LayerChoice]) -> Arch:
         """A copy with some layers' choices replaced."""
@@ -204,7 +215,26 @@ class Arch:
         return replace(self, layers=tuple(merged.items()))
 
     # -- access -------------------------------------------------------------------------------
+    @property
+    def is_paper(self) -> bool:
+        """Whether the network is the paper's (geometry known without tracing, priced by the
+        latency models)."""
+        return self.model.is_paper
+
+    @property
+    def network(self) -> str:
+        """The network's name: ``resnet18_cifar`` (the paper's) or the reference's text."""
+        return PAPER_NAME if self.is_paper else self.model.text
+
     def specs(self) -> list[ConvSpec]:
+        """The searchable convolutions in forward order: the paper's from its geometry (no
+        torch), any other model's by tracing it once (:func:`wasearch.discovery.discover`)."""
+        if not self.is_paper:
+            from .discovery import discover
+
+            return discover(
+                self.model, num_classes=self.num_classes, input_size=self.input_size
+            ).specs
         if self.backbone not in BACKBONES:
             raise ArchError(f"backbone: unknown {self.backbone!r}; available: {list(BACKBONES)}")
         return searchable_convs(self.backbone, self.width, self.input_size)
@@ -231,18 +261,26 @@ class Arch:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> Arch:
-        """Check every value, and every layer's choice against its input geometry."""
+        """Check every value and every layer's choice. Any tile takes any input size: a layer
+        smaller than its tile computes one padded partial tile (see :meth:`notes`)."""
         self._check_scalars()
         self.default.check("default")
-        for spec, (name, choice) in zip(self.specs(), self.layers, strict=True):
+        for name, choice in self.layers:
             choice.check(name)
-            if choice.conv != "normal" and not tile_fits(choice.tile, spec.height, spec.width):
-                raise ArchError(
-                    f"{name}: tile={choice.tile} does not fit: F({choice.tile}x{choice.tile}, "
-                    f"3x3) reads {choice.tile + 2}x{choice.tile + 2} input tiles and the layer's "
-                    f"padded input is {spec.height + 2}x{spec.width + 2}"
-                )
         return self
+
+    def notes(self) -> list[str]:
+        """Layers whose tile is larger than their input: most of the tile's work is thrown
+        away (cropped), so a smaller tile is usually as fast there."""
+        out = []
+        for spec, (name, choice) in zip(self.specs(), self.layers, strict=True):
+            if choice.conv != "normal" and not tile_fits(choice.tile, spec.height, spec.width):
+                cheaper = "a smaller tile" if choice.tile > 2 else "a direct conv"
+                out.append(
+                    f"{name}: F{choice.tile} on a {spec.height}x{spec.width} input computes one "
+                    f"partial tile, mostly wasted work; {cheaper} may cost less there"
+                )
+        return out
 
     def _check_scalars(self) -> None:
         def bad_int(value: Any, low: int) -> bool:
@@ -262,9 +300,12 @@ class Arch:
 
     # -- serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        if self.is_paper:
+            head: dict[str, Any] = {"backbone": self.backbone, "width": self.width}
+        else:
+            head = {"model": self.model.to_yaml_value()}
         return {
-            "backbone": self.backbone,
-            "width": self.width,
+            **head,
             "num_classes": self.num_classes,
             "input_size": self.input_size,
             "default": self.default.to_dict(),
@@ -286,6 +327,14 @@ class Arch:
         kwargs = {
             k: data[k] for k in ("backbone", "width", "num_classes", "input_size") if k in data
         }
+        if "model" in data:
+            kwargs["model"] = ModelRef.parse(data["model"], "model")
+            paper_keys = [k for k in ("backbone", "width") if k in data]
+            if not kwargs["model"].is_paper and paper_keys:
+                raise ArchError(
+                    f"{source}: {paper_keys[0]}: applies only to the paper's network "
+                    f"(model: {PAPER_NAME}); set the model's own options in model.kwargs"
+                )
         return cls(default=default, layers=choices, **kwargs)
 
     def to_yaml(self) -> str:

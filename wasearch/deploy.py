@@ -21,6 +21,7 @@ and bit-widths without a kernel here run in float32 and are listed in
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ from .models import ResNetWA
 __all__ = [
     "CHUNK_TILES",
     "DeployBlock",
+    "DeployNet",
     "DeployResNet",
     "DirectConv",
     "Head",
@@ -251,13 +253,21 @@ def to_deploy(
 
     Layers whose bit-width has no kernel here (4, 16, ...) run float32; they are listed in the
     result's ``substituted`` and reported once with ``warnings.warn``.
+
+    Any other model built from an ``Arch`` (``models.convert``) gives a :class:`DeployNet`: a
+    copy whose searchable convolutions run the same kernels; its other modules run as trained,
+    BatchNorm not folded.
     """
-    if not isinstance(model, ResNetWA):
+    if isinstance(model, ResNetWA):
+        with torch.no_grad():
+            return _to_deploy(model, int8=int8, calibration=calibration)
+    arch = getattr(model, "arch", None)
+    if arch is None or getattr(arch, "is_paper", True):
         raise TypeError(
-            f"to_deploy expects a ResNetWA from wasearch.models.build, got {type(model).__name__}"
+            f"to_deploy expects a network from wasearch.models.build, got {type(model).__name__}"
         )
     with torch.no_grad():
-        return _to_deploy(model, int8=int8, calibration=calibration)
+        return _to_deploy_any(model, int8=int8, calibration=calibration)
 
 
 def _to_deploy(model: nn.Module, *, int8: bool, calibration: torch.Tensor | None) -> DeployResNet:
@@ -292,3 +302,88 @@ def _to_deploy(model: nn.Module, *, int8: bool, calibration: torch.Tensor | None
             stacklevel=3,
         )
     return DeployResNet(stem, blocks, head, kernels=kernels, substituted=substituted)
+
+
+# -- any other network ---------------------------------------------------------------------------
+class DeployNet(nn.Module):
+    """The inference form of any network ``models.convert`` built: a copy whose searchable
+    convolutions run the deploy kernels (Winograd or direct, float32 or 8-bit; ``kernels`` by
+    module path) and whose other modules run as trained, BatchNorm included (not folded)."""
+
+    def __init__(self, net: nn.Module, *, kernels: dict[str, str], substituted: list[str]):
+        super().__init__()
+        self.net = net
+        self.kernels = dict(kernels)
+        self.substituted = list(substituted)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _Padded(nn.Module):
+    """A padding-1 Winograd kernel run at another zero padding: the input padded further (p > 1)
+    or the output's border cropped (p = 0), as ``WinogradConv2d`` does."""
+
+    def __init__(self, kernel: nn.Module, padding: tuple[int, int]) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph, pw = (max(p - 1, 0) for p in self.padding)
+        y = self.kernel(F.pad(x, (pw, pw, ph, ph)) if ph or pw else x)
+        if self.padding[0] == 0:
+            y = y[..., 1:-1, :]
+        if self.padding[1] == 0:
+            y = y[..., :, 1:-1]
+        return y
+
+
+def _to_deploy_any(model: nn.Module, *, int8: bool, calibration: torch.Tensor | None) -> DeployNet:
+    calib = _calibrate(model, calibration) if calibration is not None else {}
+    net = copy.deepcopy(model).eval()
+    kernels: dict[str, str] = {}
+    substituted: list[str] = []
+    for name in model.arch.layer_names:
+        mod = net.get_submodule(name)
+        bits = getattr(mod, "bits", None)
+        run_bits = bits if int8 and has_int_kernel(bits) else None
+        if bits is not None and run_bits is None:
+            substituted.append(name)
+        kernels[name] = "fp32" if run_bits is None else f"int{run_bits}"
+        w = mod.weight.detach().float()
+        b = None if mod.bias is None else mod.bias.detach().float()
+        if isinstance(mod, WinogradConv2d):
+            amax = _quantizer_amax(mod.q_input_wd, per_tap=True)
+            kernel: nn.Module = WinogradConv(
+                w,
+                b,
+                *mod.transforms(),
+                bits=run_bits,
+                act_amax=amax if amax is not None else calib.get(name),
+            )
+            if mod.padding != (1, 1):
+                kernel = _Padded(kernel, mod.padding)
+        else:
+            amax = _quantizer_amax(getattr(mod, "q_input", None))
+            ph, pw = mod.padding
+            kernel = DirectConv(
+                w,
+                b,
+                padding=ph,
+                bits=run_bits,
+                act_amax=amax if amax is not None else calib.get(name),
+                signed_input=True,  # no ReLU is known to precede it in an arbitrary model
+            )
+            if ph != pw:  # DirectConv pads alike on both axes: the rest as extra zeros
+                kernel = nn.Sequential(nn.ZeroPad2d((pw - ph, pw - ph, 0, 0)), kernel)
+        parent, _, leaf = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, leaf, kernel)
+    if substituted and int8:
+        warnings.warn(
+            f"no integer kernel on this machine for the bit-widths of {len(substituted)} "
+            f"layer(s) ({', '.join(substituted[:4])}{', ...' if len(substituted) > 4 else ''}); "
+            "they run float32 here",
+            stacklevel=3,
+        )
+    return DeployNet(net, kernels=kernels, substituted=substituted)

@@ -93,7 +93,8 @@ def searchable_convs(
 
 
 def tile_fits(tile: int, height: int, width: int) -> bool:
-    """Whether F(tile x tile, 3 x 3) fits a layer whose input is ``height x width``: it reads
-    (tile + 2)-wide input tiles, which must fit the input padded by one on each side. The one
-    rule the architecture, the search space and the latency plan share."""
+    """Whether a whole F(tile x tile, 3 x 3) output tile fits a layer whose input is
+    ``height x width``. A tile that does not still computes (one zero-padded partial tile,
+    cropped), but mostly wasted work: ``Arch.notes`` says so, a search space removes it there
+    and ``Arch.uniform`` falls back to a smaller tile. The one rule they share."""
     return tile <= min(height, width)

@@ -52,6 +52,28 @@ class Conv2d(nn.Conv2d):
         self.q_weight = FakeQuantize(bits, running=False)
         self.q_output = FakeQuantize(bits)
 
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, bits: int | None) -> Conv2d:
+        """The fake-quantized twin of any ``nn.Conv2d``: same geometry, weight and bias."""
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            bias=conv.bias is not None,
+            bits=bits,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            padding_mode=conv.padding_mode,
+        )
+        layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits is None:
             return super().forward(x)
@@ -91,6 +113,7 @@ class WinogradConv2d(nn.Module):
         granularity: ``"tensor"`` (one range per Winograd-domain quantizer, the paper's) or
             ``"tap"`` (one range per tile position, Andri et al. 2022).
         points: the finite interpolation points of the transforms (default: see ``winograd``).
+        padding: zero padding per side, as ``nn.Conv2d`` (default 1, "same").
 
     Quantized stages when ``bits`` is set: the input, the weights, the transforms (static: their
     exact values are fixed, so the quantized ones are too; flex: re-quantized every step), the
@@ -110,8 +133,15 @@ class WinogradConv2d(nn.Module):
         bias: bool = False,
         granularity: str = "tensor",
         points=None,
+        padding: int | tuple[int, int] = 1,
     ) -> None:
         super().__init__()
+        pad = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        if len(pad) != 2 or not all(isinstance(p, int) and p >= 0 for p in pad):
+            raise ValueError(f"padding={padding!r}; use an integer >= 0 or a pair of them")
+        #: Zero padding per side (height, width); Winograd computes padding 1, other amounts pad
+        #: the input further or crop the output.
+        self.padding = pad
         if mode not in ("static", "flex"):
             raise ValueError(f"mode={mode!r}; use 'static' or 'flex'")
         if not isinstance(tile, int) or not 1 <= tile <= MAX_TILE:
@@ -130,6 +160,7 @@ class WinogradConv2d(nn.Module):
         # Same initialization as nn.Conv2d, so the two are interchangeable from scratch too.
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
+        self.points = None if points is None else tuple(points)
         A_t, G, B_t = transform_matrices(tile, 3, points)
         if mode == "flex":
             self.A_t = nn.Parameter(A_t)
@@ -150,11 +181,85 @@ class WinogradConv2d(nn.Module):
         self.q_product = FakeQuantize(bits, **tap)
         self.q_output = FakeQuantize(bits)
 
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        tile: int,
+        mode: str = "static",
+        bits: int | None = None,
+        granularity: str = "tensor",
+    ) -> WinogradConv2d:
+        """The Winograd-aware twin of a 3x3, stride-1, dilation-1, groups-1 zero-padded
+        ``conv``: its weight and bias copied (same device and dtype), its padding kept."""
+        pad = conv.padding
+        if pad == "same":
+            pad = (1, 1)
+        elif pad == "valid":
+            pad = (0, 0)
+        if (
+            tuple(conv.kernel_size) != (3, 3)
+            or tuple(conv.stride) != (1, 1)
+            or tuple(conv.dilation) != (1, 1)
+            or conv.groups != 1
+            or conv.padding_mode != "zeros"
+        ):
+            raise ValueError(
+                f"{conv}: Winograd F(m x m, 3 x 3) needs a 3x3 kernel, stride 1, dilation 1, "
+                "groups 1 and zero padding"
+            )
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            tile=tile,
+            mode=mode,
+            bits=bits,
+            bias=conv.bias is not None,
+            granularity=granularity,
+            padding=tuple(pad),
+        )
+        layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
     def extra_repr(self) -> str:
+        pad = "" if self.padding == (1, 1) else f", padding={self.padding}"
         return (
             f"{self.in_channels}, {self.out_channels}, F({self.tile}x{self.tile}, 3x3), "
-            f"mode={self.mode}, bits={self.bits}, granularity={self.granularity}"
+            f"mode={self.mode}, bits={self.bits}, granularity={self.granularity}{pad}"
         )
+
+    def _apply(self, fn, recurse=True):
+        # A static layer's transforms are exact rationals: after a dtype change (.double()) they
+        # are rebuilt in the new precision rather than kept at float32's rounding.
+        before = self.A_t.dtype
+        out = super()._apply(fn, recurse)
+        after = self.A_t.dtype
+        if self.mode == "static" and after != before and after.is_floating_point:
+            mats = transform_matrices(
+                self.tile, 3, self.points, dtype=after, device=self.A_t.device
+            )
+            for name, mat in zip(("A_t", "G", "B_t"), mats, strict=True):
+                setattr(self, name, mat)
+        return out
+
+    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Padding beyond 1 as extra zeros (Winograd's own pass pads by 1)."""
+        ph, pw = (max(p - 1, 0) for p in self.padding)
+        return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+
+    def _crop_output(self, y: torch.Tensor) -> torch.Tensor:
+        """Padding 0: the border Winograd's padding-1 pass computed in addition."""
+        ph, pw = self.padding
+        if ph == 0:
+            y = y[..., 1:-1, :]
+        if pw == 0:
+            y = y[..., :, 1:-1]
+        return y
 
     def transforms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The transforms as used in the forward pass (fake-quantized when ``bits`` is set)."""
@@ -164,6 +269,8 @@ class WinogradConv2d(nn.Module):
         return tuple(self.q_transform(t) for t in mats)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding != (1, 1):  # other zero paddings around the padding-1 pipeline
+            return self._forward_padded(x)
         A_t, G, B_t = self.transforms()
         if self.bits is None:
             return winograd_conv2d(x, self.weight, A_t, G, B_t, bias=self.bias)
@@ -176,3 +283,24 @@ class WinogradConv2d(nn.Module):
             self.q_input(x), self.q_weight(self.weight), A_t, G, B_t, bias=self.bias, quant=quant
         )
         return self.q_output(y)
+
+    def _forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        A_t, G, B_t = self.transforms()
+        if self.bits is None:
+            y = winograd_conv2d(self._pad_input(x), self.weight, A_t, G, B_t, bias=self.bias)
+            return self._crop_output(y)
+        quant = {
+            "weight_wd": self.q_weight_wd,
+            "input_wd": self.q_input_wd,
+            "product": self.q_product,
+        }
+        y = winograd_conv2d(
+            self._pad_input(self.q_input(x)),
+            self.q_weight(self.weight),
+            A_t,
+            G,
+            B_t,
+            bias=self.bias,
+            quant=quant,
+        )
+        return self.q_output(self._crop_output(y))

@@ -11,6 +11,12 @@ quantized direct convolution. Every 3x3 convolution inside a block is *searchabl
 The geometry (stages, channels, the searchable convolutions and their input sizes) lives in the
 torch-free :mod:`wasearch.geometry`, which ``wasearch.arch`` reads without importing this module;
 ``BACKBONES``, ``ConvSpec`` and ``searchable_convs`` stay importable from here.
+
+Any other network (an ``Arch`` whose ``model`` is a torchvision, timm or user-factory reference)
+is built by its own builder (:func:`wasearch.discovery.build_reference`, the user's checkpoint
+loaded) and then converted in place by :func:`convert`: each searchable convolution is replaced
+by the layer its choice names, keeping its weight, bias, padding and everything around it, so
+adaptation starts from the trained model as it was.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .discovery import build_reference, discover
 from .geometry import (
     BACKBONES,
     BLOCKS_PER_STAGE,
@@ -33,7 +40,15 @@ from .layers import Conv2d, WinogradConv2d
 if TYPE_CHECKING:
     from .arch import Arch, LayerChoice
 
-__all__ = ["BACKBONES", "ConvSpec", "ResNetWA", "build", "searchable_convs", "make_conv"]
+__all__ = [
+    "BACKBONES",
+    "ConvSpec",
+    "ResNetWA",
+    "build",
+    "convert",
+    "searchable_convs",
+    "make_conv",
+]
 
 
 def make_conv(in_channels: int, out_channels: int, choice: LayerChoice) -> nn.Module:
@@ -122,6 +137,53 @@ class ResNetWA(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def build(arch: Arch) -> ResNetWA:
-    """Build the network an ``Arch`` describes (weights freshly initialized)."""
-    return ResNetWA(arch)
+def build(arch: Arch) -> nn.Module:
+    """Build the network an ``Arch`` describes: the paper's with fresh weights, any other from
+    its reference (its ``checkpoint`` loaded when it names one), converted by :func:`convert`."""
+    if arch.is_paper:
+        return ResNetWA(arch)
+    arch.validate()
+    return convert(build_reference(arch.model, num_classes=arch.num_classes), arch)
+
+
+def convert(model: nn.Module, arch: Arch) -> nn.Module:
+    """Replace, in place, each searchable convolution of ``model`` by the layer ``arch`` chooses
+    for it (weights and bias kept), and return ``model`` with ``model.arch = arch``.
+
+    Every other convolution but the first one the forward pass meets (it reads the image, kept
+    in floating point as the paper's stem is) becomes a direct convolution quantized to the
+    arch's default bit-width, as the paper's 1x1 shortcuts are; linear layers stay as they are.
+    """
+    found = discover(arch.model, num_classes=arch.num_classes, input_size=arch.input_size)
+    modules = dict(model.named_modules())
+    searchable = set(arch.layer_names)
+    first = found.convs[0].name if found.convs else None
+    for conv in found.convs:
+        old = modules.get(conv.name)
+        if not isinstance(old, nn.Conv2d):
+            raise ValueError(f"{conv.name}: expected an nn.Conv2d in the model, got {old!r}")
+        if conv.name in searchable:
+            choice = arch.choice(conv.name)
+            if choice.conv == "normal":
+                new: nn.Module = Conv2d.from_conv(old, bits=choice.bits)
+            else:
+                new = WinogradConv2d.from_conv(
+                    old,
+                    tile=choice.tile,
+                    mode=choice.conv,
+                    bits=choice.bits,
+                    granularity=choice.granularity,
+                )
+        elif conv.name != first:
+            new = Conv2d.from_conv(old, bits=arch.default.bits)
+        else:
+            continue
+        _replace(model, conv.name, new)
+    model.arch = arch
+    return model
+
+
+def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, new)

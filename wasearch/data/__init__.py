@@ -28,7 +28,9 @@ Folders: the cache root is ``$WASEARCH_CACHE`` when set, else ``~/.cache/wasearc
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from .cifar import (
@@ -40,7 +42,7 @@ from .cifar import (
     load_cifar,
     load_real_cifar10,
 )
-from .imagefolder import load_image_folder
+from .imagefolder import fit_images, load_image_folder
 from .loader import BatchLoader, augment_batch, normalize
 from .splits import DataError, DataSplits, ImageSet, cache_root, check_options
 from .synthetic import SYNTHETIC_CLASSES, load_synthetic, make_synthetic
@@ -59,6 +61,7 @@ __all__ = [
     "augment_batch",
     "cache_root",
     "ensure_shared_cifar10",
+    "fit_images",
     "load_real_cifar10",
     "load_dataset",
     "make_synthetic",
@@ -66,6 +69,8 @@ __all__ = [
 ]
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
+
+logger = logging.getLogger(__name__)
 
 
 def load_dataset(
@@ -77,6 +82,7 @@ def load_dataset(
     limit_train: int | None = None,
     limit_test: int | None = None,
     seed: int = 0,
+    image_size: int | None = None,
 ) -> DataSplits:
     """Load a dataset into memory and split it.
 
@@ -92,6 +98,9 @@ def load_dataset(
         limit_train: keep at most this many training images (after the validation split).
         limit_test: keep at most this many test images (a class-balanced random subset).
         seed: fixes the validation split, the subsets and the synthetic images.
+        image_size: fit every image to ``image_size x image_size`` (the shorter side resized,
+            then the centre cropped; :func:`fit_images`), said once in the log when the
+            images are another size; None keeps them as they are.
 
     Raises:
         DataError: an unknown name, or data that is missing or malformed.
@@ -107,14 +116,37 @@ def load_dataset(
         "limit_test": limit_test,
         "seed": seed,
     }
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
+        raise ValueError(f"image_size={image_size!r} must be a positive integer")
     if key == "synthetic":
-        return load_synthetic(**options)
-    if key == "imagefolder":
+        splits = load_synthetic(**options)
+    elif key == "imagefolder":
         if data_dir is None:
             raise DataError(
                 "the imagefolder dataset needs --data-dir: a folder with train/ and test/ "
                 "subfolders of class folders"
             )
-        return load_image_folder(Path(data_dir).expanduser(), **options)
-    root = Path(data_dir).expanduser() if data_dir is not None else cache_root() / "data"
-    return load_cifar(key, root, download=download, **options)
+        splits = load_image_folder(Path(data_dir).expanduser(), image_size=image_size, **options)
+    else:
+        root = Path(data_dir).expanduser() if data_dir is not None else cache_root() / "data"
+        splits = load_cifar(key, root, download=download, **options)
+    return _fitted(splits, image_size)
+
+
+def _fitted(splits: DataSplits, size: int | None) -> DataSplits:
+    """``splits`` with every image fitted to ``size x size``, said once when that changes them
+    (an ImageFolder is fitted while decoding, image by image)."""
+    if size is None or splits.image_size == (size, size):
+        return splits
+    h, w = splits.image_size
+    logger.info(
+        "%s images are %dx%d: resized to %dx%d (shorter side, then centre crop)",
+        splits.name, h, w, size, size,
+    )  # fmt: skip
+
+    def fit(s: ImageSet | None) -> ImageSet | None:
+        return None if s is None else ImageSet(fit_images(s.images, size), s.labels)
+
+    return replace(splits, train=fit(splits.train), val=fit(splits.val), test=fit(splits.test))

@@ -5,6 +5,10 @@ decoded tensors are cached in one ``.pt`` file under ``<cache root>/decoded/``, 
 folder, the classes and every selected file's size and modification time, so a second run
 with the same selection reads one file instead of decoding again. The cache is written
 atomically and read with ``weights_only=True``; an unreadable or foreign cache file is ignored.
+
+With an ``image_size`` every image is fitted to ``image_size x image_size`` as it is decoded
+(:func:`fit_images`: the shorter side resized to the size, then the centre cropped), so folders
+of other or mixed sizes load; without one, all images must have the same size.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .splits import (
     subset_indices,
 )
 
-__all__ = ["IMAGE_EXTENSIONS", "is_image_folder", "load_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "fit_images", "is_image_folder", "load_image_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +87,22 @@ def _pil_decode(path: str) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def _decode_files(files: Sequence[str]) -> torch.Tensor:
-    """Decode ``files`` into one (N, 3, H, W) uint8 tensor; all must have the same size.
+def fit_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, H, W) or (3, H, W) uint8 images at ``size x size``: the shorter side resized to
+    ``size`` (antialiased bilinear), then the centre cropped. Images already that size are
+    returned as they are."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    if min(images.shape[-2:]) != size:
+        images = TF.resize(images, size, antialias=True)
+    return TF.center_crop(images, [size, size])
+
+
+def _decode_files(files: Sequence[str], image_size: int | None = None) -> torch.Tensor:
+    """Decode ``files`` into one (N, 3, H, W) uint8 tensor; all must have the same size, or
+    each is fitted to ``image_size`` (:func:`fit_images`).
 
     JPEG and PNG go through torchvision's libjpeg/libpng decoders (about twice as fast as PIL
     on small images), everything else, and anything they reject, through PIL.
@@ -105,21 +123,33 @@ def _decode_files(files: Sequence[str]) -> torch.Tensor:
         # torchvision 0.29 deprecates its decoders in favour of torchcodec, not installed here.
         warnings.simplefilter("ignore", DeprecationWarning)
         first = decode(files[0])
+        if image_size is not None:
+            first = fit_images(first, image_size)
         out = torch.empty(len(files), *first.shape, dtype=torch.uint8)
         out[0] = first
         for i in range(1, len(files)):
             image = decode(files[i])
+            if image_size is not None:
+                image = fit_images(image, image_size)
             if image.shape != first.shape:
                 raise DataError(
                     f"image {files[i]} is {image.shape[2]}x{image.shape[1]} but {files[0]} is "
-                    f"{first.shape[2]}x{first.shape[1]}; all images must have the same size"
+                    f"{first.shape[2]}x{first.shape[1]}; all images must have the same size "
+                    "(or give an input size, e.g. train.py --input-size, to fit them to it)"
                 )
             out[i] = image
     return out
 
 
-def _cache_key(root: Path, classes: Sequence[str], selections: Sequence[Sequence[str]]) -> str:
+def _cache_key(
+    root: Path,
+    classes: Sequence[str],
+    selections: Sequence[Sequence[str]],
+    image_size: int | None = None,
+) -> str:
     digest = hashlib.sha256(f"v{_CACHE_VERSION}\n{root}\n".encode())
+    if image_size is not None:  # the native-size key stays what it was
+        digest.update(f"size {image_size}\n".encode())
     digest.update("\n".join(classes).encode())
     for files in selections:
         digest.update(b"\n--\n")
@@ -160,10 +190,11 @@ def load_image_folder(
     limit_test: int | None,
     seed: int,
     stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    image_size: int | None = None,
 ) -> DataSplits:
     """``root/train/<class>/...`` and ``root/test/`` (or ``root/val/``) as splits; ``stats``
     (mean, std) replaces the statistics measured on the training images (CIFAR's published
-    ones for a CIFAR copy in this layout)."""
+    ones for a CIFAR copy in this layout); ``image_size`` fits every image to that square."""
     if not root.is_dir():
         raise DataError(
             f"image folder {root} does not exist; pass --data-dir pointing at a folder with "
@@ -205,7 +236,7 @@ def load_image_folder(
         "test": [test_labels[i] for i in test_idx.tolist()],
     }
 
-    key = _cache_key(root.resolve(), classes, list(selections.values()))
+    key = _cache_key(root.resolve(), classes, list(selections.values()), image_size)
     cache_file = cache_root() / "decoded" / f"{key}.pt"
     content = _read_cache(cache_file)
     if content is not None:
@@ -215,7 +246,7 @@ def load_image_folder(
         logger.info("decoding %d images under %s", total, root)
         content = {"version": _CACHE_VERSION}
         for split, files in selections.items():
-            content[f"{split}_images"] = _decode_files(files)
+            content[f"{split}_images"] = _decode_files(files, image_size)
             content[f"{split}_labels"] = torch.tensor(select_labels[split], dtype=torch.int64)
         sizes = {tuple(content[f"{s}_images"].shape[-2:]) for s in selections if selections[s]}
         if len(sizes) > 1:

@@ -12,7 +12,14 @@ from ..cli import UserError
 from ..models import ConvSpec
 from .ops import NetOp, OpKey, conv_key, network_ops
 
-__all__ = ["LatencyError", "LatencyEntry", "LatencyModel", "LatencyReport", "format_latency_table"]
+__all__ = [
+    "NOT_PRICED",
+    "LatencyError",
+    "LatencyEntry",
+    "LatencyModel",
+    "LatencyReport",
+    "format_latency_table",
+]
 
 
 class LatencyError(UserError, ValueError):
@@ -140,7 +147,7 @@ class LatencyModel(ABC):
         b = self.batch if batch is None else batch
         size = arch.input_size if input_size is None else input_size
         entries = []
-        for op in network_ops(arch, input_size=size):
+        for op in self.network_ops(arch, input_size=size):
             seconds, est = self.op_cost(op.key.with_batch(b))
             label = arch.choice(op.name).label if op.searchable else ""
             entries.append(
@@ -149,7 +156,16 @@ class LatencyModel(ABC):
         return LatencyReport(tuple(entries), b, size, self.describe())
 
     def network_ops(self, arch: Arch, *, input_size: int | None = None) -> list[NetOp]:
+        if not arch.is_paper:
+            raise LatencyError(NOT_PRICED)
         return network_ops(arch, input_size=input_size)
+
+
+#: Why a network other than the paper's has no price yet (one line, for every caller).
+NOT_PRICED = (
+    "latency: the analytical model prices only the paper's network so far; use objectives: "
+    "[accuracy]"
+)
 
 
 def _flag(entry: LatencyEntry) -> str:

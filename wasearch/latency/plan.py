@@ -17,7 +17,7 @@ import torch
 from .. import deploy
 from ..arch import Arch, LayerChoice
 from ..geometry import SPACE_TILES, ConvSpec, searchable_convs, tile_fits
-from .base import LatencyError
+from .base import NOT_PRICED, LatencyError
 from .ops import SEARCHABLE_OP, OpKey, conv_key, network_ops
 from .table import LatencyTable, TableModel
 
@@ -57,6 +57,8 @@ class MeasurePlan:
         are planned at every bit-width of the choices, as before, and at the base's, which is
         the default bit-width of every architecture the search builds
         (:meth:`~wasearch.search.space.SearchSpace.arch`)."""
+        if not space.model_ref.is_paper:
+            raise LatencyError(f"{space.path}: {NOT_PRICED}")
         per_layer: dict[str, tuple[LayerChoice, ...]] = {n: (c,) for n, c in space.fixed}
         for unit in space.units:
             per_layer.update((n, unit.options) for n in unit.layers)

@@ -85,7 +85,9 @@ def trial_config(space: SearchSpace) -> Any:
 
 
 def load_space_data(space: SearchSpace) -> DataSplits:
-    """The dataset a space names (errors as :class:`UserError`/``DataError``)."""
+    """The dataset a space names (errors as :class:`UserError`/``DataError``), its images fitted
+    to the model's ``input_size`` (resized on the shorter side and center-cropped, said once in
+    the log) when they have another size."""
     from ..data import load_dataset
 
     d = space.data
@@ -98,6 +100,7 @@ def load_space_data(space: SearchSpace) -> DataSplits:
             limit_train=d["limit_train"],
             limit_test=d["limit_test"],
             seed=space.seed,
+            image_size=space.input_size,
         )
     except ValueError as err:
         raise UserError(f"{space.path}: data: {err}") from None

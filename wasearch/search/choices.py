@@ -3,8 +3,9 @@
 Each searchable layer's options are the product of ``choices`` (conv x tile x bits x
 granularity; a direct convolution has no tile and a per-tensor range), narrowed by
 ``choices.layers`` patterns; layers are grouped into units by ``choices.groups`` and then
-``choices.tie``. A unit offers the options every one of its layers can take: a tile that does not
-fit a layer's input (F6 on a 4x4 input) is removed, and said once in the space's notes. A layer
+``choices.tie``. A unit offers the options every one of its layers can take: a tile larger than a
+layer's input (F6 on a 4x4 input) would compute one partial tile, mostly wasted work, so the
+space removes it there and says so once in its notes (an arch file may still choose it). A layer
 left with a single option is fixed rather than searched.
 """
 
@@ -23,10 +24,12 @@ from .schema import CHOICE_VALUE_KEYS, Reader
 __all__ = [
     "REFERENCES",
     "Unit",
+    "block_of",
     "build_units",
     "layer_options",
     "normalize_choice",
     "reference_label",
+    "stage_of",
 ]
 
 #: Reference architectures enqueued first: (name, conv, tile).
@@ -109,8 +112,7 @@ def build_units(
     for n in names:
         if n in owner:
             continue
-        stage, block, _ = n.split(".")
-        unit = {"layer": n, "block": f"{stage}.{block}", "stage": stage, "all": "all"}[tie]
+        unit = {"layer": n, "block": block_of(n), "stage": stage_of(n), "all": "all"}[tie]
         unit_layers.setdefault(unit, []).append(n)
         owner[n] = unit
 
@@ -142,13 +144,24 @@ def build_units(
             units.append(Unit(unit_name, tuple(members), tuple(options)))
     for (tile, size), layers in sorted(removed.items()):
         notes.append(
-            f"F{tile} removed for {_name_span(layers)}: their {size}x{size} input (padded "
-            f"{size + 2}x{size + 2}) cannot hold an F({tile}x{tile}, 3x3) input tile of "
-            f"{tile + 2}x{tile + 2}"
+            f"F{tile} removed for {_name_span(layers)}: their {size}x{size} input is smaller "
+            f"than the {tile}x{tile} output tile (one partial tile, mostly wasted work; an arch "
+            "file may still choose it)"
         )
     order = {n: i for i, n in enumerate(names)}
     fixed.sort(key=lambda item: order[item[0]])
     return tuple(units), tuple(fixed), notes
+
+
+def block_of(name: str) -> str:
+    """A layer's block: its parent module path (``layer3.0`` for ``layer3.0.conv1``; the
+    ``features`` Sequential for ``features.3``); a top-level layer is its own block."""
+    return name.rpartition(".")[0] or name
+
+
+def stage_of(name: str) -> str:
+    """A layer's stage: its top-level module (``layer3``, ``features``)."""
+    return name.split(".", 1)[0]
 
 
 def layer_options(

@@ -29,6 +29,7 @@ from ..arch import Arch, LayerChoice
 from ..cli import UserError
 from ..fileio import load_yaml
 from ..geometry import ConvSpec, searchable_convs
+from ..netref import PAPER, ModelRef, ModelRefError
 from .choices import REFERENCES, Unit, build_units, normalize_choice, reference_label
 from .schema import (
     DEFAULTS,
@@ -78,10 +79,12 @@ class SearchSpace:
     budget: dict[str, Any]
     storage: dict[str, Any]
     export: dict[str, Any]
+    report: dict[str, Any]  # tolerance: the report's and the run log's noise rule
     specs: tuple[ConvSpec, ...]
     units: tuple[Unit, ...]  # searched (two or more options)
     fixed: tuple[tuple[str, LayerChoice], ...]  # layers with a single possible choice
     notes: tuple[str, ...] = field(default=())  # what was removed, said once
+    model_ref: ModelRef = PAPER  # the network (model.name, .kwargs, .checkpoint)
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -130,6 +133,7 @@ class SearchSpace:
             width=self.model["width"],
             num_classes=num_classes or self.num_classes,
             input_size=self.input_size,
+            model=self.model_ref,
         )
 
     def arch(self, params: Mapping[str, str], *, num_classes: int | None = None) -> Arch:
@@ -150,6 +154,7 @@ class SearchSpace:
             input_size=self.input_size,
             default=LayerChoice("normal", None, self.base["bits"]),
             layers=ordered,
+            model=self.model_ref,
         )
 
     def params_of(self, arch: Arch) -> dict[str, str] | None:
@@ -247,10 +252,66 @@ def parse_space(
     r = Reader(source)
     settings = check_sections(data, r, require_latency_table=require_latency_table)
     model = settings["model"]
-    specs = tuple(searchable_convs(model["backbone"], float(model["width"]), model["input_size"]))
+    ref = _model_ref(r, settings)
+    if ref.is_paper:
+        specs = tuple(
+            searchable_convs(model["backbone"], float(model["width"]), model["input_size"])
+        )
+    else:
+        specs = tuple(_discovered_specs(r, ref, settings))
     units, fixed, notes = build_units(r, settings["choices"], specs)
     if not units:
         r.fail("choices", "leaves nothing to search: every layer has a single possible choice")
     return SearchSpace(
-        path=source, **settings, specs=specs, units=units, fixed=fixed, notes=tuple(notes)
+        path=source,
+        **settings,
+        specs=specs,
+        units=units,
+        fixed=fixed,
+        notes=tuple(notes),
+        model_ref=ref,
     )
+
+
+def _model_ref(r: Reader, settings: Mapping[str, Any]) -> ModelRef:
+    """The space's network: ``model.name`` with its ``kwargs`` and ``checkpoint``."""
+    model = settings["model"]
+    try:
+        ref = ModelRef.from_parts(
+            model["name"], model["kwargs"], model["checkpoint"], where="model.name"
+        )
+    except ModelRefError as err:
+        r.fail("", str(err).replace("model.name.", "model."))
+    given = settings["raw"].get("model") or {}
+    paper_keys = [k for k in ("backbone", "width") if k in given]
+    if not ref.is_paper and paper_keys:
+        r.fail(
+            f"model.{paper_keys[0]}",
+            "applies only to the paper's network (name: resnet18_cifar); set the model's own "
+            "options in model.kwargs",
+        )
+    return ref
+
+
+def _discovered_specs(r: Reader, ref: ModelRef, settings: Mapping[str, Any]) -> list[ConvSpec]:
+    """Any model but the paper's: traced once to find its searchable convolutions. Its cost
+    cannot be priced yet, so a latency objective, constraint or model is refused here."""
+    if settings["latency"] or "latency_ms" in settings["objectives"]:
+        r.fail(
+            "latency",
+            "the analytical model prices only the paper's network so far; use objectives: "
+            "[accuracy] and no latency section for this model",
+        )
+    if settings["strategy"].get("name") == "differentiable":
+        r.fail("strategy.name", "differentiable searches only the paper's network so far")
+    from ..discovery import discover
+
+    model = settings["model"]
+    classes = model["num_classes"]
+    if classes is None:
+        classes = 100 if settings["data"]["dataset"] == "cifar100" else 10
+    try:
+        return discover(ref, num_classes=classes, input_size=model["input_size"]).specs
+    except ModelRefError as err:
+        r.fail("", str(err))
+        raise  # unreachable: fail raises

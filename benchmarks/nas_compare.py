@@ -75,6 +75,7 @@ def main() -> int:
     args = p.parse_args()
 
     from wasearch.fileio import load_yaml
+    from wasearch.stats import trial_se
 
     load = os.getloadavg()[0]
     results = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nas_compare_"))
@@ -118,10 +119,14 @@ def main() -> int:
         f"differentiable: {len(dnas_trials)} points, {d_compute:.0f} s of search compute "
         f"({d_wall:.0f} s wall incl. its reference trials)"
     )
-    print(f"{'lambda':>7} {'latency ms':>11} {'acc':>7} {'Optuna front acc':>17} {'gap':>7}  arch")
+    print(
+        f"{'lambda':>7} {'latency ms':>11} {'acc':>7} {'± SE':>7} {'Optuna front acc':>17} "
+        f"{'gap':>7}  arch"
+    )
     rows = []
     for t in sorted(dnas_trials, key=lambda t: t.user_attrs["lambda"]):
         lat, acc = t.user_attrs["latency_ms"], t.values[0]
+        se = trial_se(t.user_attrs)  # binomial, from the trial's validation images
         reach = [a for latency, a in o_front if latency <= lat * 1.0001]
         ref = max(reach) if reach else None
         # No Optuna front point is as fast: nothing of Optuna's dominates it, it extends the front.
@@ -132,6 +137,7 @@ def main() -> int:
                 "lambda": t.user_attrs["lambda"],
                 "latency_ms": lat,
                 "accuracy": acc,
+                "accuracy_se": se,
                 "optuna_front_accuracy": ref,
                 "gap_points": gap,
                 "on_or_within_1": ref is None or gap <= 1.0,
@@ -140,6 +146,7 @@ def main() -> int:
         )
         print(
             f"{t.user_attrs['lambda']:7g} {lat:11.3f} {acc:7.4f} "
+            f"{'-' if se is None else f'{se:.4f}':>7} "
             f"{'-' if ref is None else f'{ref:.4f}':>17} {status:>7}  "
             f"{t.user_attrs['arch_summary']}"
         )

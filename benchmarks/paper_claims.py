@@ -75,6 +75,7 @@ from wasearch.fileio import atomic_write_text
 from wasearch.layers import Conv2d, WinogradConv2d
 from wasearch.models import build, make_conv
 from wasearch.quant import FakeQuantize
+from wasearch.stats import binomial_se
 from wasearch.winograd import transform_matrices, winograd_conv2d
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -187,6 +188,20 @@ def _log(text: str) -> None:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _noise_line(acc: float | None, n: int | None) -> str:
+    """What every test accuracy of the tables is worth: its binomial standard error on the
+    ``n`` test images (:func:`wasearch.stats.binomial_se`), at the base's accuracy; two rows
+    closer than about 1.4 of it are the same to this measurement."""
+    se = binomial_se(acc, n)
+    if se is None:
+        return "Standard error of the accuracies: unknown (no test image count recorded)."
+    return (
+        f"Noise: every test accuracy below is measured on the same {n:,} test images; its "
+        f"binomial standard error is ±{100 * se:.2f} points near {_pct(acc)}% (sqrt(p(1-p)/n)), "
+        f"so rows closer than about {100 * se * math.sqrt(2):.1f} points are indistinguishable."
+    )
 
 
 def _sci(x: float | None) -> str:
@@ -871,6 +886,8 @@ def render(report: Report) -> str:
         f"{report.seconds.get('cpu', 0) / 60:.1f} min CPU.",
         "",
         f"Base model (normal 8-bit): **{_pct(report.base.get('test_acc'))}%** test accuracy.",
+        "",
+        _noise_line(report.base.get("test_acc"), report.data.get("test")),
         "",
         "## 1. Numerical error on real activations",
         "",

@@ -47,6 +47,7 @@ from wasearch.engine import (
 )
 from wasearch.fileio import atomic_write_text
 from wasearch.models import build
+from wasearch.stats import binomial_se as shared_binomial_se
 
 HERE = Path(__file__).resolve().parent
 
@@ -123,8 +124,10 @@ def _log(text: str) -> None:
 
 
 def binomial_se(acc: float, n: int) -> float:
-    """Standard error of an accuracy measured on ``n`` independent images."""
-    return math.sqrt(max(acc * (1 - acc), 0.0) / n) if n > 0 else float("nan")
+    """Standard error of an accuracy measured on ``n`` independent images: the one formula
+    (:func:`wasearch.stats.binomial_se`), NaN where it is undefined (this file's tables)."""
+    se = shared_binomial_se(acc, n)
+    return float("nan") if se is None else se
 
 
 def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:

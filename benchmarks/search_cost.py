@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from wasearch.models import build
     from wasearch.search.base import default_threads, ensure_base, load_space_data, trial_config
     from wasearch.search.space import load_space
+    from wasearch.stats import binomial_se
 
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                     "summary": arch.summary(),
                     "adapt_s": round(adapt_s, 2),
                     "adapt_val_acc": round(target, 4),
+                    # binomial standard error of either accuracy (the same validation images)
+                    "val_se": round(binomial_se(target, adapted.val_images) or 0.0, 4),
+                    "val_images": adapted.val_images,
                     "scratch_s": round(scratch_s, 2),
                     "scratch_epochs": best["epoch"] if reached else args.scratch_cap,
                     "scratch_val_acc": round(best["acc"], 4),
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(
                 f"{name:<12} {r['summary'][:34]:<34} adapted {r['adapt_s']:7.1f} s -> "
-                f"{r['adapt_val_acc']:.4f} | scratch {r['scratch_s']:7.1f} s, "
+                f"{r['adapt_val_acc']:.4f} ± {r['val_se']:.4f} | scratch {r['scratch_s']:7.1f} s, "
                 f"{r['scratch_epochs']} ep -> {r['scratch_val_acc']:.4f}"
                 + ("  (CAPPED: did not reach it)" if r["capped"] else ""),
                 flush=True,

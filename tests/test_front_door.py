@@ -114,6 +114,29 @@ def test_printed_train_command_runs_as_written(study):
     run = shlex.split(runnable)
     name = run[run.index("--run-name") + 1]
     assert (root / "runs" / name / "final.json").is_file()
+    # train.py's last line and final.json carry each accuracy's standard error and its images.
+    final = json.loads((root / "runs" / name / "final.json").read_text())
+    for acc, se, n in (("best_val_acc", "best_val_se", "val_images"),
+                       ("test_acc", "test_se", "test_images")):  # fmt: skip
+        assert final[n] > 0
+        assert final[se] == pytest.approx((final[acc] * (1 - final[acc]) / final[n]) ** 0.5)
+    last = r.stdout.strip().splitlines()[-1]
+    assert re.search(r"best val acc [\d.]+ ± [\d.]+ \(\d+ images\).*test acc [\d.]+ ± ", last)
+
+
+def test_run_log_and_files_show_the_noise_and_the_pick(study):
+    root, out = study
+    lines = [ln for ln in out.splitlines() if re.match(r"\[\d+/\d+\] trial", ln)]
+    assert lines and all(re.search(r"acc \d\.\d{4} ± \d\.\d{4}", ln) for ln in lines), lines
+    assert "± its standard error" in out  # the columns line says what it is
+    pick = re.search(r"^Pick: trial (\d+) \(.*within 1 standard error\(s\) of the best", out, re.M)
+    assert pick, out[-1500:]
+    df = pd.read_csv(root / "results" / "tiny" / "trials.csv")
+    done = df[df["state"] == "COMPLETE"]
+    assert (done["val_images"] > 0).all()
+    expected = (done["accuracy"] * (1 - done["accuracy"]) / done["val_images"]) ** 0.5
+    assert done["accuracy_se"].to_numpy() == pytest.approx(expected.to_numpy())
+    assert df.loc[df["pick"], "number"].tolist() == [int(pick.group(1))]
 
 
 def test_fine_tune_command_gives_the_trials_learning_rate(tmp_path):

@@ -108,8 +108,8 @@ def test_every_attribute_the_record_builds_is_documented():
         **record.reference_attrs("all-normal"),
         **record.arch_attrs(arch, params=10),
         **record.latency_attrs(Priced(), limit_ms=None),
-        **record.fit_attrs(0.5, seconds=1.0, history=[]),
-        **record.pruned_attrs(1, 0.5, []),
+        **record.fit_attrs(0.5, seconds=1.0, history=[], val_images=400),
+        **record.pruned_attrs(1, 0.5, [], val_images=400),
         **record.skipped_attrs("duplicate of trial 0"),
         **record.untried_attrs(3),
         **record.fail_attrs("x" * 900),
@@ -119,6 +119,7 @@ def test_every_attribute_the_record_builds_is_documented():
         ),
     }
     assert set(built) == _documented_trial_keys()
+    assert built["val_images"] == 400 and built["val_se"] == pytest.approx(0.025)
     assert len(built["fail_reason"]) == record.MAX_REASON
     assert built["bitops"] == record.bitops(arch)
 
@@ -153,6 +154,56 @@ def test_the_workers_attributes_match_the_contract(one_trial):
     assert complete <= set(attrs), complete - set(attrs)
     assert attrs["source"] == "optuna"
     assert done[0].values == pytest.approx([attrs["val_acc"], attrs["latency_ms"]])
+    # The noise of the accuracy, for any client of the study: n and the binomial error.
+    n = attrs["val_images"]
+    assert isinstance(n, int) and n > 0
+    assert attrs["val_se"] == pytest.approx(
+        math.sqrt(attrs["val_acc"] * (1 - attrs["val_acc"]) / n)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The pick
+
+
+def _noisy(number, acc, lat, *, n=5000, reference=None, feasible=True):
+    t = _trial(number, acc, lat, feasible=feasible)
+    t.user_attrs.update(record.noise_attrs(acc, n))
+    if reference:
+        t.user_attrs["reference"] = reference
+    return t
+
+
+def test_noise_pick_takes_the_faster_of_two_points_the_noise_cannot_tell_apart():
+    trials = [
+        _noisy(0, 0.690, 5.00, reference="all-normal"),
+        _noisy(1, 0.6672, 3.27, reference="static-F4"),
+        _noisy(2, 0.6680, 3.95),  # 0.08 point more than trial 1, 0.68 ms slower
+        _noisy(3, 0.600, 2.00),
+        _noisy(4, 0.699, 1.00, feasible=False),  # never the pick
+    ]
+    objectives = ["accuracy", "latency_ms"]
+    picked = record.noise_pick(trials, objectives)
+    # The best is all-normal (69 %): 2.3 points above trial 2, far outside the noise.
+    assert picked.best.number == 0 and picked.pick.number == 0 and picked.within == 1
+    assert picked.reference.number == 0 and picked.reference_pick.number == 0
+    # Without all-normal, trials 1 and 2 are the same within one standard error: the faster.
+    picked = record.noise_pick(trials[1:], objectives)
+    assert picked.best.number == 2 and picked.pick.number == 1 and picked.within == 2
+    assert picked.cost == "latency_ms" and picked.reference is None
+    # At tolerance 0 only the best itself is within it.
+    assert record.noise_pick(trials[1:], objectives, tolerance=0).pick.number == 2
+    # An accuracy-only study has nothing to be cheaper in: the most accurate trial.
+    for t in trials:
+        del t.user_attrs["latency_ms"]
+    assert record.noise_pick(trials[1:], ["accuracy"]).pick.number == 2
+    assert record.noise_pick([], objectives) is None
+
+
+def test_report_tolerance_reads_the_stored_space():
+    assert record.report_tolerance({"report": {"tolerance": 2}}) == 2.0
+    assert record.report_tolerance({"name": "old"}) == 1.0
+    assert record.report_tolerance(None) == 1.0
 
 
 def test_the_study_names_its_objectives(one_trial):

@@ -409,9 +409,10 @@ def test_scalarized_study(tmp_path):
     text = write_report(study_dir).read_text(encoding="utf-8")
     trials = study.get_trials()
     df = pd.read_csv(study_dir / "trials.csv")
-    assert list(df.columns[:10]) == [
-        "number", "state", "source", "lambda", "reference", "feasible", "pareto",
-        "score", "accuracy", "latency_ms",
+    assert list(df.columns[:16]) == [
+        "number", "state", "source", "lambda", "reference", "feasible", "pareto", "pick",
+        "score", "accuracy", "accuracy_se", "val_images", "accuracy_runs", "accuracy_spread",
+        "within_noise_of", "latency_ms",
     ]  # fmt: skip
     for t in trials:
         row = df[df["number"] == t.number].iloc[0]
@@ -908,3 +909,131 @@ def test_every_string_from_the_study_is_escaped(tmp_path):
         shown = [s for fig in figures for s in _strings(list(fig))]
         assert not [s for s in shown if "<u>" in s]
         assert any("&lt;u&gt;x&lt;/u&gt;" in s for s in shown)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results that show their noise
+# ---------------------------------------------------------------------------------------------
+VAL_IMAGES = 5000
+
+
+def make_noisy_study(root: Path, name: str = "noisy", *, space: dict | None = None):
+    """The issue's study: on 5,000 validation images, uniform static F4 (66.72 %, 3.27 ms) and
+    a mixed architecture 0.1 point better (66.82 %, 3.95 ms) both on the front, all-normal at
+    66.90 % (5.0 ms); each trial records its images and standard error as the search does."""
+    from wasearch.search.record import noise_attrs
+
+    normal = Arch.uniform("normal", bits=8, width=WIDTH)
+    study = _new_study(
+        root / name,
+        ["maximize", "minimize"],
+        objectives=["accuracy", "latency_ms"],
+        reference_latency_ms=5.0,
+        dataset="cifar10",
+        space=space or {"name": name},
+    )
+    rng = random.Random(11)
+    entries = [
+        (normal, 0.6690, 5.0, {"reference": "all-normal"}),
+        (Arch.uniform("static", 4, 8, width=WIDTH), 0.6672, 3.27, {"reference": "static-F4"}),
+        (_random_arch(rng), 0.6682, 3.95, {}),
+        (_random_arch(rng), 0.6100, 2.10, {}),  # fast and clearly worse
+        (_random_arch(rng), 0.6500, 4.50, {}),  # dominated
+        # static F4 again (a searched trial): two runs of one architecture, and their spread
+        (Arch.uniform("static", 4, 8, width=WIDTH), 0.6660, 3.27, {}),
+    ]
+    for arch, acc, ms, extra in entries:
+        attrs = _attrs(arch, val_acc=acc, **extra)
+        attrs.update(latency_ms=ms, **noise_attrs(acc, VAL_IMAGES))
+        study.add_trial(optuna.trial.create_trial(values=[acc, ms], user_attrs=attrs))
+    return root / name, study
+
+
+def test_points_the_noise_cannot_tell_apart_are_flagged_and_the_faster_is_picked(tmp_path):
+    study_dir, _ = make_noisy_study(tmp_path)
+    text = write_report(study_dir).read_text(encoding="utf-8")
+    df = pd.read_csv(study_dir / "trials.csv").set_index("number")
+    se = math.sqrt(0.6672 * (1 - 0.6672) / VAL_IMAGES)
+    assert df.loc[1, "accuracy_se"] == pytest.approx(se)
+    assert (df["val_images"] == VAL_IMAGES).all()
+    # Static F4 (trial 1) is the pick; the mixed one (2) and all-normal (0) are within the
+    # noise of it, and say so; the fast, worse trial 3 is on the front but apart.
+    assert df.index[df["pick"]].tolist() == [1]
+    assert df.loc[2, "within_noise_of"] == 1 and df.loc[0, "within_noise_of"] == 1
+    assert math.isnan(df.loc[1, "within_noise_of"]) and math.isnan(df.loc[3, "within_noise_of"])
+    assert set(df.index[df["pareto"]]) == {0, 1, 2, 3}
+    pick = re.search(r'<p class="pick" id="pick">(.*?)</p>', text, re.S).group(1)
+    assert pick.startswith("Pick: trial 1 (static-F4: 66.72% ± 0.67, 3.27 ms, 1.53x faster")
+    assert "fastest of 4 trials within 1 standard error of the best accuracy" in pick
+    assert df.loc[1, "accuracy_runs"] == df.loc[5, "accuracy_runs"] == 2
+    assert df.loc[5, "accuracy_spread"] == pytest.approx(0.0012 / math.sqrt(2))
+    assert df.loc[2, "accuracy_runs"] == 1 and math.isnan(df.loc[2, "accuracy_spread"])
+    assert "as good as all-normal (within 1 standard error): the pick" in pick
+    table = re.search(r'<table id="front-table">.*?</table>', text, re.S).group(0)
+    assert "66.82% ± 0.67" in table and "trial 1 (faster)" in table
+    # Error bars on the accuracy axis, the front's band, the pick marked on the plot.
+    traces, layout = _figures(text)[0]
+    trial_traces = [t for t in traces if t.get("meta") == "trial" and t["x"]]
+    assert trial_traces and all(t["error_y"]["visible"] for t in trial_traces)
+    bars = {round(v, 2) for t in trial_traces for v in t["error_y"]["array"]}
+    assert bars <= {0.65, 0.66, 0.67, 0.69}, bars
+    assert any(t.get("meta") == "front-band" and t["fill"] == "toself" for t in traces)
+    assert [a["text"] for a in layout["annotations"]] == ["pick: trial 1"]
+
+
+def test_tolerance_from_the_space_and_from_the_flag(tmp_path, monkeypatch, capsys):
+    study_dir, _ = make_noisy_study(tmp_path, space={"name": "noisy", "report": {"tolerance": 0}})
+    write_report(study_dir)
+    # At tolerance 0 the most accurate trial (all-normal) is the pick.
+    assert pd.read_csv(study_dir / "trials.csv").query("pick")["number"].tolist() == [0]
+    monkeypatch.chdir(tmp_path)
+    assert _cli(["report", "noisy", "--tolerance", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Pick: trial 1 (static-F4" in out
+    assert pd.read_csv(study_dir / "trials.csv").query("pick")["number"].tolist() == [1]
+    assert "<dt>tolerance</dt><dd>1 standard error" in (study_dir / "report.html").read_text()
+    with pytest.raises(SystemExit) as stop:  # argparse: one line naming the flag, exit 2
+        _cli(["report", "noisy", "--tolerance", "-1"])
+    assert stop.value.code == 2 and "argument --tolerance: '-1' must be >= 0" in (
+        capsys.readouterr().err
+    )
+
+
+def test_noise_columns_round_trip_through_pandas(tmp_path):
+    study_dir, study = make_noisy_study(tmp_path)
+    write_report(study_dir)
+    frame = trials_frame(study)
+    for name in ("trials.csv", "pareto.csv"):
+        back = pd.read_csv(study_dir / name)
+        assert [c for c in back.columns if c != "command"] == list(frame.columns)
+        rows = frame.set_index("number").loc[back["number"]]
+        for col in ("accuracy_se", "val_images", "within_noise_of", "accuracy_spread"):
+            assert back[col].to_numpy(float) == pytest.approx(
+                rows[col].to_numpy(float), nan_ok=True
+            ), col
+        assert back["pick"].tolist() == rows["pick"].tolist()
+
+
+def test_an_older_study_without_image_counts_still_reports_and_says_so(tree):
+    study_dir, _ = tree["a"]
+    text = write_report(study_dir).read_text(encoding="utf-8")
+    pick = re.search(r'<p class="pick" id="pick">(.*?)</p>', text, re.S).group(1)
+    assert "accuracies carry no standard error" in pick
+    df = pd.read_csv(study_dir / "trials.csv")
+    assert df["accuracy_se"].isna().all() and df["pick"].sum() == 1
+
+
+def test_the_page_shows_error_bars_and_the_pick_in_headless_chromium(tmp_path):
+    study_dir, study = make_noisy_study(tmp_path)
+    page = write_report(study_dir)
+    dom, console = _chromium(page, tmp_path / "profile", "--dump-dom")
+    assert console == [], console
+    status = _status(dom)
+    assert status["plots-rendered"] == status["plots-expected"], status
+    # Every completed trial drawn once (the marks are outlines, not extra markers) ...
+    assert int(status["svg-points"]) == int(status["trial-points"]) == len(study.trials)
+    # ... each with its error bar, and the pick named on the plot and in the header.
+    first_plot = dom.split('id="fig1"')[0]
+    assert first_plot.count('class="errorbar"') >= len(study.trials)
+    assert "pick: trial 1" in first_plot
+    assert 'id="pick"' in dom and "Pick: trial 1 (static-F4" in dom

@@ -240,3 +240,24 @@ def test_ctrl_c_marks_the_trial_and_rerun_resumes(tmp_path, base_dir):
         assert again.params == t.params
         assert again.user_attrs["latency_ms"] == t.user_attrs["latency_ms"]
         assert again.user_attrs["val_acc"] == pytest.approx(t.user_attrs["val_acc"], abs=1e-6)
+
+
+def test_a_trial_line_shows_the_standard_error_when_the_trial_has_one():
+    from wasearch.search.record import TrialEvent
+
+    common = dict(number=3, state="COMPLETE", summary="normal/8 x16", latency_ms=1.5,
+                  feasible=True, reference=None, front=1, done=1, target=4,
+                  seconds=1.0)  # fmt: skip
+    assert "acc 0.6672 ± 0.0067 " in format_event(
+        TrialEvent(val_acc=0.6672, val_se=0.00666, **common)
+    )
+    old = format_event(TrialEvent(val_acc=0.6672, **common))  # a study from before val_images
+    assert "acc 0.6672 " in old and "±" not in old
+
+
+def test_space_data_is_fitted_to_the_models_input_size(tmp_path):
+    # synthetic images are 32x32; a model at 40 px gets them resized, not an error
+    space = load_space(write_space(tmp_path / "s.yaml", tiny_space(model={"input_size": 40})))
+    data = load_space_data(space)
+    assert data.image_size == (40, 40)
+    assert data.train.images.shape[-2:] == data.val.images.shape[-2:] == (40, 40)

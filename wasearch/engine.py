@@ -127,6 +127,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     out_dir: Path | None = None
+    val_images: int = 0  # images of the selection split: an accuracy's binomial n (stats.py)
 
 
 @dataclass
@@ -464,6 +465,7 @@ def fit(
         history=history,
         seconds=time.perf_counter() - t_start,
         out_dir=out,
+        val_images=len(val_split),
     )
 
 

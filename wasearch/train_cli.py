@@ -38,7 +38,9 @@ from .engine import (
     split_loader,
 )
 from .fileio import atomic_write_text, refused_writes_as_user_errors
-from .models import build, searchable_convs
+from .models import build
+from .netref import ModelRef
+from .stats import binomial_se
 
 __all__ = ["build_parser", "main", "summary_table"]
 
@@ -86,7 +88,23 @@ def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.Arg
         help="Winograd-domain quantizer ranges: per tensor (paper, default) or per tap; "
         "needs --static or --flex, and --Q",
     )
-    p.add_argument("--mult", type=positive_float, help="width multiplier (default 0.5)")
+    p.add_argument(
+        "--model",
+        metavar="REF",
+        help="the network: resnet18_cifar (the paper's, default), torchvision:NAME, timm:NAME "
+        "or your own package.module:function (imported from the working directory); an --arch "
+        "file names its own",
+    )
+    p.add_argument(
+        "--input-size",
+        type=positive_int,
+        metavar="N",
+        help="image side the network runs at; images of another size are resized (shorter "
+        "side) and centre-cropped to it (default: the data's own size; an --arch file sets it)",
+    )
+    p.add_argument(
+        "--mult", type=positive_float, help="width multiplier of the paper's network (0.5)"
+    )
     p.add_argument("--epochs", type=positive_int, default=120, help="epochs (default 120)")
     p.add_argument("--batch_size", type=positive_int, default=64, help="batch size (64)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (1e-3)")
@@ -165,7 +183,18 @@ def _resolve_classic_flags(args: argparse.Namespace) -> None:
                     f"--{name} conflicts with --arch: the architecture file sets {sets[name]}"
                 )
             setattr(args, name, None)
+        if args.model is not None:
+            raise UserError("--model conflicts with --arch: the architecture file names its model")
         return
+    try:
+        ref = ModelRef.parse(args.model if args.model is not None else "resnet18_cifar")
+    except ValueError as err:
+        raise UserError(str(err).replace("model:", "--model:", 1)) from None
+    if not ref.is_paper and args.mult is not None:
+        raise UserError(
+            f"--mult applies only to the paper's network, not --model {args.model}; "
+            "give your factory its own options through an --arch file's model.kwargs"
+        )
     winograd = args.static or args.flex
     if args.F is not None and not winograd:
         raise UserError(
@@ -190,7 +219,9 @@ def _resolve_classic_flags(args: argparse.Namespace) -> None:
         args.granularity = _CLASSIC_DEFAULTS["granularity"]
 
 
-def _arch_from_args(args: argparse.Namespace) -> Arch:
+def _arch_from_args(
+    args: argparse.Namespace, *, input_size: int = 32, num_classes: int = 10
+) -> Arch:
     if args.arch:
         return Arch.load(args.arch)
     bits = args.bits if args.Q else None
@@ -203,7 +234,21 @@ def _arch_from_args(args: argparse.Namespace) -> Arch:
         bits,
         granularity=args.granularity or _CLASSIC_DEFAULTS["granularity"],
         width=args.mult,
+        input_size=input_size,
+        num_classes=num_classes,
+        model=ModelRef.parse(args.model or "resnet18_cifar"),
     )
+
+
+def _input_size(args: argparse.Namespace, arch: Arch) -> int | None:
+    """The image side the data is fitted to (None: as it is): --input-size, else the arch
+    file's; a classic run takes the data's own size."""
+    if args.arch and args.input_size is not None and args.input_size != arch.input_size:
+        raise UserError(
+            f"--input-size {args.input_size} conflicts with --arch {args.arch}, which sets "
+            f"input_size: {arch.input_size}"
+        )
+    return arch.input_size if args.arch else args.input_size
 
 
 def _run_name(args: argparse.Namespace, arch: Arch) -> str:
@@ -221,12 +266,22 @@ def _run_name(args: argparse.Namespace, arch: Arch) -> str:
     if args.arch:
         bits = "arch"
     prefix = "adapt_" if args.modelDir else ""
-    return f"{prefix}{args.dataset}_{kind}_{bits}_w{arch.width:g}_seed{args.seed}"
+    net = f"w{arch.width:g}"
+    if not arch.is_paper:  # torchvision:resnet18 -> resnet18, pkg.nets:make_net -> make_net
+        net = arch.model.name.rpartition(":")[2]
+    if args.input_size is not None:
+        net += f"_{arch.input_size}px"
+    return f"{prefix}{args.dataset}_{kind}_{bits}_{net}_seed{args.seed}"
 
 
 def _check_init_from(args: argparse.Namespace, arch: Arch, model, init_from: Path) -> None:
     """Refuse a --modelDir checkpoint that cannot initialize ``model``, naming the flag to fix."""
     source = checkpoint_arch(init_from)
+    if source.network != arch.network or source.model.kwargs != arch.model.kwargs:
+        raise CheckpointError(
+            f"--modelDir: {init_from} was trained on {source.network} but this run asks for "
+            f"{arch.network}; adaptation keeps the network"
+        )
     if source.width != arch.width:
         fix = f"pass --mult {source.width:g}"
         if args.arch:
@@ -266,7 +321,7 @@ def summary_table(arch: Arch, model) -> str:
     rows = [("layer", "weight", "input", "Winograd", "flex", "bits", "params")]
     modules = dict(model.named_modules())
     total = 0
-    for spec in searchable_convs(arch.backbone, arch.width, arch.input_size):
+    for spec in arch.specs():
         c = arch.choice(spec.name)
         module = modules[spec.name]
         params = sum(p.numel() for p in module.parameters())
@@ -296,10 +351,14 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
         raise UserError("adapt.py needs --modelDir (the trained run folder to adapt from)")
     _resolve_classic_flags(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # A classic run on another model is built once the data says its size and classes (it is
+    # traced at that size); the paper's network and an --arch file are checked right away.
+    deferred = not args.arch and not ModelRef.parse(args.model or "resnet18_cifar").is_paper
     try:
-        arch = _arch_from_args(args)
+        arch = None if deferred else _arch_from_args(args)
     except ValueError as err:  # ArchError is a ValueError
         raise UserError(str(err)) from None
+    size = args.input_size if arch is None else _input_size(args, arch)
     init_from = None
     if args.modelDir:
         init_from = Path(args.modelDir) / args.modelToLoad
@@ -319,14 +378,26 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
         limit_train=args.limit_train,
         limit_test=args.limit_test,
         seed=args.seed,
+        image_size=size,
     )
-    if data.num_classes != arch.num_classes:
-        if args.arch:
+    if args.arch and data.num_classes != arch.num_classes:
+        raise UserError(
+            f"--arch {args.arch} has num_classes={arch.num_classes} but {data.name} has "
+            f"{data.num_classes} classes"
+        )
+    if not args.arch:  # the classic flags at the data's size and classes
+        h, w = data.image_size
+        if h != w:
             raise UserError(
-                f"--arch {args.arch} has num_classes={arch.num_classes} but {data.name} has "
-                f"{data.num_classes} classes"
+                f"{data.name} images are {w}x{h}, not square; pass --input-size N to fit them "
+                "to N x N"
             )
-        arch = Arch.from_dict({**arch.to_dict(), "num_classes": data.num_classes})
+        try:
+            arch = _arch_from_args(args, input_size=h, num_classes=data.num_classes)
+        except ValueError as err:
+            raise UserError(str(err).replace("model.name:", "--model:", 1)) from None
+    for note in arch.notes():
+        print(f"note: {note}")
     if data.image_size != (arch.input_size, arch.input_size):
         raise UserError(
             f"{data.name} images are {data.image_size[0]}x{data.image_size[1]} but the "
@@ -353,7 +424,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
         from .latency import format_latency_table, load_latency_model
 
         latency = load_latency_model(args.latency_model)
-        latency_table = format_latency_table(arch, latency.price(arch, batch=1))
+        if arch.is_paper:
+            latency_table = format_latency_table(arch, latency.price(arch, batch=1))
+        else:
+            latency_table = "latency: not priced (the analytical model prices only the paper's "
+            latency_table += f"network so far, not {arch.network})"
     except (ValueError, OSError) as err:  # LatencyError is a ValueError
         raise UserError(f"--latency-model {args.latency_model}: {err}") from None
     model = build(arch)
@@ -402,10 +477,16 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
         data, data.test, batch_size=config.eval_batch_size, train=False, device=device
     )
     test_loss, test_acc = evaluate(best.model, test_loader)
+    n_test = len(data.test)
     final = {
         "best_val_acc": result.best_val_acc,
+        # the binomial standard error of each accuracy and its number of images (stats.py)
+        "best_val_se": binomial_se(result.best_val_acc, result.val_images),
+        "val_images": result.val_images,
         "best_epoch": result.best_epoch,
         "test_acc": test_acc,
+        "test_se": binomial_se(test_acc, n_test),
+        "test_images": n_test,
         "test_loss": test_loss,
         "train_seconds": result.seconds,
         "arch": arch.summary(),
@@ -413,8 +494,12 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
         "synthetic": data.synthetic,
     }
     atomic_write_text(run_dir / "final.json", json.dumps(final, indent=1))
+    val_se, test_se = final["best_val_se"], final["test_se"]
     print(
-        f"best val acc {result.best_val_acc:.4f} (epoch {result.best_epoch}); "
-        f"test acc {test_acc:.4f}; {run_dir}"
+        f"best val acc {result.best_val_acc:.4f}"
+        + (f" ± {val_se:.4f} ({result.val_images} images)" if val_se is not None else "")
+        + f" (epoch {result.best_epoch}); test acc {test_acc:.4f}"
+        + (f" ± {test_se:.4f} ({n_test} images)" if test_se is not None else "")
+        + f"; {run_dir}"
     )
     return 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import UserError
+from ..cli import UserError, nonnegative_float
 from .formatting import SYNTHETIC, SYNTHETIC_WHY
+from .page import pick_text
 from .write import write_comparison_files, write_study_files
 
 
@@ -38,6 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="FILE.html",
         help="page to write (default: <STUDY_DIR>/report.html; results/compare.html for several)",
     )
+    p.add_argument(
+        "--tolerance",
+        type=nonnegative_float,
+        metavar="K",
+        help="accuracies within K standard errors of their difference are the same: the pick "
+        "is the fastest trial within K of the best (default: the space's report.tolerance, "
+        "else 1.0)",
+    )
     p.set_defaults(func=_cmd_report)
 
 
@@ -47,17 +56,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     dirs = [Path(d) for d in args.study_dirs]
     if len(dirs) == 1:
         page, data = write_study_files(
-            dirs[0], storage=args.storage, study_name=args.study_name, out=args.out
+            dirs[0],
+            storage=args.storage,
+            study_name=args.study_name,
+            out=args.out,
+            tolerance=args.tolerance,
         )
         note = f" ({SYNTHETIC}: {SYNTHETIC_WHY})" if data.synthetic else ""
         print(f"wrote {page}, {dirs[0] / 'trials.csv'}, {dirs[0] / 'pareto.csv'}{note}")
+        pick = pick_text(data)
+        if pick:
+            print(pick)
         return 0
     if args.study_name is not None:
         raise UserError(
             "--study-name picks one study; with several folders each study is named by its folder"
         )
     out = Path(args.out) if args.out else Path("results") / "compare.html"
-    page, studies = write_comparison_files(dirs, out=out, storage=args.storage)
+    page, studies = write_comparison_files(
+        dirs, out=out, storage=args.storage, tolerance=args.tolerance
+    )
     synthetic = [s.name for s in studies if s.synthetic]
     note = ""
     if synthetic:

@@ -16,7 +16,7 @@ from .formatting import (
     SYNTHETIC,
     SYNTHETIC_WHY,
     esc,
-    fmt_acc,
+    fmt_acc_se,
     fmt_ms,
     fmt_speedup,
     lambda_text,
@@ -128,7 +128,8 @@ def comparison_page(studies: Sequence[StudyData]) -> str:
     head = (
         "<tr><th>study</th><th>trials</th><th class=num>front</th><th class=num>best accuracy"
         "</th><th class=num>all-normal latency</th><th class=num>fastest front</th>"
-        "<th class=num>best speed-up (&le; 1 point lost)</th><th>dataset</th>"
+        "<th class=num>best speed-up (&le; 1 point lost)</th>"
+        "<th class=num>pick (fastest within the tolerance of the best)</th><th>dataset</th>"
         "<th>latency device</th><th>sampler</th></tr>"
     )
     body = []
@@ -138,12 +139,22 @@ def comparison_page(studies: Sequence[StudyData]) -> str:
         best_acc = comp[s.acc].max() if len(comp) else None
         near = front[front[s.acc] >= best_acc - 0.01] if best_acc is not None else front
         speed = near["speedup"].dropna()
+        best_se = comp.loc[comp[s.acc].idxmax(), s.se] if best_acc is not None else None
+        pick = "-"
+        if s.pick is not None:
+            r = s.trials.set_index("number").loc[s.pick.number]
+            pick = (
+                f"trial {s.pick.number}: {fmt_acc_se(r[s.acc], r[s.se])}, "
+                f"{fmt_speedup(r['speedup'])} (within {s.tolerance:g} SE)"
+            )
         body.append(
             f"<tr><td>{esc(label)}</td><td>{esc(state_counts(s.trials['state']))}</td>"
-            f"<td class=num>{len(s.front)}</td><td class=num>{fmt_acc(best_acc)}</td>"
+            f"<td class=num>{len(s.front)}</td>"
+            f"<td class=num>{fmt_acc_se(best_acc, best_se)}</td>"
             f"<td class=num>{fmt_ms(s.reference_latency)}</td>"
             f"<td class=num>{fmt_ms(front['latency_ms'].min() if len(front) else None)}</td>"
             f"<td class=num>{fmt_speedup(speed.max() if len(speed) else None)}</td>"
+            f"<td class=num>{esc(pick)}</td>"
             f"<td>{esc(s.dataset or '-')}</td>"
             f"<td>{esc(s.attrs.get('latency_device') or '-')}</td>"
             f"<td>{esc(s.attrs.get('sampler') or '-')}</td></tr>"

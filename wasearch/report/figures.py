@@ -123,9 +123,10 @@ def scatter_figure(data: StudyData, x: str, *, with_failed: bool) -> dict[str, A
             "name": f"{name} ({len(rows)}{f', {k} on the front' if k else ''})",
             "x": rows[x].tolist(),
             "y": (100 * rows[data.acc]).tolist(),
+            "error_y": error_bars(rows[data.se]),
             "hovertext": [data.hover[int(n)] for n in rows["number"]],
             "hoverinfo": "text",
-            "marker": {"size": 9, **marker},
+            "marker": noise_marks(rows, {"size": 9, **marker}),
             "meta": "trial",
             **kw,
         }
@@ -133,6 +134,7 @@ def scatter_figure(data: StudyData, x: str, *, with_failed: bool) -> dict[str, A
     line = shown[on_front].sort_values(x)
     refs = shown[is_ref]
     traces: list[dict[str, Any]] = [
+        *front_band(line, x, data.acc, data.se),
         {
             "type": "scatter",
             "mode": "lines",
@@ -218,12 +220,103 @@ def scatter_figure(data: StudyData, x: str, *, with_failed: bool) -> dict[str, A
             "margin": {"l": 70, "r": 20, "t": 30, "b": 60},
             "xaxis": xaxis,
             "yaxis": {"title": {"text": "validation accuracy (%)"}, "range": y_range},
-            "annotations": hidden_note(hidden, y_range),
+            "annotations": hidden_note(hidden, y_range) + pick_note(data, shown, x),
             "legend": {"orientation": "h", "y": -0.15},
             "hovermode": "closest",
             "hoverlabel": {"align": "left"},
         },
     }
+
+
+#: The outline of a front point the noise cannot tell from a faster one, and of the pick.
+NOISE_COLOUR, PICK_COLOUR = "#ff7f0e", "#2ca02c"
+
+
+def error_bars(se: pd.Series) -> dict[str, Any]:
+    """One standard error above and below each point, in accuracy points (0 where unknown)."""
+    return {
+        "type": "data",
+        "array": [100 * v if isnum(v) else 0.0 for v in se],
+        "visible": True,
+        "thickness": 1,
+        "width": 3,
+        "color": "#7f7f7f",
+    }
+
+
+def noise_marks(rows: pd.DataFrame, marker: dict[str, Any]) -> dict[str, Any]:
+    """``marker`` with the outline of each point: green for the pick, orange for a front point
+    within noise of a faster one (its extra accuracy is not worth the time), else as given.
+    Outlines rather than extra markers: every drawn marker is one trial (the page counts them)."""
+    picks, noisy = rows["pick"].tolist(), rows["within_noise_of"].tolist()
+    if not any(p in (True,) for p in picks) and not any(isnum(v) for v in noisy):
+        return marker
+    base = marker.get("line", {})
+    colours, widths = [], []
+    for p, v in zip(picks, noisy, strict=True):
+        if p in (True,):
+            colours.append(PICK_COLOUR)
+            widths.append(4)
+        elif isnum(v):
+            colours.append(NOISE_COLOUR)
+            widths.append(3)
+        else:
+            colours.append(base.get("color", marker.get("color", "#444")))
+            widths.append(base.get("width", 0))
+    return {**marker, "line": {**base, "color": colours, "width": widths}}
+
+
+def front_band(line: pd.DataFrame, x: str, acc: str, se: str) -> list[dict[str, Any]]:
+    """The band of the front: each front point's accuracy plus and minus one standard error,
+    joined like the front line (a filled outline, no markers). Empty when no front point
+    carries a standard error (a study from before wasearch recorded them)."""
+    if line.empty or not line[se].notna().any():
+        return []
+    xs = line[x].tolist()
+    mid = [100 * a for a in line[acc]]
+    err = [100 * v if isnum(v) else 0.0 for v in line[se]]
+    upper = [m + e for m, e in zip(mid, err, strict=True)]
+    lower = [m - e for m, e in zip(mid, err, strict=True)]
+    return [
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "front ± 1 standard error",
+            "x": xs + xs[::-1],
+            "y": upper + lower[::-1],
+            "fill": "toself",
+            "fillcolor": "rgba(31,119,180,0.15)",
+            "line": {"width": 0},
+            "hoverinfo": "skip",
+            "meta": "front-band",
+        }
+    ]
+
+
+def pick_note(data: StudyData, shown: pd.DataFrame, x: str) -> list[dict[str, Any]]:
+    """An arrow to the pick (when it is in this plot), labelled ``pick: trial N``."""
+    if data.pick is None:
+        return []
+    row = shown[shown["number"] == data.pick.number]
+    if row.empty:
+        return []
+    r = row.iloc[0]
+    return [
+        {
+            "x": r[x],
+            "y": 100 * r[data.acc],
+            "xref": "x",
+            "yref": "y",
+            "text": f"pick: trial {data.pick.number}",
+            "showarrow": True,
+            "arrowhead": 2,
+            "arrowcolor": PICK_COLOUR,
+            "ax": 0,
+            "ay": 42,
+            "font": {"size": 12, "color": "#1b7a1b"},
+            "bgcolor": "rgba(255,255,255,0.8)",
+        }
+    ]
 
 
 def breakdown_figure(data: StudyData) -> dict[str, Any] | None:
@@ -256,12 +349,15 @@ def breakdown_figure(data: StudyData) -> dict[str, Any] | None:
                 "hovertemplate": "%{x}: %{y:.4g} ms<extra>all-normal</extra>",
             }
         )
-    # Default: the fastest front trial within one accuracy point of the best.
+    # Default: the pick (the fastest trial within the tolerance of the best accuracy), else
+    # the fastest front trial within one accuracy point of the best.
     acc = rows.loc[front, data.acc]
     near = [n for n in front if acc[n] >= acc.max() - 0.01]
     default = max(
         near, key=lambda n: rows.loc[n, "speedup"] if isnum(rows.loc[n, "speedup"]) else 0
     )
+    if data.pick is not None and data.pick.number in front:
+        default = data.pick.number
     for n in front:
         arch = dict(data.archs.get(n, ()))
         xs, ys = bars(data.layer_latency[n], rows.loc[n, "latency_ms"])

@@ -53,6 +53,14 @@ def fmt_acc(x: Any) -> str:
     return f"{100 * x:.2f}%" if isnum(x) else "-"
 
 
+def fmt_acc_se(x: Any, se: Any) -> str:
+    """``66.72% ± 0.67``: an accuracy and its standard error in points (the bare accuracy when
+    the error is unknown: a study from before wasearch recorded it)."""
+    from ..stats import fmt_acc_se as _fmt
+
+    return _fmt(number(x), number(se)) if isnum(x) else "-"
+
+
 def fmt_ms(x: Any) -> str:
     return f"{x:.3g} ms" if isnum(x) and x < 100 else (f"{x:.0f} ms" if isnum(x) else "-")
 
@@ -119,7 +127,7 @@ def hover_text(
     if row["state"] == "FAIL":
         reason = row["fail_reason"] if isinstance(row["fail_reason"], str) else "no reason given"
         lines.append(f"FAILED: {plot_text(reason[:120])}")
-    figures = [fmt_acc(row[acc]), fmt_ms(row["latency_ms"])]
+    figures = [fmt_acc_se(row[acc], row.get(f"{acc}_se")), fmt_ms(row["latency_ms"])]
     if scalarized and isnum(row["score"]):
         figures.append(f"score {fmt_metric('score', row['score'])}")
     if isnum(row["speedup"]):
@@ -131,6 +139,11 @@ def hover_text(
     lines.append(" · ".join(figures))
     if row["feasible"] is False:
         lines.append("<i>infeasible</i>")
+    if row.get("pick") in (True,):  # a numpy bool as well
+        lines.append("<b>the pick</b>: the fastest within the tolerance of the best accuracy")
+    faster = number(row.get("within_noise_of"))
+    if faster is not None:
+        lines.append(f"<i>within noise of faster trial {faster:.0f}</i>")
     if arch:
         summary = Counter(c.label for _, c in arch)
         lines.append(plot_text(", ".join(f"{k} x{v}" for k, v in summary.items())))

@@ -26,7 +26,7 @@ from .formatting import (
     SYNTHETIC_WHY,
     axes_text,
     esc,
-    fmt_acc,
+    fmt_acc_se,
     fmt_count,
     fmt_metric,
     fmt_ms,
@@ -81,6 +81,9 @@ table.grid th{font-size:11px;text-align:center;padding:2px;font-weight:normal;li
 dl.settings{display:grid;grid-template-columns:220px 1fr;gap:2px 12px;margin:0}
 dl.settings dt{color:#555}dl.settings dd{margin:0}
 pre{background:#f6f6f6;padding:8px;overflow:auto;max-height:360px;font-size:12px}
+p.pick{font-size:15px;background:#eef8ee;border:1px solid #9fd39f;padding:8px 12px;
+ border-radius:6px;margin:6px 0}
+tr.pick td{background:#eef8ee}
 """
 
 # Before any figure: records uncaught errors on the status element (the browser also logs them).
@@ -201,6 +204,59 @@ def _headline(data: StudyData) -> str:
     return headline
 
 
+def _said(data: StudyData, n: int) -> str:
+    """``trial 7 (static-F4: 66.72% ± 0.67, 3.27 ms, 1.53x)``: a trial as the pick line says it."""
+    r = data.trials.set_index("number").loc[n]
+    what = tag(r)
+    figures = [fmt_acc_se(r[data.acc], r[data.se])]
+    if isnum(r["latency_ms"]):
+        figures.append(fmt_ms(r["latency_ms"]))
+    if isnum(r["speedup"]):
+        figures.append(f"{fmt_speedup(r['speedup'])} faster than all-normal")
+    elif data.pick is not None and data.pick.cost in ("params", "bitops"):
+        figures.append(f"{fmt_count(r[data.pick.cost])} {data.pick.cost}")
+    return f"trial {n} ({(what + ': ') if what else ''}{', '.join(figures)})"
+
+
+def pick_text(data: StudyData) -> str | None:
+    """The decision a user came for, one paragraph of plain text (escaped by the caller): the
+    cheapest trial within the tolerance of the best accuracy, and of all-normal.
+
+    Without a latency or size objective there is nothing to be cheaper in: the text names the
+    most accurate trial and how many the noise cannot tell from it. A study without standard
+    errors (from before wasearch recorded ``val_images``) says so: only equal accuracies are
+    then the same.
+    """
+    pick = data.pick
+    if pick is None:
+        return None
+    tol = f"{pick.tolerance:g} standard error{'s' * (pick.tolerance != 1)}"
+    k = len(pick.within)
+    others = f"{k} trial{'s' * (k != 1)}"
+    if pick.cost is None:
+        text = (
+            f"Pick: {_said(data, pick.number)}, the most accurate; {others} within {tol} of "
+            "it (no latency or size objective to choose the cheapest among them)."
+        )
+    else:
+        what = "fastest" if pick.cost == "latency_ms" else f"smallest in {pick.cost}"
+        text = f"Pick: {_said(data, pick.number)}, the {what} of {others} within {tol} of the "
+        text += "best accuracy" + (
+            "." if pick.best == pick.number else f", {_said(data, pick.best)}."
+        )
+        if pick.reference is not None and pick.reference_pick is not None:
+            ref = pick.reference_pick
+            said = "the pick" if ref == pick.number else _said(data, ref)
+            text += f" The fastest as good as all-normal (within {tol}): {said}."
+    if not data.se_known:
+        text += (
+            " No trial records its number of validation images (a study from an older "
+            "wasearch): the accuracies carry no standard error, and only equal ones count as "
+            "the same."
+        )
+    return text
+
+
 def study_page(data: StudyData) -> str:
     """The report page of one study, as text."""
     page = Page(f"wasearch report: {data.name}")
@@ -208,6 +264,9 @@ def study_page(data: StudyData) -> str:
     rows = data.trials.set_index("number")
     page.add(f"<h1>{esc(data.name)}</h1>")
     page.add(f'<p class="sub">{esc(_headline(data))} · generated {now()} (reload to update)</p>')
+    pick = pick_text(data)
+    if pick:
+        page.add(f'<p class="pick" id="pick">{esc(pick)}</p>')
 
     if comp.empty:
         page.add(
@@ -249,7 +308,11 @@ def study_page(data: StudyData) -> str:
             if n_failed
             else ""
         )
-        + ". Hover a point for its per-layer choices.</p>"
+        + ". Error bars: one standard error of each accuracy (binomial, from the number of "
+        "validation images); the shaded band is the front plus and minus one standard error. "
+        f"Outlined in orange: front points within {data.tolerance:g} standard error(s) of a "
+        "faster front point (the noise cannot tell them apart: take the faster); in green: "
+        "the pick. Hover a point for its per-layer choices.</p>"
     )
     page.figure(scatter_figure(data, "latency_ms", with_failed=True), count=True)
 
@@ -300,13 +363,16 @@ def _front_table(page: Page, data: StudyData) -> None:
     )
     page.add(
         f'<p class="note">Non-dominated completed, feasible trials over {esc(axes)}{scalar}, '
-        "fastest first. Each command runs as written from the folder this report was made "
+        'fastest first; accuracy ± one standard error; "within noise of" names a faster '
+        f"front trial within {data.tolerance:g} standard error(s) of the difference. "
+        "Each command runs as written from the folder this report was made "
         "in: <code>search.py export</code> writes the trial's architecture file, then "
         "<code>train.py</code> trains it fully on the study's data.</p>"
     )
     extra = [c for c in data.objectives if c not in (data.acc, "latency_ms", "params")]
     head = (
-        "<tr><th class=num>trial</th><th class=num>accuracy</th><th class=num>latency</th>"
+        "<tr><th class=num>trial</th><th class=num>accuracy ± SE</th>"
+        "<th>within noise of</th><th class=num>latency</th>"
         "<th class=num>speed-up</th><th class=num>params</th>"
         + "".join(f"<th class=num>{esc(c)}</th>" for c in extra)
         + "<th>choices</th><th>train it</th></tr>"
@@ -322,7 +388,9 @@ def _front_table(page: Page, data: StudyData) -> None:
                 f"{k} x{v}" for k, v in Counter(c.label for _, c in data.archs[n]).items()
             )
         body.append(
-            f"<tr><td class=num>{n}{ref}</td><td class=num>{fmt_acc(r[data.acc])}</td>"
+            f"<tr{' class=pick' if r['pick'] in (True,) else ''}><td class=num>{n}{ref}</td>"
+            f"<td class=num>{fmt_acc_se(r[data.acc], r[data.se])}</td>"
+            f"<td>{_noise_cell(r)}</td>"
             f"<td class=num>{fmt_ms(r['latency_ms'])}</td>"
             f"<td class=num>{fmt_speedup(r['speedup'])}</td>"
             f"<td class=num>{fmt_count(r['params'])}</td>"
@@ -332,6 +400,17 @@ def _front_table(page: Page, data: StudyData) -> None:
     page.add(
         f'<div class="card scroll"><table id="front-table">{head}{"".join(body)}</table></div>'
     )
+
+
+def _noise_cell(r: Any) -> str:
+    """The front table's "within noise of" cell: the faster front trial the noise cannot tell
+    this one from, and "pick" on the pick."""
+    parts = []
+    if r["pick"] in (True,):  # a numpy bool as well
+        parts.append("<b>pick</b>")
+    if isnum(r["within_noise_of"]):
+        parts.append(f"trial {int(r['within_noise_of'])} (faster)")
+    return ", ".join(parts)
 
 
 def _choice_grid(page: Page, data: StudyData) -> None:
@@ -354,7 +433,8 @@ def _choice_grid(page: Page, data: StudyData) -> None:
     def header(n: int) -> str:
         what = tag(rows.loc[n].to_dict())
         ref = f"<br><i>{esc(what)}</i>" if what else ""
-        acc, ms = fmt_acc(rows.loc[n, data.acc]), fmt_ms(rows.loc[n, "latency_ms"])
+        acc = fmt_acc_se(rows.loc[n, data.acc], rows.loc[n, data.se])
+        ms = fmt_ms(rows.loc[n, "latency_ms"])
         return f"<th><b>{n}</b>{ref}<br>{acc}<br>{ms}</th>"
 
     head = "<tr><th class=layer>layer</th>" + "".join(header(n) for n in cols)
@@ -413,6 +493,11 @@ def _settings_section(page: Page, data: StudyData) -> None:
             fmt_ms(data.reference_latency) if data.reference_latency else None,
         ),
         ("sampler", a.get("sampler")),
+        (
+            "tolerance",
+            f"{data.tolerance:g} standard error(s) of the difference of two accuracies "
+            "(report.tolerance, --tolerance)",
+        ),
         ("trials", trials),
         ("sources", ", ".join(f"{k} {v}" for k, v in sources.items()) if sources else None),
         (

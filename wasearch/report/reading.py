@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..cli import UserError
 from ..fileio import first_line, shell_path
+from ..stats import indistinguishable, pick_fastest, spread, trial_se
 from .formatting import hover_text, number
 
 if TYPE_CHECKING:
@@ -167,6 +168,8 @@ class StudyData:
     acc: str  # the accuracy column: the first objective, "accuracy" when scalarized
     front_axes: list[tuple[str, bool]]  # (column, maximize) the front is taken over
     front: list[int] = field(default_factory=list)  # numbers, by latency
+    tolerance: float = 1.0  # standard errors within which two accuracies are the same
+    pick: NoisePick | None = None  # the fastest trial within the tolerance of the best
 
     @property
     def scalarized(self) -> bool:
@@ -187,6 +190,30 @@ class StudyData:
 
     def complete(self) -> pd.DataFrame:
         return self.trials[self.trials["state"] == "COMPLETE"]
+
+    @property
+    def se(self) -> str:
+        """The column of the accuracy's standard error."""
+        return f"{self.acc}_se"
+
+    @property
+    def se_known(self) -> bool:
+        """Whether any completed trial carries a standard error (studies from before
+        wasearch recorded ``val_images`` carry none)."""
+        return bool(self.complete()[self.se].notna().any())
+
+
+@dataclass(frozen=True)
+class NoisePick:
+    """The decision a user reads a report for (:func:`noise_pick`), as trial numbers."""
+
+    number: int  # the pick: the cheapest trial within the tolerance of the best accuracy
+    best: int  # the most accurate completed, feasible trial
+    within: tuple[int, ...]  # every trial within the tolerance of the best
+    cost: str | None  # the column minimized: latency_ms, params, bitops, or None
+    tolerance: float
+    reference: int | None = None  # the all-normal trial, when the study ran it
+    reference_pick: int | None = None  # the cheapest trial within the tolerance of it
 
 
 def _objective_names(study: optuna.Study) -> list[str]:
@@ -211,9 +238,16 @@ def _feasible(trial: optuna.trial.FrozenTrial) -> bool | None:
     return True if trial.state.name == "COMPLETE" else None
 
 
-def collect(study: optuna.Study, study_dir: Path, storage: str) -> StudyData:
-    """Read every trial of ``study`` into the trials.csv frame and find the Pareto front."""
+def collect(
+    study: optuna.Study, study_dir: Path, storage: str, *, tolerance: float | None = None
+) -> StudyData:
+    """Read every trial of ``study`` into the trials.csv frame, find the Pareto front, mark
+    the front's trials that the noise cannot tell from a faster one and pick the fastest trial
+    within ``tolerance`` standard errors of the best (default: the stored space's
+    ``report.tolerance``, else 1.0)."""
     import pandas as pd
+
+    from ..search.record import report_tolerance
 
     objectives = _objective_names(study)
     maximize = [d.name == "MAXIMIZE" for d in study.directions]
@@ -230,6 +264,7 @@ def collect(study: optuna.Study, study_dir: Path, storage: str) -> StudyData:
     archs: dict[int, tuple[tuple[str, LayerChoice], ...]] = {}
     layer_latency: dict[int, dict[str, float]] = {}
     probabilities: tuple[int, Any] | None = None
+    runs: dict[str, list[tuple[int, float | None]]] = {}  # architecture -> its completed trials
     rows = []
     for t in trials:
         ua = t.user_attrs
@@ -266,6 +301,10 @@ def collect(study: optuna.Study, study_dir: Path, storage: str) -> StudyData:
         if t.state.name == "COMPLETE" and t.values is not None:
             for key, value in zip(objectives, t.values, strict=False):
                 row[key] = number(value)
+        row[f"{acc}_se"] = number(trial_se(ua))
+        row["val_images"] = number(ua.get("val_images"))
+        if isinstance(ua.get("arch"), str) and t.state.name == "COMPLETE":
+            runs.setdefault(ua["arch"], []).append((t.number, row[acc]))
         row.update(
             arch_summary=ua.get("arch_summary"),
             latency_estimated=ua.get("latency_estimated"),
@@ -290,8 +329,13 @@ def collect(study: optuna.Study, study_dir: Path, storage: str) -> StudyData:
                 reference_layers = layer_latency[r["number"]]
                 break
 
+    repeated = {}  # trial -> (runs of its architecture, their spread)
+    for same in runs.values():
+        for n, _ in same:
+            repeated[n] = (len(same), spread([a for _, a in same if a is not None]))
     records = []
     for row, arch, lat in rows:
+        row["accuracy_runs"], row["accuracy_spread"] = repeated.get(row["number"], (None, None))
         choices = dict(arch) if arch else {}
         row["speedup"] = (
             reference_latency / row["latency_ms"]
@@ -304,8 +348,10 @@ def collect(study: optuna.Study, study_dir: Path, storage: str) -> StudyData:
             row[f"latency_ms:{name}"] = number(lat.get(name))
         records.append(row)
 
-    base = ["number", "state", "source", "lambda", "reference", "feasible", "pareto"]
+    base = ["number", "state", "source", "lambda", "reference", "feasible", "pareto", "pick"]
     metrics = list(dict.fromkeys([*objectives, acc, "latency_ms", "speedup", "params", "bitops"]))
+    noise = [f"{acc}_se", "val_images", "accuracy_runs", "accuracy_spread", "within_noise_of"]
+    metrics[metrics.index(acc) + 1 : metrics.index(acc) + 1] = noise
     tail = [
         "arch_summary",
         "latency_estimated",
@@ -342,6 +388,7 @@ def collect(study: optuna.Study, study_dir: Path, storage: str) -> StudyData:
         probabilities=probabilities,
         acc=acc,
         front_axes=front_axes,
+        tolerance=report_tolerance(attrs.get("space")) if tolerance is None else tolerance,
     )
     on_front = front_numbers(
         frame[frame["state"] == "COMPLETE"],
@@ -351,6 +398,9 @@ def collect(study: optuna.Study, study_dir: Path, storage: str) -> StudyData:
     frame["pareto"] = frame["number"].isin(on_front)
     order = frame[frame["pareto"]].sort_values(["latency_ms", "number"], na_position="last")
     data.front = order["number"].tolist()
+    data.pick = noise_pick(data)
+    frame["pick"] = frame["number"] == (data.pick.number if data.pick else -1)
+    frame["within_noise_of"] = frame["number"].map(within_noise(data)).astype("Int64")
     data.hover = {
         int(r["number"]): hover_text(
             r, acc=acc, scalarized=data.scalarized, arch=archs.get(int(r["number"]))
@@ -358,6 +408,73 @@ def collect(study: optuna.Study, study_dir: Path, storage: str) -> StudyData:
         for r in frame.to_dict("records")
     }
     return data
+
+
+def _cost_column(data: StudyData) -> str | None:
+    from ..search.record import cost_key
+
+    has_latency = bool(data.complete()["latency_ms"].notna().any())
+    return cost_key(data.objectives, has_latency=has_latency)
+
+
+def noise_pick(data: StudyData) -> NoisePick | None:
+    """The report's pick (:func:`wasearch.stats.pick_fastest`): of the completed, feasible
+    trials with an accuracy, the cheapest (latency, else the study's size objective) whose
+    accuracy is within ``data.tolerance`` standard errors of the best; and the cheapest within
+    it of the all-normal reference trial, when the study ran one. None without a candidate."""
+    comp = data.complete()
+    pool = comp[(comp["feasible"] != False) & comp[data.acc].notna()].sort_values("number")  # noqa: E712
+    if pool.empty:
+        return None
+    cost = _cost_column(data)
+    acc = pool[data.acc].tolist()
+    se = [number(v) for v in pool[data.se]]
+    costs = [number(v) for v in pool[cost]] if cost else [None] * len(pool)
+    numbers = [int(n) for n in pool["number"]]
+    chosen = pick_fastest(acc, se, costs, tolerance=data.tolerance)
+    if chosen is None:
+        return None
+    refs = [i for i, r in enumerate(pool["reference"]) if r == "all-normal"]
+    ref = refs[0] if refs else None
+    ref_pick = None
+    if ref is not None:
+        by_ref = pick_fastest(
+            acc, se, costs, tolerance=data.tolerance, reference=(acc[ref], se[ref])
+        )
+        ref_pick = numbers[by_ref.index] if by_ref is not None else None
+    return NoisePick(
+        number=numbers[chosen.index],
+        best=numbers[chosen.best],
+        within=tuple(numbers[i] for i in chosen.within),
+        cost=cost,
+        tolerance=data.tolerance,
+        reference=numbers[ref] if ref is not None else None,
+        reference_pick=ref_pick,
+    )
+
+
+def within_noise(data: StudyData) -> dict[int, int]:
+    """Front trial -> the cheapest faster front trial whose accuracy the noise cannot tell from
+    its own (within ``data.tolerance`` standard errors, :func:`wasearch.stats.indistinguishable`):
+    its extra accuracy is not worth the time. Empty without a cost (latency or size) axis."""
+    cost = _cost_column(data)
+    if cost is None:
+        return {}
+    rows = data.trials.set_index("number")
+    pts = [
+        (n, number(rows.loc[n, cost]), rows.loc[n, data.acc], number(rows.loc[n, data.se]))
+        for n in data.front
+    ]
+    pts = sorted((p for p in pts if p[1] is not None), key=lambda p: (p[1], p[0]))
+    out = {}
+    for n, c, a, s in pts:
+        for m, c2, a2, s2 in pts:  # cheapest first
+            if c2 >= c:
+                break
+            if indistinguishable(a, s, a2, s2, tolerance=data.tolerance):
+                out[n] = m
+                break
+    return out
 
 
 def front_numbers(rows: Any, axes: Sequence[str], maximize: Sequence[bool]) -> set[int]:

@@ -29,6 +29,7 @@ def write_report(
     study_name: str | None = None,
     out: str | os.PathLike | None = None,
     study: optuna.Study | None = None,
+    tolerance: float | None = None,
 ) -> Path:
     """Write ``report.html``, ``trials.csv`` and ``pareto.csv`` for one study; return the page.
 
@@ -38,10 +39,17 @@ def write_report(
     ``study_dir``). A caller that holds the study already (the search, after each trial) passes
     it as ``study`` and nothing is reopened. Raises :class:`UserError` for a missing folder,
     storage or study, and for a file it cannot write (a read-only folder, a full disk: one line
-    naming the file; :func:`wasearch.fileio.refused_write`).
+    naming the file; :func:`wasearch.fileio.refused_write`). ``tolerance`` (standard errors)
+    decides which accuracies count as the same; default: the study's space's
+    ``report.tolerance``, else 1.0 (:mod:`wasearch.stats`).
     """
     return write_study_files(
-        study_dir, storage=storage, study_name=study_name, out=out, study=study
+        study_dir,
+        storage=storage,
+        study_name=study_name,
+        out=out,
+        study=study,
+        tolerance=tolerance,
     )[0]
 
 
@@ -52,6 +60,7 @@ def write_study_files(
     study_name: str | None = None,
     out: str | os.PathLike | None = None,
     study: optuna.Study | None = None,
+    tolerance: float | None = None,
 ) -> tuple[Path, StudyData]:
     """:func:`write_report`, returning also what was read (the CLI says whether it is
     synthetic)."""
@@ -60,7 +69,7 @@ def write_study_files(
         study, label = open_study(study_dir, storage, study_name)
     else:
         label = held_study_label(study_dir, storage)
-    data = collect(study, study_dir, label)
+    data = collect(study, study_dir, label, tolerance=tolerance)
     page = Path(out) if out is not None else study_dir / "report.html"
     with refused_writes_as_user_errors():
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +99,7 @@ def write_comparison_files(
     *,
     out: str | os.PathLike,
     storage: str | None = None,
+    tolerance: float | None = None,
 ) -> tuple[Path, list[StudyData]]:
     """:func:`write_comparison`, returning also what was read."""
     if not study_dirs:
@@ -97,7 +107,7 @@ def write_comparison_files(
     studies = []
     for d in study_dirs:
         study, label = open_study(Path(d), storage, None)
-        studies.append(collect(study, Path(d), label))
+        studies.append(collect(study, Path(d), label, tolerance=tolerance))
     page = Path(out)
     with refused_writes_as_user_errors(flag="--out"):
         page.parent.mkdir(parents=True, exist_ok=True)

@@ -138,6 +138,7 @@ def run_sweep(
                 fitted.best_val_acc,
                 seconds=time.perf_counter() - started,
                 history=fitted.history,
+                val_images=fitted.val_images,
             ),
             **record.differentiable_attrs(
                 lam=lam,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..cli import UserError
 from ..fileio import shell_path
+from ..stats import DEFAULT_TOLERANCE, Pick, binomial_se, pick_fastest, trial_se
 from ._lock import worker_id
 from .base import trial_lr
 from .space import SearchSpace, parse_space
@@ -29,10 +30,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FRONT_KEYS",
+    "NoisePick",
     "Tally",
     "TrialEvent",
     "arch_attrs",
     "bitops",
+    "cost_key",
     "differentiable_attrs",
     "fail_attrs",
     "fit_attrs",
@@ -40,10 +43,13 @@ __all__ = [
     "front_trials",
     "is_done",
     "latency_attrs",
+    "noise_attrs",
+    "noise_pick",
     "objective_values",
     "pareto_front",
     "pruned_attrs",
     "reference_attrs",
+    "report_tolerance",
     "retry_attrs",
     "score",
     "skipped_attrs",
@@ -96,14 +102,43 @@ def latency_attrs(priced: Any, *, limit_ms: float | None) -> dict[str, Any]:
     }
 
 
-def fit_attrs(val_acc: float, *, seconds: float, history: list[dict[str, float]]) -> dict:
-    """What the trial's fine-tuning measured."""
-    return {"val_acc": float(val_acc), "train_seconds": seconds, "history": history}
+def noise_attrs(val_acc: float, val_images: int | None) -> dict[str, Any]:
+    """The noise of ``val_acc``: the number of validation images it was measured on and its
+    binomial standard error (:func:`wasearch.stats.binomial_se`); nothing when ``val_images``
+    is unknown."""
+    se = binomial_se(val_acc, val_images)
+    if se is None:
+        return {}
+    return {"val_images": int(val_images), "val_se": se}
 
 
-def pruned_attrs(epoch: int, val_acc: float, history: list[dict[str, float]]) -> dict:
+def fit_attrs(
+    val_acc: float,
+    *,
+    seconds: float,
+    history: list[dict[str, float]],
+    val_images: int | None = None,
+) -> dict:
+    """What the trial's fine-tuning measured: the best epoch's validation accuracy, and with
+    ``val_images`` its standard error (:func:`noise_attrs`)."""
+    return {
+        "val_acc": float(val_acc),
+        **noise_attrs(val_acc, val_images),
+        "train_seconds": seconds,
+        "history": history,
+    }
+
+
+def pruned_attrs(
+    epoch: int, val_acc: float, history: list[dict[str, float]], *, val_images: int | None = None
+) -> dict:
     """A trial the MedianPruner stopped (it counts as done)."""
-    return {"pruned_epoch": int(epoch), "val_acc": float(val_acc), "history": history}
+    return {
+        "pruned_epoch": int(epoch),
+        "val_acc": float(val_acc),
+        **noise_attrs(val_acc, val_images),
+        "history": history,
+    }
 
 
 #: The name of the latency constraint as Optuna stores it (``FrozenTrial.constraints``).
@@ -325,6 +360,100 @@ def front_trials(
 
 
 # ---------------------------------------------------------------------------------------------
+# The pick: the fastest architecture the noise cannot tell from the best
+
+
+def report_tolerance(space: Mapping[str, Any] | None) -> float:
+    """``report.tolerance`` of a stored space (the study's ``space`` attribute): how many
+    standard errors of a difference two accuracies may be apart and still count as the same
+    (:func:`wasearch.stats.indistinguishable`); :data:`~wasearch.stats.DEFAULT_TOLERANCE` (1.0)
+    when the space does not set it (or is from an older wasearch)."""
+    section = space.get("report") if isinstance(space, Mapping) else None
+    value = section.get("tolerance") if isinstance(section, Mapping) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return DEFAULT_TOLERANCE
+
+
+def cost_key(objectives: Sequence[str], *, has_latency: bool) -> str | None:
+    """The cost a pick minimizes: latency when the trials are priced, else the study's first
+    size objective (``params``, ``bitops``), else None (accuracy alone: the pick is the most
+    accurate trial)."""
+    if has_latency:
+        return "latency_ms"
+    return next((o for o in objectives if o in ("params", "bitops")), None)
+
+
+@dataclass(frozen=True)
+class NoisePick:
+    """:func:`noise_pick`'s answer, as trials."""
+
+    pick: optuna.trial.FrozenTrial
+    best: optuna.trial.FrozenTrial
+    within: int  # candidates indistinguishable from the best
+    cost: str | None  # the attribute minimized (latency_ms, params, bitops) or None
+    tolerance: float
+    reference: optuna.trial.FrozenTrial | None = None  # the all-normal trial, when done
+    reference_pick: optuna.trial.FrozenTrial | None = None  # the fastest as good as it
+
+
+def noise_pick(
+    trials: Sequence[optuna.trial.FrozenTrial],
+    objectives: Sequence[str],
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> NoisePick | None:
+    """The fastest completed, feasible trial whose accuracy is indistinguishable (within
+    ``tolerance`` standard errors, :func:`wasearch.stats.pick_fastest`) from the best one, and
+    the fastest that is as good as the all-normal reference trial when the study ran it.
+    None when no completed, feasible trial has an accuracy."""
+    from optuna.trial import TrialState
+
+    pool = sorted(
+        (
+            t
+            for t in trials
+            if t.state == TrialState.COMPLETE
+            and t.user_attrs.get("feasible") is not False
+            and isinstance(t.user_attrs.get("val_acc"), int | float)
+            and math.isfinite(t.user_attrs["val_acc"])
+        ),
+        key=lambda t: t.number,
+    )
+    if not pool:
+        return None
+    has_latency = any(isinstance(t.user_attrs.get("latency_ms"), int | float) for t in pool)
+    key = cost_key(objectives, has_latency=has_latency)
+    acc = [float(t.user_attrs["val_acc"]) for t in pool]
+    se = [trial_se(t.user_attrs) for t in pool]
+    cost = [_cost(t.user_attrs, key) for t in pool]
+    chosen: Pick | None = pick_fastest(acc, se, cost, tolerance=tolerance)
+    assert chosen is not None  # every pool member has an accuracy
+    ref = next((i for i, t in enumerate(pool) if t.user_attrs.get("reference") == "all-normal"),
+               None)  # fmt: skip
+    ref_pick = None
+    if ref is not None:
+        by_ref = pick_fastest(acc, se, cost, tolerance=tolerance, reference=(acc[ref], se[ref]))
+        ref_pick = pool[by_ref.index] if by_ref is not None else None
+    return NoisePick(
+        pick=pool[chosen.index],
+        best=pool[chosen.best],
+        within=len(chosen.within),
+        cost=key,
+        tolerance=tolerance,
+        reference=pool[ref] if ref is not None else None,
+        reference_pick=ref_pick,
+    )
+
+
+def _cost(attrs: Mapping[str, Any], key: str | None) -> float | None:
+    value = attrs.get(key) if key else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # What a worker says about a finished trial
 
 
@@ -346,6 +475,7 @@ class TrialEvent:
     reason: str | None = None
     worker: int = 0
     on_front: bool = False
+    val_se: float | None = None  # the standard error of val_acc (None: unknown)
 
 
 def trial_event(
@@ -386,6 +516,7 @@ def trial_event(
         reason=reason,
         worker=worker,
         on_front=frozen.number in {t.number for t in front},
+        val_se=trial_se(attrs),
     )
 
 

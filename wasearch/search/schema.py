@@ -49,8 +49,11 @@ OBJECTIVE_ALIASES = {"latency": "latency_ms", "acc": "accuracy", "val_acc": "acc
 #: Every key of a space with its default (None: no default / not set). One place, one comment each.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
-        "backbone": "resnet18",  # the only backbone so far
-        "width": 0.5,  # channel multiplier (the paper's 0.5)
+        "name": "resnet18_cifar",  # or torchvision:NAME | timm:NAME | package.module:function
+        "kwargs": None,  # keyword arguments of the model's builder (not the paper's network)
+        "checkpoint": None,  # a state_dict of the user's own model to start from
+        "backbone": "resnet18",  # the paper's network (name: resnet18_cifar)
+        "width": 0.5,  # its channel multiplier (the paper's 0.5)
         "input_size": 32,  # image side; must match the dataset
         "num_classes": None,  # default: the dataset's
     },
@@ -122,6 +125,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "export": {
         "epochs": 120,  # epochs of the printed train.py command (full training)
+    },
+    "report": {
+        # accuracies within this many standard errors of their difference count as the same:
+        # the report's pick is the fastest trial within it of the best (wasearch/stats.py)
+        "tolerance": 1.0,
     },
 }
 TOP_KEYS = ("name", "description", "seed", *DEFAULTS)
@@ -288,6 +296,9 @@ def check_sections(data: Any, r: Reader, *, require_latency_table: bool = True) 
         r.fail("storage.grace_period", "must be longer than storage.heartbeat_interval")
     r.integer("storage.max_retry", storage["max_retry"], minimum=0)
     r.integer("export.epochs", sections["export"]["epochs"], minimum=1)
+    r.number("report.tolerance", sections["report"]["tolerance"])
+    if sections["report"]["tolerance"] < 0:
+        r.fail("report.tolerance", f"{sections['report']['tolerance']!r} must be >= 0")
 
     needs_latency = (
         "latency_ms" in objectives or constraints["latency_ms"] is not None or scal is not None
@@ -309,6 +320,7 @@ def check_sections(data: Any, r: Reader, *, require_latency_table: bool = True) 
         "budget": budget,
         "storage": storage,
         "export": sections["export"],
+        "report": sections["report"],
     }
 
 

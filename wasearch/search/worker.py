@@ -164,7 +164,7 @@ class Worker:
     def _evaluate(self, trial: optuna.Trial) -> float | list[float]:
         import optuna
 
-        from ..engine import count_params, fit
+        from ..engine import count_params, fit, selection_split
         from ..models import build
 
         space = self.space
@@ -197,7 +197,11 @@ class Worker:
             value = record.score(space, row["val_acc"], latency_ms, self.reference_latency_ms)
             trial.report(value, step=int(row["epoch"]))
             if trial.should_prune():
-                _set_attrs(trial, record.pruned_attrs(int(row["epoch"]), row["val_acc"], history))
+                n_val = len(selection_split(self.data))
+                pruned = record.pruned_attrs(
+                    int(row["epoch"]), row["val_acc"], history, val_images=n_val
+                )
+                _set_attrs(trial, pruned)
                 raise optuna.TrialPruned(f"pruned after epoch {row['epoch']}")
 
         trial_dir = self.study_dir / "trials" / str(trial.number)
@@ -213,7 +217,12 @@ class Worker:
             extra={"study": self.study.study_name, "trial": trial.number},
             on_epoch=on_epoch,
         )
-        fitted = record.fit_attrs(result.best_val_acc, seconds=result.seconds, history=history)
+        fitted = record.fit_attrs(
+            result.best_val_acc,
+            seconds=result.seconds,
+            history=history,
+            val_images=result.val_images,
+        )
         attrs.update(_set_attrs(trial, fitted))
         out = record.objective_values(space, attrs, reference_ms=self.reference_latency_ms)
         return out[0] if len(out) == 1 else out

@@ -123,7 +123,7 @@ def test_train_a_user_model_at_another_input_size(tmp_path):
     r = run("train.py", *args, "--epochs", "1", "--outDir", "runs", *TINY, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resized to 28x28" in r.stderr  # said once, by the data loader's log
-    assert "latency: not priced" in r.stdout and "F(4x4,3x3)" in r.stdout
+    assert "total (end to end)" in r.stdout and "F(4x4,3x3)" in r.stdout
     run_dir = tmp_path / "runs" / "synthetic_static_F4_fp32_make_vgg_28px_seed0"
     saved = (run_dir / "arch.yaml").read_text()
     assert "name: digits_net:make_vgg" in saved or "model: digits_net:make_vgg" in saved

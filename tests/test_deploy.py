@@ -97,6 +97,35 @@ def test_winograd_function_in_image_groups(chunk_tiles: int | None) -> None:
     torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tile", [4, 6])
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (4, 4), (3, 5)])
+def test_winograd_kernel_on_a_layer_smaller_than_its_tile(tile: int, size) -> None:
+    """A layer smaller than the tile is one zero-padded partial tile, cropped: still conv2d."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 5, *size)
+    w, b = torch.randn(6, 5, 3, 3), torch.randn(6)
+    conv = WinogradConv(w, b, *transform_matrices(tile))
+    y = conv(x)
+    assert y.shape == (2, 6, *size)
+    torch.testing.assert_close(y, F.conv2d(x, w, b, padding=1), rtol=1e-4, atol=1e-4)
+
+
+def test_uniform_f6_without_fallback_deploys_on_small_layers() -> None:
+    """F6 kept on the 4x4 and 2x2 layers of a 16x16 network (Arch.uniform(fallback=False)):
+    the deploy model equals the training model; 8-bit calibration takes its partial tiles."""
+    torch.manual_seed(7)
+    arch = Arch.uniform("static", 6, None, width=WIDTH, input_size=16, fallback=False)
+    assert arch.choice("layer4.1.conv2").tile == 6  # a 2x2 input
+    model = _randomize(build(arch))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(to_deploy(model)(x), model(x), rtol=1e-4, atol=1e-5)
+    if int8_available():
+        q = build(Arch.uniform("static", 6, 8, width=WIDTH, input_size=16, fallback=False))
+        with torch.no_grad():
+            assert to_deploy(q.eval(), calibration=x)(x).shape == (2, 10)
+
+
 needs_int8 = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 kernel here")
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from wasearch.arch import LayerChoice
 from wasearch.cli import UserError
+from wasearch.latency import load_latency_model
 from wasearch.search.space import load_space, parse_space
 from wasearch.search.testing import tiny_space, write_space
 
@@ -100,17 +102,22 @@ def test_gp_without_scipy_says_what_to_install(tmp_path, monkeypatch):
     assert "strategy.name: gp needs scipy" in message and "pip install scipy" in message
 
 
-def test_f6_removed_on_small_inputs_and_said_once():
+def test_every_tile_offered_on_small_inputs_and_said_once():
     space = parse_space(
         tiny_space(model={"width": 0.5}, choices={"tile": [2, 4, 6], "tie": "layer"}),
         source="s.yaml",
     )
     assert len(space.units) == 16
-    for unit in space.units:
-        has_f6 = any(o.tile == 6 for o in unit.options)
-        assert has_f6 == (not unit.name.startswith("layer4")), unit.name
-    assert len(space.notes) == 1
-    assert "F6 removed for layer4.0.conv1" in space.notes[0] and "4x4" in space.notes[0]
+    for unit in space.units:  # F6 on the 4x4 inputs of stage 4 too: one partial tile
+        assert any(o.tile == 6 for o in unit.options), unit.name
+    assert space.notes == (
+        "F6 on layer4.* (4x4 input) computes one partial tile: most of its work is wasted; "
+        "the latency model prices it",
+    )
+    priced = load_latency_model("cortex-a73")
+    spec = space.specs[-1]  # 4x4: F6 computes 36 outputs for 16, F4 exactly 16
+    f4, f6 = (priced.layer_cost(spec, LayerChoice("static", t, 8)) for t in (4, 6))
+    assert f6 > f4  # the wasted work is priced: the search may still prefer F4 there
 
 
 def test_units_ties_groups_and_fixed_layers():
@@ -214,7 +221,7 @@ def test_trial_lr_defaults_to_auto():
 
 
 def _any_model_space(model: dict, **changes) -> dict:
-    """The tiny space on another network: accuracy only (no latency model prices it yet)."""
+    """The tiny space on another network: accuracy only (unless ``changes`` say otherwise)."""
     space = tiny_space(**{"objectives": ["accuracy"], "latency": {}, **changes})
     space["model"] = model
     return space
@@ -279,18 +286,26 @@ def test_a_torchvision_model_is_searched_by_module_path_with_generic_ties():
             "choices.groups.g",
             "matches no searchable layer",
         ),
-        (
-            {"name": "torchvision:resnet18"},
-            {"latency": {"kind": "analytical", "profile": "cortex-a73"}},
-            "latency",
-            "prices only the paper's network so far",
-        ),
     ],
 )
 def test_bad_model_sections_name_the_key(tmp_path, model, changes, key, words):
     message = _error(_any_model_space(model, **changes), tmp_path)
     assert f"x.yaml: {key}" in message and words in message
     assert "\n" not in message
+
+
+def test_a_latency_model_prices_any_network_of_a_space():
+    space = parse_space(
+        _any_model_space(
+            {"name": "torchvision:resnet18", "input_size": 32},
+            objectives=["accuracy", "latency_ms"],
+            latency={"kind": "analytical", "profile": "cortex-a73"},
+        ),
+        source="s",
+    )
+    report = load_latency_model(space.latency).price(space.base_arch())
+    assert list(report.layers) == [s.name for s in space.specs]
+    assert report.parts["conv1"] > 0 and report.parts["fc"] > 0  # the rest, from the trace
 
 
 def test_inspect_lists_every_conv_and_the_units_without_training(tmp_path):

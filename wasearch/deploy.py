@@ -21,10 +21,11 @@ and bit-widths without a kernel here run in float32 and are listed in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -39,7 +40,9 @@ from .deploy_kernels import (
     has_int_kernel,
     int8_available,
     winograd_deploy_conv2d,
+    winograd_input_tiles,
 )
+from .discovery import call_name, pre_name
 from .layers import WinogradConv2d
 from .models import ResNetWA
 
@@ -55,6 +58,7 @@ __all__ = [
     "int8_available",
     "to_deploy",
     "winograd_deploy_conv2d",
+    "winograd_input_tiles",
 ]
 
 
@@ -212,9 +216,7 @@ def _calibrate(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
             inp = args[0]
             if isinstance(mod, WinogradConv2d):
                 a = mod.tile + 2
-                cols = F.unfold(inp, a, padding=1, stride=mod.tile)
-                n, _, t = cols.shape
-                tiles = cols.view(n, -1, a, a, t).permute(2, 3, 0, 1, 4).reshape(a, a, -1)
+                tiles = winograd_input_tiles(inp, mod.tile)  # partial tiles padded
                 _, _, B_t = mod.transforms()
                 v = B_t @ tiles.reshape(a, -1)
                 v = torch.matmul(B_t, v.view(a, a, -1))
@@ -308,7 +310,12 @@ def _to_deploy(model: nn.Module, *, int8: bool, calibration: torch.Tensor | None
 class DeployNet(nn.Module):
     """The inference form of any network ``models.convert`` built: a copy whose searchable
     convolutions run the deploy kernels (Winograd or direct, float32 or 8-bit; ``kernels`` by
-    module path) and whose other modules run as trained, BatchNorm included (not folded)."""
+    module path) and whose other modules run as trained, BatchNorm included (not folded).
+
+    It runs in channels-last memory format, as ``DeployResNet`` does and the Winograd kernels
+    write: every operation sees one layout whatever algorithm its neighbours run, so that its
+    time does not depend on them (a direct convolution after a Winograd one would otherwise run
+    on channels-last data, after a direct one on NCHW data)."""
 
     def __init__(self, net: nn.Module, *, kernels: dict[str, str], substituted: list[str]):
         super().__init__()
@@ -317,7 +324,43 @@ class DeployNet(nn.Module):
         self.substituted = list(substituted)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
+
+    @contextlib.contextmanager
+    def ticking(self, modules: Iterable[str], tick: Tick) -> Iterator[None]:
+        """While inside, each forward pass calls ``tick(name)`` after each call of the unit
+        modules at the paths ``modules``, named as ``discovery`` names the traced operations
+        (``relu``, ``relu#2``), and ``tick(pre_name(name))`` just before each: the functions
+        between two modules end there. ``tick(OUTPUT_OP)`` is the caller's, after the pass.
+        Hooks are installed on entry, so a pass outside runs as plain as before."""
+        calls: dict[str, int] = {}
+        hooks = [self.register_forward_pre_hook(lambda _m, _a: calls.clear())]
+
+        def pre(path: str):
+            def fn(_module, _args):
+                n = calls.get(path, 0) + 1
+                calls[path] = n
+                tick(pre_name(call_name(path, n)))
+
+            return fn
+
+        def post(path: str):
+            def fn(_module, _args, _out):
+                tick(call_name(path, calls[path]))
+
+            return fn
+
+        try:
+            for path in dict.fromkeys(modules):
+                mod = self.net.get_submodule(path)
+                hooks.append(mod.register_forward_pre_hook(pre(path)))
+                hooks.append(mod.register_forward_hook(post(path)))
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 class _Padded(nn.Module):
@@ -366,7 +409,9 @@ def _to_deploy_any(model: nn.Module, *, int8: bool, calibration: torch.Tensor | 
                 kernel = _Padded(kernel, mod.padding)
         else:
             amax = _quantizer_amax(getattr(mod, "q_input", None))
-            ph, pw = mod.padding
+            # a searchable conv is 3x3, stride 1, dilation 1: "same" pads 1, "valid" 0
+            pad = {"same": (1, 1), "valid": (0, 0)}.get(mod.padding, mod.padding)
+            ph, pw = pad
             kernel = DirectConv(
                 w,
                 b,

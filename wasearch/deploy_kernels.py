@@ -49,6 +49,7 @@ __all__ = [
     "has_int_kernel",
     "int8_available",
     "winograd_deploy_conv2d",
+    "winograd_input_tiles",
 ]
 
 logger = logging.getLogger(__name__)
@@ -303,6 +304,20 @@ def winograd_deploy_conv2d(
     if th * m != h or tw * m != w:
         out = out[:, :h, :w]
     return out.permute(0, 3, 1, 2)
+
+
+def winograd_input_tiles(x: torch.Tensor, m: int) -> torch.Tensor:
+    """The input tiles of F(m x m, 3 x 3) as (alpha, alpha, N * C * tiles): alpha x alpha
+    windows, stride m, of ``x`` (N, C, H, W) padded by 1 (the conv's padding) and bottom/right
+    up to whole tiles, as :func:`winograd_deploy_conv2d` gathers them (any H, W: a layer smaller
+    than the tile is one partial tile). For the 8-bit kernel's activation ranges."""
+    n, _, h, w = x.shape
+    a = m + 2
+    th, tw = tile_counts(h, w, m)
+    xp = F.pad(x, (1, tw * m + 1 - w, 1, th * m + 1 - h))
+    cols = F.unfold(xp.contiguous(), a, stride=m)
+    t = cols.shape[-1]
+    return cols.view(n, -1, a, a, t).permute(2, 3, 0, 1, 4).reshape(a, a, -1)
 
 
 class WinogradConv(nn.Module):

@@ -10,6 +10,15 @@ floating point, as the paper's stem does); every other one is listed once with t
 not. A module called twice in one forward pass is listed once, at its first call, and is not
 searchable (its choice would price two different inputs).
 
+The same pass records every *operation* of the network in forward order (``Discovery.ops``),
+which is what the latency models price: each call of a *unit* module (a module with no children,
+or a convolution, linear or attention module whatever it holds), with its type, parameters and
+tensor shapes, and the functions the containers call between them (a residual ``+=``, a
+``flatten``, an attention's ``matmul``), grouped per gap between two unit calls. A unit called
+twice is two operations (``relu``, ``relu#2``); a group of functions is named after the unit call
+that follows it (``layer1.0.relu#2:pre``) or ``output`` at the end. ``wasearch.deploy`` ticks
+the same names when it times a converted model in place.
+
 The model is built from a :class:`~wasearch.netref.ModelRef`: a torchvision model by name
 (``weights=None``: nothing is downloaded), a timm model (optional), or the user's own factory
 ``package.module:function`` imported from the working directory. A reference's ``checkpoint``
@@ -33,6 +42,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .geometry import ConvSpec
 from .layers import WinogradConv2d
@@ -40,18 +50,80 @@ from .netref import ModelRef, ModelRefError
 
 __all__ = [
     "FIRST_CONV",
+    "OUTPUT_OP",
     "Discovery",
     "FoundConv",
+    "TracedOp",
     "build_reference",
+    "call_name",
     "discover",
     "format_table",
     "load_state",
+    "pre_name",
     "trace_convs",
+    "unit_modules",
 ]
 
 #: Why the first convolution is never searchable: it reads the image, and stays in floating
 #: point (the paper's stem does; quantizing the raw input costs the most accuracy).
 FIRST_CONV = "first conv, reads the image (kept floating point)"
+#: The name of the functions run after the last unit module (none in most networks).
+OUTPUT_OP = "output"
+#: Modules that are one operation whatever children they hold.
+_ATOMIC = (nn.Conv2d, WinogradConv2d, nn.Linear, nn.MultiheadAttention)
+#: Unit module categories by class (the first match wins); anything else is ``module``.
+_CATEGORIES = (
+    ((nn.Conv2d, WinogradConv2d), "conv"),
+    ((nn.Linear,), "linear"),
+    ((nn.MaxPool2d, nn.AvgPool2d), "pool"),
+    ((nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), "pool"),
+    ((nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm), "norm"),
+    (
+        (
+            nn.ReLU,
+            nn.ReLU6,
+            nn.LeakyReLU,
+            nn.PReLU,
+            nn.ELU,
+            nn.SELU,
+            nn.CELU,
+            nn.GELU,
+            nn.SiLU,
+            nn.Mish,
+            nn.Sigmoid,
+            nn.Tanh,
+            nn.Hardswish,
+            nn.Hardsigmoid,
+            nn.Hardtanh,
+            nn.Softmax,
+            nn.LogSoftmax,
+            nn.Softplus,
+        ),
+        "act",
+    ),  # fmt: skip
+    ((nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd), "free"),
+)
+
+
+@dataclass(frozen=True)
+class TracedOp:
+    """One operation of the forward pass: a unit module's call, or the functions between two.
+
+    ``category`` is ``conv``, ``linear``, ``pool``, ``norm``, ``act``, ``free`` (identity,
+    dropout, flatten), ``module`` (any other type) or ``functions``; ``kind`` the module's class
+    name (``functions``: their names joined by ``+``); ``params`` the module's hyper-parameters
+    (``k3x3 s2x2 p1x1 d1x1 g1`` for a convolution, ``k3x3 s2x2 p1x1`` for a pool, its output
+    size for an adaptive pool), or for ``functions`` each call as ``name in1|in2->out``.
+    Shapes include the batch dimension of the trace (1).
+    """
+
+    name: str
+    module: str | None  # the module path; None for functions
+    category: str
+    kind: str
+    params: str
+    inputs: tuple[tuple[int, ...], ...]
+    output: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -86,6 +158,7 @@ class Discovery:
     convs: tuple[FoundConv, ...]
     input_shape: tuple[int, int, int]
     output_shape: tuple[int, ...]
+    ops: tuple[TracedOp, ...] = ()
 
     @property
     def searchable(self) -> tuple[FoundConv, ...]:
@@ -134,9 +207,156 @@ def _reason(module: nn.Module) -> str | None:
     return ", ".join(reasons) or None
 
 
+def call_name(path: str, call: int) -> str:
+    """The operation name of a unit module's ``call``-th call in one forward pass (from 1)."""
+    return path if call == 1 else f"{path}#{call}"
+
+
+def pre_name(op_name: str) -> str:
+    """The name of the functions run just before the unit call ``op_name``."""
+    return f"{op_name}:pre"
+
+
+def unit_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules each call of which is one operation: leaves, and convolution, linear and
+    attention modules whatever children they hold; never a descendant of another unit."""
+    units: list[tuple[str, nn.Module]] = []
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(t + ".") for t in taken):
+            continue
+        if isinstance(module, _ATOMIC) or next(module.children(), None) is None:
+            units.append((name, module))
+            taken.append(name)
+    return units
+
+
+def _category(module: nn.Module) -> str:
+    for classes, category in _CATEGORIES:
+        if isinstance(module, classes):
+            return category
+    return "module"
+
+
+def _module_params(module: nn.Module, category: str) -> str:
+    if category == "conv":
+        k, s = _pair(module.kernel_size), _pair(getattr(module, "stride", 1))
+        p, d = _padding(module), _pair(getattr(module, "dilation", 1))
+        g = getattr(module, "groups", 1)
+        return f"k{k[0]}x{k[1]} s{s[0]}x{s[1]} p{p[0]}x{p[1]} d{d[0]}x{d[1]} g{g}"
+    if category == "pool" and hasattr(module, "kernel_size"):
+        k = _pair(module.kernel_size)
+        s = _pair(module.stride if module.stride is not None else module.kernel_size)
+        p = _pair(module.padding)
+        return f"k{k[0]}x{k[1]} s{s[0]}x{s[1]} p{p[0]}x{p[1]}"
+    if category == "pool":
+        size = module.output_size
+        return "o" + "x".join(str(v) for v in (size if isinstance(size, tuple) else (size,)))
+    return ""
+
+
+def _shape_text(shapes) -> str:
+    return "|".join("x".join(map(str, s)) for s in shapes)
+
+
+def _tensor_shapes(values) -> tuple[tuple[int, ...], ...]:
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(tuple(v.shape))
+        elif isinstance(v, list | tuple):
+            out.extend(_tensor_shapes(v))
+    return tuple(out)
+
+
+class _OpRecorder(TorchFunctionMode):
+    """Records unit module calls (through hooks) and the functions called outside them."""
+
+    def __init__(self, units: list[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        self.ops: list[TracedOp] = []
+        self.pending: list[tuple[str, tuple[tuple[int, ...], ...], tuple[int, ...]]] = []
+        self.depth = 0
+        self.calls: dict[str, int] = {}
+        self.hooks = []
+        for path, module in units:
+            category = _category(module)
+            params = _module_params(module, category)
+            self.hooks.append(module.register_forward_pre_hook(self._pre(path)))
+            self.hooks.append(
+                module.register_forward_hook(self._post(path, module, category, params))
+            )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.depth == 0 and isinstance(out, torch.Tensor):
+            name = getattr(func, "__name__", None) or type(func).__name__
+            self.pending.append(
+                (
+                    name,
+                    _tensor_shapes(args) + _tensor_shapes((kwargs or {}).values()),
+                    tuple(out.shape),
+                )
+            )
+        return out
+
+    def flush(self, before: str) -> None:
+        if not self.pending:
+            return
+        calls = self.pending
+        self.pending = []
+        params = "; ".join(f"{n} {_shape_text(i)}->{_shape_text([o])}" for n, i, o in calls)
+        self.ops.append(
+            TracedOp(
+                pre_name(before) if before != OUTPUT_OP else OUTPUT_OP,
+                None,
+                "functions",
+                "+".join(dict.fromkeys(n for n, _, _ in calls)),
+                params,
+                calls[0][1],
+                calls[-1][2],
+            )
+        )
+
+    def _pre(self, path: str):
+        def fn(_module, args):
+            n = self.calls.get(path, 0) + 1
+            self.calls[path] = n
+            if self.depth == 0:
+                self.flush(call_name(path, n))
+            self.depth += 1
+
+        return fn
+
+    def _post(self, path: str, module: nn.Module, category: str, params: str):
+        def fn(_module, args, out):
+            self.depth -= 1
+            if self.depth:
+                return
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+            self.ops.append(
+                TracedOp(
+                    call_name(path, self.calls[path]),
+                    path,
+                    category,
+                    type(module).__name__,
+                    params,
+                    _tensor_shapes(args),
+                    shape,
+                )
+            )
+
+        return fn
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def trace_convs(model: nn.Module, input_shape: tuple[int, int, int], *, where: str = "model"):
-    """The :class:`Discovery` of ``model`` at ``input_shape`` (channels, height, width).
+    """The :class:`Discovery` of ``model`` at ``input_shape`` (channels, height, width): its
+    convolutions and every operation (:class:`TracedOp`) in forward order.
 
     Runs one forward pass at batch 1 in eval mode (the model's mode is restored after).
     """
@@ -169,11 +389,14 @@ def trace_convs(model: nn.Module, input_shape: tuple[int, int, int], *, where: s
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d | WinogradConv2d):
             hooks.append(module.register_forward_pre_hook(hook(name, module)))
+    recorder = _OpRecorder(unit_modules(model))
     was_training = model.training
     model.eval()
     try:
         x = torch.zeros(1, *input_shape)
-        out = model(x)
+        with recorder:
+            out = model(x)
+        recorder.flush(OUTPUT_OP)
     except Exception as err:  # the user's model: any exception is a rejection of this input
         shape = "x".join(map(str, input_shape))
         raise ModelRefError(
@@ -182,6 +405,7 @@ def trace_convs(model: nn.Module, input_shape: tuple[int, int, int], *, where: s
         ) from None
     finally:
         model.train(was_training)
+        recorder.remove()
         for h in hooks:
             h.remove()
     convs = []
@@ -192,7 +416,7 @@ def trace_convs(model: nn.Module, input_shape: tuple[int, int, int], *, where: s
             c = FoundConv(**{**c.__dict__, "reason": f"called {calls[c.name]} times per forward"})
         convs.append(c)
     out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
-    return Discovery(tuple(convs), tuple(input_shape), out_shape)
+    return Discovery(tuple(convs), tuple(input_shape), out_shape, tuple(recorder.ops))
 
 
 def _first_line(err: BaseException) -> str:

@@ -45,7 +45,7 @@ MIN_BITS = 2
 MAX_BITS = 16
 #: The largest output tile m of F(m x m, 3 x 3) that ``wasearch.winograd`` builds transforms for.
 MAX_TILE = 8
-#: The tiles a search space may offer: the paper's, and the ones the latency models price.
+#: The tiles a search space may offer (on every layer, whatever its size): the paper's.
 SPACE_TILES = (2, 4, 6)
 
 
@@ -95,6 +95,7 @@ def searchable_convs(
 def tile_fits(tile: int, height: int, width: int) -> bool:
     """Whether a whole F(tile x tile, 3 x 3) output tile fits a layer whose input is
     ``height x width``. A tile that does not still computes (one zero-padded partial tile,
-    cropped), but mostly wasted work: ``Arch.notes`` says so, a search space removes it there
-    and ``Arch.uniform`` falls back to a smaller tile. The one rule they share."""
+    cropped), but mostly wasted work, which the latency models price: ``Arch.notes`` and a
+    search space's notes say so (the space still offers it), and ``Arch.uniform`` falls back to
+    a smaller tile when asked to. The one rule they share."""
     return tile <= min(height, width)

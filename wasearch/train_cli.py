@@ -424,11 +424,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
         from .latency import format_latency_table, load_latency_model
 
         latency = load_latency_model(args.latency_model)
-        if arch.is_paper:
-            latency_table = format_latency_table(arch, latency.price(arch, batch=1))
-        else:
-            latency_table = "latency: not priced (the analytical model prices only the paper's "
-            latency_table += f"network so far, not {arch.network})"
+        latency_table = format_latency_table(arch, latency.price(arch, batch=1))
     except (ValueError, OSError) as err:  # LatencyError is a ValueError
         raise UserError(f"--latency-model {args.latency_model}: {err}") from None
     model = build(arch)

@@ -38,6 +38,7 @@ import yaml
 from ..fileio import InputFileError, atomic_write_text, parse_yaml, read_text
 from ..winograd import cook_toom, tile_counts
 from .base import LatencyError, LatencyModel
+from .generic import generic_counts
 from .ops import OpKey
 
 __all__ = [
@@ -131,8 +132,16 @@ class OpCounts:
 
 
 def op_counts(key: OpKey) -> OpCounts:
-    """Operation counts of the deploy kernel ``key`` names (see the module doc)."""
+    """Operation counts of the deploy kernel ``key`` names (see the module doc); a generic
+    operation of a traced network by :func:`wasearch.latency.generic.generic_counts`."""
     b, c, k, h, w = key.batch, key.in_channels, key.out_channels, key.height, key.width
+    if key.generic:
+        try:
+            macs, ew, moved, launches = generic_counts(key)
+        except ValueError as err:
+            raise LatencyError(f"{key.op}: {err}") from None
+        p = precision(key.bits)
+        return OpCounts({p: macs} if macs else {}, {"fp32": ew} if ew else {}, moved, launches)
     if key.op in ("conv3x3", "conv1x1", "stem"):
         p = precision(key.bits) if key.op != "stem" else "fp32"
         e = _ELEM_BYTES[p]

@@ -10,10 +10,10 @@ from typing import Any
 from ..arch import Arch, LayerChoice
 from ..cli import UserError
 from ..models import ConvSpec
+from .generic import is_guessed
 from .ops import NetOp, OpKey, conv_key, network_ops
 
 __all__ = [
-    "NOT_PRICED",
     "LatencyError",
     "LatencyEntry",
     "LatencyModel",
@@ -46,10 +46,12 @@ class LatencyReport:
     """Per-operation, per-layer and total seconds of one ``Arch`` at one input size and batch.
 
     ``entries`` are in forward order; ``layers`` holds the searchable convolutions by name,
-    ``parts`` the rest (stem, pools, ReLUs, residual adds, shortcuts, head), so that ``total`` is
-    end to end. ``estimated`` names the entries priced by a model rather than a measurement
-    (every entry of an analytical model; a table's rows that were missing, such as bit-widths
-    without a kernel on the measuring machine).
+    ``parts`` the rest (the paper's stem, pools, ReLUs, residual adds, shortcuts, head; any other
+    network's traced modules and functions), so that ``total`` is end to end. ``guessed`` names
+    the parts of a type the generic pricing does not know, whose analytical cost is a
+    conservative per-element guess (``latency.generic``). ``estimated`` names the entries
+    priced by a model rather than a measurement (every entry of an analytical model; a table's
+    rows that were missing, such as bit-widths without a kernel on the measuring machine).
     """
 
     entries: tuple[LatencyEntry, ...]
@@ -69,6 +71,10 @@ class LatencyReport:
     @property
     def estimated(self) -> frozenset[str]:
         return frozenset(e.name for e in self.entries if e.estimated)
+
+    @property
+    def guessed(self) -> frozenset[str]:
+        return frozenset(e.name for e in self.entries if is_guessed(e.key))
 
     @property
     def total(self) -> float:
@@ -156,16 +162,9 @@ class LatencyModel(ABC):
         return LatencyReport(tuple(entries), b, size, self.describe())
 
     def network_ops(self, arch: Arch, *, input_size: int | None = None) -> list[NetOp]:
-        if not arch.is_paper:
-            raise LatencyError(NOT_PRICED)
+        """The operations :meth:`price` sums: the paper's network's, or any other's from its
+        traced forward pass (``latency.ops.network_ops``)."""
         return network_ops(arch, input_size=input_size)
-
-
-#: Why a network other than the paper's has no price yet (one line, for every caller).
-NOT_PRICED = (
-    "latency: the analytical model prices only the paper's network so far; use objectives: "
-    "[accuracy]"
-)
 
 
 def _flag(entry: LatencyEntry) -> str:
@@ -179,6 +178,14 @@ _PART_GROUPS = (
     ("relu", "ReLUs"),
     ("add_relu", "residual add + ReLU"),
     ("head", "head (avg-pool + fc)"),
+    ("conv", "other convolutions"),
+    ("norm", "norms"),
+    ("act", "activations"),
+    ("pool", "pools"),
+    ("functions", "functions between modules (adds, flatten, ...)"),
+    ("linear", "linear layers"),
+    ("free", "identities, dropout, flatten"),
+    ("module", "other modules (cost per element guessed)"),
 )
 
 
@@ -220,5 +227,12 @@ def format_latency_table(arch: Arch, report: LatencyReport) -> str:
         lines.append(
             "* estimated by the analytical model (no measurement or no kernel of that "
             "bit-width on the measuring machine)"
+        )
+    guessed = [e.name for e in report.entries if is_guessed(e.key)]
+    if guessed:
+        more = f" (+{len(guessed) - 4} more)" if len(guessed) > 4 else ""
+        lines.append(
+            f"of a type the analytical model does not know, priced per output element: "
+            f"{', '.join(guessed[:4])}{more}"
         )
     return "\n".join(lines)

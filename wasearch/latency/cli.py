@@ -128,7 +128,9 @@ def _measure(args: argparse.Namespace) -> int:
         f"torch {ident['torch']}"
     )
     print(
-        f"space {args.space}: {plan.backbone} x{plan.width} @{plan.input_size}, "
+        f"space {args.space}: "
+        f"{f'{plan.backbone} x{plan.width}' if plan.model.is_paper else plan.model.text} "
+        f"@{plan.input_size}, "
         f"batch {batch}: {len(keys)} operations, {present} already in {out}"
     )
     t0 = time.perf_counter()

@@ -33,9 +33,14 @@ def kernel_for(key: OpKey, *, device: str | torch.device = "cpu") -> Callable[[]
 
     The kernels are those ``deploy.to_deploy`` builds (random weights; 8-bit activation ranges
     fixed from the example input, as a calibrated model has them). Raises ``LatencyError`` for a
-    bit-width with no kernel here.
+    bit-width with no kernel here, and for a generic operation of a traced network (timed in
+    place only: ``MeasuredModel.price`` times its network).
     """
     dev = torch.device(device)
+    if key.generic:
+        raise LatencyError(
+            f"{key.describe()}: a traced network's operation is timed in place, in its network"
+        )
     if not deploy.has_int_kernel(key.bits, dev):
         raise LatencyError(f"no {key.bits}-bit kernel on {dev.type}: {key.describe()}")
     b, c, k, h, w = key.batch, key.in_channels, key.out_channels, key.height, key.width
@@ -88,8 +93,6 @@ def kernel_for(key: OpKey, *, device: str | torch.device = "cpu") -> Callable[[]
 
 def _winograd_input_amax(x: torch.Tensor, B_t: torch.Tensor, m: int) -> torch.Tensor:
     a = m + 2
-    cols = torch.nn.functional.unfold(x.contiguous(), a, padding=1, stride=m)
-    n, _, t = cols.shape
-    tiles = cols.view(n, -1, a, a, t).permute(2, 3, 0, 1, 4).reshape(a, a, -1)
+    tiles = deploy.winograd_input_tiles(x, m)  # partial tiles padded, as the kernel runs them
     v = torch.matmul(B_t, (B_t @ tiles.reshape(a, -1)).view(a, a, -1))
     return v.abs().reshape(a * a, -1).amax(dim=1).cpu()

@@ -19,13 +19,15 @@ import datetime as _dt
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .. import deploy
+from ..arch import Arch
 from .analytical import Profile, load_profile
-from .base import LatencyError
+from .base import LatencyError, LatencyReport
 from .kernels import kernel_for
 from .ops import OpKey, network_ops
 from .plan import MeasurePlan, comparison_table, plan_networks
@@ -190,7 +192,9 @@ def measure_plan(
             bar.close()
     finally:
         torch.set_num_threads(prev_threads)
-    leftovers = [k for targets in missing.values() for k in targets]
+    # A traced network's generic operations run only in place: one no network produced stays
+    # missing (a ``MeasuredModel`` times its network when pricing it).
+    leftovers = [k for targets in missing.values() for k in targets if not k.generic]
     if leftovers:
         table, _ = measure_table(
             leftovers,
@@ -316,6 +320,45 @@ class MeasuredModel(TableModel):
                 f"{ident['device']!r}; use kind 'table' to price with it"
             )
 
+    def price(
+        self, arch: Arch, *, input_size: int | None = None, batch: int | None = None
+    ) -> LatencyReport:
+        """As :meth:`LatencyModel.price`; first, when a traced network's generic operations
+        (or any of its operations) are missing from the table, its deploy model is timed in
+        place once and the rows it lacks are added and saved (``measure_missing``)."""
+        if self.measure_missing and not arch.is_paper:
+            self._time_in_place(arch, input_size=input_size, batch=batch)
+        return super().price(arch, input_size=input_size, batch=batch)
+
+    def _time_in_place(self, arch: Arch, *, input_size: int | None, batch: int | None) -> None:
+        b = self.batch if batch is None else batch
+        size = arch.input_size if input_size is None else input_size
+        keys = [op.key.with_batch(b) for op in self.network_ops(arch, input_size=size)]
+        missing = [k for k in dict.fromkeys(keys) if self._lookup(k) is None]
+        if not any(k.generic for k in missing):
+            return
+        if size != arch.input_size:
+            arch = replace(arch, input_size=size)
+        stat = self.table.identity().get("stat", "median")
+        ident = device_identity(self.device, threads=self.threads)
+        self.table = _check_identity(self.table, dict(ident, stat=stat), remeasure=False)
+        prev_threads = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            samples = time_network_ops(
+                arch, batch=b, device=self.device, repeats=self.repeats, warmup_s=0.05
+            )
+        finally:
+            torch.set_num_threads(prev_threads)
+        timeable = [k for k in missing if deploy.has_int_kernel(k.bits, self.device)]
+        for row in rows_from_samples(samples, timeable, stat=stat, identity=ident):
+            self.table.add(row)
+            self._cache.pop(row.key, None)
+        self.table.write(self.path)
+        self._fallback = None if self._fallback_spec == "calibrate" else self._fallback
+        logger.info("timed %s in place: %d rows", arch.network, len(timeable))
+
     @property
     def fallback(self) -> Profile | None:
         """As ``TableModel.fallback``; the base profile while the table is too small to fit."""
@@ -327,7 +370,11 @@ class MeasuredModel(TableModel):
         row = self._lookup(key)
         if row is not None:
             return row.seconds, False
-        if self.measure_missing and deploy.has_int_kernel(key.bits, self.device):
+        if (
+            self.measure_missing
+            and not key.generic  # timed in place, by price
+            and deploy.has_int_kernel(key.bits, self.device)
+        ):
             self.table, _ = measure_table(
                 [key],
                 table=self.table,

@@ -18,16 +18,24 @@ head        global average pooling and the float classifier        C x H x W in,
 
 Geometry columns are always the op's *input* (C, H, W) and its output channels K; ops with no
 channel change have K = C.
+
+That list is the paper's network (its deploy form, ``wasearch.deploy.DeployResNet``, fuses and
+folds exactly these). Any other network's operations come from its traced forward pass
+(``wasearch.discovery``): each searchable convolution is a ``conv3x3`` as above, and every other
+unit module call and group of functions between two is a *generic* operation
+(``wasearch.latency.generic``: ``conv``, ``linear``, ``pool``, ``norm``, ``act``, ``free``,
+``functions``, ``module``) whose key's ``detail`` holds its type, parameters and shapes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..arch import Arch, LayerChoice
 from ..models import ConvSpec, searchable_convs
+from .generic import generic_fields
 
-__all__ = ["OPS", "SEARCHABLE_OP", "NetOp", "OpKey", "conv_key", "network_ops"]
+__all__ = ["OPS", "SEARCHABLE_OP", "NetOp", "OpKey", "conv_key", "network_ops", "traced_ops"]
 
 SEARCHABLE_OP = "conv3x3"
 OPS = (SEARCHABLE_OP, "conv1x1", "stem", "maxpool", "relu", "add_relu", "head")
@@ -50,19 +58,16 @@ class OpKey:
     conv: str | None = None
     tile: int | None = None
     bits: int | None = None
+    #: A generic operation's type, parameters and shapes (``wasearch.latency.generic``).
+    detail: str | None = None
 
     def with_batch(self, batch: int) -> OpKey:
-        return OpKey(
-            self.op,
-            self.in_channels,
-            self.out_channels,
-            self.height,
-            self.width,
-            batch,
-            self.conv,
-            self.tile,
-            self.bits,
-        )
+        return replace(self, batch=batch)
+
+    @property
+    def generic(self) -> bool:
+        """Whether this is a generic operation of a traced network (not one of :data:`OPS`)."""
+        return self.detail is not None
 
     @property
     def algorithm(self) -> str:
@@ -79,6 +84,9 @@ class OpKey:
             return f"conv3x3 {algo} {bits} {geo}"
         if self.op == "conv1x1":
             return f"conv1x1 {bits} {geo}"
+        if self.detail is not None:
+            prec = "" if self.bits is None else f" {bits}"
+            return f"{self.op}{prec} {self.detail} b{self.batch}"
         return f"{self.op} {geo}"
 
 
@@ -109,6 +117,7 @@ class NetOp:
     name: str
     key: OpKey  # at batch 1; searchable ones with the arch's choice
     spec: ConvSpec | None = None
+    module: str | None = None  # a traced network's module path (None: functions, the paper's)
 
     @property
     def searchable(self) -> bool:
@@ -118,11 +127,14 @@ class NetOp:
 def network_ops(arch: Arch, *, input_size: int | None = None) -> list[NetOp]:
     """Every operation of the deploy form of ``arch``'s network, in forward order.
 
-    Derived from ``searchable_convs``: a block's ``conv1`` that halves the size follows a max-pool,
-    one that changes the channel count has a 1x1 projection shortcut (at ``arch.default.bits``,
-    as ``models.BasicBlock`` builds it).
+    Any network but the paper's: from its traced forward pass (:func:`traced_ops`). The paper's
+    is derived from ``searchable_convs``: a block's ``conv1`` that halves the size follows a
+    max-pool, one that changes the channel count has a 1x1 projection shortcut (at
+    ``arch.default.bits``, as ``models.BasicBlock`` builds it).
     """
     size = arch.input_size if input_size is None else input_size
+    if not arch.is_paper:
+        return traced_ops(arch, input_size=size)
     specs = searchable_convs(arch.backbone, arch.width, size)
     choices = dict(arch.layers)
     ops: list[NetOp] = []
@@ -171,4 +183,29 @@ def network_ops(arch: Arch, *, input_size: int | None = None) -> list[NetOp]:
             )
         prev_c, prev_h, prev_w = spec.out_channels, spec.height, spec.width
     ops.append(NetOp("head", OpKey("head", prev_c, arch.num_classes, prev_h, prev_w)))
+    return ops
+
+
+def traced_ops(arch: Arch, *, input_size: int | None = None) -> list[NetOp]:
+    """The operations of any network, from its traced forward pass (cached per reference and
+    size): each searchable convolution under ``arch``'s choice, every other unit module call
+    and each group of functions between two as a generic operation. A non-searchable
+    convolution other than the first runs at ``arch.default.bits`` (``models.convert``)."""
+    from ..discovery import discover
+
+    size = arch.input_size if input_size is None else input_size
+    found = discover(arch.model, num_classes=arch.num_classes, input_size=size)
+    specs = {s.name: s for s in found.specs}
+    first = found.convs[0].name if found.convs else None
+    choices = dict(arch.layers)
+    ops: list[NetOp] = []
+    for t in found.ops:
+        spec = specs.get(t.name) if t.module is not None else None
+        if spec is not None:
+            choice = choices.get(spec.name, arch.default)
+            ops.append(NetOp(t.name, conv_key(spec, choice), spec, t.module))
+            continue
+        bits = arch.default.bits if t.category == "conv" and t.module != first else None
+        fields = generic_fields(t.category, t.kind, t.params, t.inputs, t.output)
+        ops.append(NetOp(t.name, OpKey(**fields, bits=bits), None, t.module))
     return ops

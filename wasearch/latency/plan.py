@@ -16,8 +16,9 @@ import torch
 
 from .. import deploy
 from ..arch import Arch, LayerChoice
-from ..geometry import SPACE_TILES, ConvSpec, searchable_convs, tile_fits
-from .base import NOT_PRICED, LatencyError
+from ..geometry import SPACE_TILES, ConvSpec
+from ..netref import PAPER, ModelRef
+from .base import LatencyError
 from .ops import SEARCHABLE_OP, OpKey, conv_key, network_ops
 from .table import LatencyTable, TableModel
 
@@ -32,9 +33,11 @@ class MeasurePlan:
     """The operations of a search space: backbone geometry, the choices, the batch.
 
     ``layers`` holds each searchable layer's geometry and the options the space gives it (empty:
-    the product of ``convs``, ``tiles`` and ``bits`` where the tile fits). The fixed parts (stem,
-    pools, ReLUs, shortcuts, head) are planned at each bit-width of ``fixed_bits`` (empty:
-    ``bits``), since a projection shortcut runs at the architecture's default bit-width.
+    the product of ``convs``, ``tiles`` and ``bits``). The fixed parts (the paper's stem, pools,
+    ReLUs, shortcuts, head; any other ``model``'s traced modules and functions) are planned at
+    each bit-width of ``fixed_bits`` (empty: ``bits``), since a projection shortcut (any
+    non-searchable convolution but the first, in another model) runs at the architecture's
+    default bit-width. ``backbone`` and ``width`` apply to the paper's network only.
     """
 
     backbone: str = "resnet18"
@@ -49,6 +52,7 @@ class MeasurePlan:
     layers: tuple[tuple[ConvSpec, tuple[LayerChoice, ...]], ...] = ()
     fixed_bits: tuple[int | None, ...] = ()
     source: str = ""
+    model: ModelRef = PAPER
 
     @classmethod
     def for_space(cls, space: SearchSpace) -> MeasurePlan:
@@ -57,8 +61,6 @@ class MeasurePlan:
         are planned at every bit-width of the choices, as before, and at the base's, which is
         the default bit-width of every architecture the search builds
         (:meth:`~wasearch.search.space.SearchSpace.arch`)."""
-        if not space.model_ref.is_paper:
-            raise LatencyError(f"{space.path}: {NOT_PRICED}")
         per_layer: dict[str, tuple[LayerChoice, ...]] = {n: (c,) for n, c in space.fixed}
         for unit in space.units:
             per_layer.update((n, unit.options) for n in unit.layers)
@@ -78,13 +80,14 @@ class MeasurePlan:
             layers=layers,
             fixed_bits=tuple(dict.fromkeys((*bits, space.base["bits"]))),
             source=space.path,
+            model=space.model_ref,
         )
 
     def specs(self) -> list[ConvSpec]:
         """The searchable layers, in network order."""
         if self.layers:
             return [spec for spec, _ in self.layers]
-        return searchable_convs(self.backbone, self.width, self.input_size)
+        return self._arch(None).specs()
 
     def choices(self) -> list[LayerChoice]:
         """Every distinct choice some layer can take."""
@@ -103,13 +106,19 @@ class MeasurePlan:
         """Each searchable layer's options, by name."""
         if self.layers:
             return {spec.name: opts for spec, opts in self.layers}
-        choices = self.choices()
-        return {
-            s.name: tuple(
-                c for c in choices if c.conv == "normal" or tile_fits(c.tile, s.height, s.width)
-            )
-            for s in self.specs()
-        }
+        choices = tuple(self.choices())
+        return {s.name: choices for s in self.specs()}
+
+    def _arch(self, bits: int | None) -> Arch:
+        default = LayerChoice("normal", None, bits)
+        return Arch(
+            self.backbone,
+            self.width,
+            self.num_classes,
+            self.input_size,
+            default,
+            model=self.model,
+        )
 
     def keys(self, *, batch: int | None = None) -> list[OpKey]:
         """Every operation the space can produce, each distinct key once, in network order."""
@@ -118,9 +127,7 @@ class MeasurePlan:
         specs = {s.name: s for s in self.specs()}
         options = self.layer_options()
         for bits in self.fixed_bits or self.bits:
-            default = LayerChoice("normal", None, bits)
-            arch = Arch(self.backbone, self.width, self.num_classes, self.input_size, default)
-            for op in network_ops(arch):
+            for op in network_ops(self._arch(bits)):
                 if not op.searchable:
                     keys[op.key.with_batch(b)] = None
                     continue
@@ -131,14 +138,18 @@ class MeasurePlan:
 
 def plan_networks(plan: MeasurePlan, *, device: str | torch.device = "cpu") -> list[Arch]:
     """Uniform networks whose operations cover a plan's keys: direct, and static F(m) for each
-    tile, at each bit-width with a kernel here (layers too small for a tile fall back to the
-    largest that fits, as ``Arch.uniform`` does)."""
+    tile, at each bit-width with a kernel here; a layer smaller than a tile keeps it (one
+    partial tile), so that every planned geometry runs in place. Any network but the paper's
+    also runs direct at each other bit-width of ``fixed_bits``: its non-searchable convolutions
+    run at the default bit-width, and are timed in place only."""
     archs = []
     common = {
         "backbone": plan.backbone,
         "width": plan.width,
         "num_classes": plan.num_classes,
         "input_size": plan.input_size,
+        "model": plan.model,
+        "fallback": False,
     }
     for bits in plan.bits:
         if not deploy.has_int_kernel(bits, device):
@@ -147,6 +158,10 @@ def plan_networks(plan: MeasurePlan, *, device: str | torch.device = "cpu") -> l
             archs.append(Arch.uniform("normal", None, bits, **common))
         if any(c != "normal" for c in plan.convs):
             archs.extend(Arch.uniform("static", t, bits, **common) for t in plan.tiles)
+    if not plan.model.is_paper:  # its other convs run at the default bit-width: in place only
+        for bits in plan.fixed_bits:
+            if bits not in plan.bits and deploy.has_int_kernel(bits, device):
+                archs.append(Arch.uniform("normal", None, bits, **common))
     return archs
 
 
@@ -175,9 +190,6 @@ def comparison_table(
             base = _cell(model, OpKey(SEARCHABLE_OP, c, k, h, w, b, "normal", None, bits))
             row = f"{f'{c}->{k} @{h}x{w}':<18} {label:<30} {base[0]:>9}"
             for t in tiles:
-                if not tile_fits(t, h, w):
-                    row += f" {'-':>16}"
-                    continue
                 cell = _cell(model, OpKey(SEARCHABLE_OP, c, k, h, w, b, "static", t, bits))
                 ratio = f"{cell[1] / base[1]:.2f}x" if base[1] and cell[1] else ""
                 row += f" {cell[0] + ' ' + ratio:>16}"

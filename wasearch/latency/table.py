@@ -6,14 +6,16 @@ Schema (one row per operation; the header names the columns, in any order; see d
 column         required  meaning
 =============  ========  =========================================================================
 op             yes       ``conv3x3``, ``conv1x1``, ``stem``, ``maxpool``, ``relu``, ``add_relu``,
-                         ``head`` (see ``wasearch.latency.ops``)
+                         ``head`` (see ``wasearch.latency.ops``); a traced network's generic
+                         ops: ``conv``, ``linear``, ``pool``, ``norm``, ``act``, ``free``,
+                         ``functions``, ``module`` (see ``wasearch.latency.generic``)
 in_channels    yes       input channels C (``stem``: 3)
 out_channels   yes       output channels K (``head``: classes; pools, ReLUs: C)
 height, width  yes       the op's input size per image (``maxpool``: before pooling)
 batch          yes       images per call
 conv           yes       ``conv3x3``: ``normal``, ``static`` or ``flex``; other ops: empty
 tile           yes       output tile m of a Winograd conv3x3 (2..8); otherwise empty
-bits           yes       ``fp32`` (or empty): floating point; else 2..16 (conv3x3, conv1x1 only)
+bits           yes       ``fp32`` (or empty): floating point; else 2..16 (conv3x3, conv1x1, conv)
 seconds        yes       time of one call (the ``stat`` of the samples, median if absent), >= 0
 spread         no        interquartile range of the timed samples, seconds
 repeats        no        number of timed samples
@@ -24,6 +26,8 @@ threads        no        intra-op threads used
 torch          no        torch version
 measured_at    no        ISO time of the measurement
 note           no        free text (``measure`` writes ``same kernel as static`` on flex rows)
+detail         generic   a generic op's type, parameters and shapes, as ``latency.generic``
+                         writes it (required for those ops, empty for the others)
 =============  ========  =========================================================================
 
 Any other column is kept and ignored. Tables are written atomically (temporary file, then rename).
@@ -45,6 +49,7 @@ from ..quant import MAX_BITS, MIN_BITS
 from ..winograd import MAX_TILE
 from .analytical import Profile, calibrate, load_profile, op_counts, precision
 from .base import LatencyError, LatencyModel
+from .generic import GENERIC_OPS
 from .ops import OPS, SEARCHABLE_OP, OpKey
 
 __all__ = ["COLUMNS", "REQUIRED", "LatencyTable", "Row", "TableModel", "table_rows_as_samples"]
@@ -71,6 +76,7 @@ COLUMNS = REQUIRED + (
     "torch",
     "measured_at",
     "note",
+    "detail",
 )
 _IDENTITY = ("device", "cores", "threads", "torch", "stat")
 
@@ -100,6 +106,7 @@ class Row:
             "seconds": f"{self.seconds:.6e}",
             "spread": "" if self.spread is None else f"{self.spread:.3e}",
             "repeats": "" if self.repeats is None else str(self.repeats),
+            "detail": k.detail or "",
         }
         rec.update({c: str(self.info.get(c, "")) for c in COLUMNS if c not in rec})
         rec.update({c: str(v) for c, v in self.info.items() if c not in rec})
@@ -133,8 +140,14 @@ def _parse_row(rec: dict[str, str], where: str) -> Row:
         return v
 
     op = (rec.get("op") or "").strip()
-    if op not in OPS:
-        raise LatencyError(f"{where}: column 'op': unknown {op!r}; use one of {', '.join(OPS)}")
+    if op not in OPS + GENERIC_OPS:
+        raise LatencyError(
+            f"{where}: column 'op': unknown {op!r}; use one of {', '.join(OPS + GENERIC_OPS)}"
+        )
+    detail = (rec.get("detail") or "").strip() or None
+    if (op in GENERIC_OPS) != (detail is not None):
+        need = "needs" if op in GENERIC_OPS else "must be empty for"
+        raise LatencyError(f"{where}: column 'detail' {need} op {op!r}")
     conv = (rec.get("conv") or "").strip() or None
     tile_text = (rec.get("tile") or "").strip()
     bits_text = (rec.get("bits") or "").strip().lower()
@@ -155,7 +168,7 @@ def _parse_row(rec: dict[str, str], where: str) -> Row:
         bits = None
     else:
         bits = integer("bits", lo=MIN_BITS, hi=MAX_BITS)
-    if bits is not None and op not in (SEARCHABLE_OP, "conv1x1"):
+    if bits is not None and op not in (SEARCHABLE_OP, "conv1x1", "conv"):
         raise LatencyError(f"{where}: column 'bits': op {op!r} runs in floating point; use fp32")
     key = OpKey(
         op,
@@ -167,6 +180,7 @@ def _parse_row(rec: dict[str, str], where: str) -> Row:
         conv,
         tile,
         bits,
+        detail,
     )
     seconds = number("seconds", required=True)
     spread = number("spread", required=False)
@@ -175,7 +189,9 @@ def _parse_row(rec: dict[str, str], where: str) -> Row:
     info = {
         c: (v or "").strip()
         for c, v in rec.items()
-        if c is not None and c not in REQUIRED + ("spread", "repeats") and (v or "").strip()
+        if c is not None
+        and c not in REQUIRED + ("spread", "repeats", "detail")
+        and (v or "").strip()
     }
     return Row(key, float(seconds), spread, repeats, info)
 
@@ -273,7 +289,7 @@ class LatencyTable:
         extra = sorted({c for r in self._rows.values() for c in r.info} - set(COLUMNS))
         writer = csv.DictWriter(out, fieldnames=list(COLUMNS) + extra, lineterminator="\n")
         writer.writeheader()
-        order = {op: i for i, op in enumerate(OPS)}
+        order = {op: i for i, op in enumerate(OPS + GENERIC_OPS)}
         for row in sorted(self._rows.values(), key=lambda r: _sort_key(r.key, order)):
             writer.writerow(row.to_record())
         return out.getvalue()
@@ -298,6 +314,7 @@ def _sort_key(k: OpKey, order: dict[str, int]) -> tuple:
         k.conv or "",
         k.tile or 0,
         -1 if k.bits is None else k.bits,
+        k.detail or "",
     )
 
 
@@ -387,7 +404,7 @@ class TableModel(LatencyModel):
                 want.width,
                 want.conv,
                 want.tile,
-            ):
+            ) or (k.detail != want.detail):
                 continue
             rank = (
                 k.batch != want.batch,

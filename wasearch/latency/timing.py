@@ -23,6 +23,7 @@ import torch
 
 from .. import deploy
 from ..arch import Arch
+from ..discovery import OUTPUT_OP
 from .ops import OpKey, network_ops
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Timing",
     "device_identity",
     "device_slug",
+    "machine_line",
     "time_callable",
     "time_network_ops",
 ]
@@ -63,6 +65,22 @@ def device_identity(
         "threads": str(threads if threads is not None else torch.get_num_threads()),
         "torch": torch.__version__.split("+")[0],
     }
+
+
+def machine_line(device: str | torch.device = "cpu", *, threads: int | None = None) -> str:
+    """One line naming the machine a figure was measured on: the device (CPU model or GPU), the
+    ISA level torch dispatches to, cores, threads, torch, and the 1-minute load average (a
+    figure measured while other work ran is not an idle figure)."""
+    ident = device_identity(device, threads=threads)
+    isa = torch.backends.cpu.get_cpu_capability()
+    try:
+        load = f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        load = "unknown"
+    return (
+        f"{ident['device']}, ISA {isa}, {ident['cores']} cores, {ident['threads']} threads, "
+        f"torch {ident['torch']}, load average {load}"
+    )
 
 
 def device_slug(device: str | torch.device = "cpu", *, threads: int | None = None) -> str:
@@ -160,9 +178,11 @@ class NetworkTimer:
     """The deploy model of ``arch`` on a random input, timed operation by operation *in place*.
 
     :meth:`run` makes forward passes with a clock read after each operation
-    (``DeployResNet.forward``'s ``tick``); :meth:`run_total` times plain forward passes end to
-    end. In place, each operation runs with the caches and allocator state a real forward pass
-    leaves it, which timing one kernel alone in a loop does not reproduce.
+    (``DeployResNet.forward``'s ``tick``; for any other network, hooks on its traced unit
+    modules, ``DeployNet.ticking``: functions between two modules are timed together);
+    :meth:`run_total` times plain forward passes end to end. In place, each operation runs with
+    the caches and allocator state a real forward pass leaves it, which timing one kernel alone
+    in a loop does not reproduce.
     """
 
     def __init__(self, arch: Arch, *, batch: int = 1, device: str | torch.device = "cpu") -> None:
@@ -177,7 +197,10 @@ class NetworkTimer:
             self.deployed = deploy.to_deploy(
                 build(arch).eval().to(self.device), calibration=self.x if quantized else None
             )
-        self.keys = {op.name: op.key.with_batch(batch) for op in network_ops(arch)}
+        ops = network_ops(arch)
+        self.keys = {op.name: op.key.with_batch(batch) for op in ops}
+        self.modules = [op.module for op in ops if op.module is not None]
+        self._hook_cost: float | None = None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -198,16 +221,71 @@ class NetworkTimer:
         clock = [0.0]
 
         def tick(name: str) -> None:
+            key = self.keys.get(name)
+            if key is None:  # no functions before this module: its time runs on
+                return
             self._sync()
             now = time.perf_counter()
-            samples.setdefault(self.keys[name], []).append(now - clock[0])
+            samples.setdefault(key, []).append(now - clock[0])
             clock[0] = now
 
         with torch.inference_mode():
-            for _ in range(repeats):
-                clock[0] = time.perf_counter()
-                self.deployed(self.x, tick)
+            if not isinstance(self.deployed, deploy.DeployNet):
+                for _ in range(repeats):
+                    clock[0] = time.perf_counter()
+                    self.deployed(self.x, tick)
+                return samples
+            with self.deployed.ticking(self.modules, tick):  # any traced network
+                for _ in range(repeats):
+                    clock[0] = time.perf_counter()
+                    self.deployed(self.x)
+                    tick(OUTPUT_OP)
+        # A module call's hooks and ticks cost the clock itself a few microseconds, which a
+        # plain forward pass does not spend: take that off every module operation's samples.
+        cost = self.hook_cost()
+        for key, got in samples.items():
+            if key.op != "functions":
+                got[:] = [max(v - cost, 0.0) for v in got]
         return samples
+
+    def hook_cost(self, calls: int = 400, repeats: int = 5) -> float:
+        """Seconds the in-place clock adds to one module call (its hooks and ticks, measured
+        on an identity module with and without them; the median of ``repeats``). Cached."""
+        if self._hook_cost is not None:
+            return self._hook_cost
+        probe = deploy.DeployNet(
+            torch.nn.Sequential(torch.nn.Identity()), kernels={}, substituted=[]
+        )
+        x = self.x
+        found: dict[OpKey, list[float]] = {}
+        key = OpKey("free", 1, 1, 1, 1, detail="probe")
+        clock = [0.0]
+
+        def tick(name: str) -> None:
+            got = {"0": key}.get(name)
+            if got is None:
+                return
+            self._sync()
+            now = time.perf_counter()
+            found.setdefault(got, []).append(now - clock[0])
+            clock[0] = now
+
+        def loop() -> float:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                probe(x)
+            return (time.perf_counter() - t0) / calls
+
+        diffs = []
+        with torch.inference_mode():
+            for _ in range(repeats):
+                plain = loop()
+                with probe.ticking(["0"], tick):
+                    hooked = loop()
+                found.clear()
+                diffs.append(hooked - plain)
+        self._hook_cost = max(statistics.median(diffs), 0.0)
+        return self._hook_cost
 
     def run_total(self, repeats: int = 1) -> list[float]:
         """End-to-end seconds of ``repeats`` plain forward passes."""

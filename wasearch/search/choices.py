@@ -3,10 +3,11 @@
 Each searchable layer's options are the product of ``choices`` (conv x tile x bits x
 granularity; a direct convolution has no tile and a per-tensor range), narrowed by
 ``choices.layers`` patterns; layers are grouped into units by ``choices.groups`` and then
-``choices.tie``. A unit offers the options every one of its layers can take: a tile larger than a
-layer's input (F6 on a 4x4 input) would compute one partial tile, mostly wasted work, so the
-space removes it there and says so once in its notes (an arch file may still choose it). A layer
-left with a single option is fixed rather than searched.
+``choices.tie``. A unit offers the options every one of its layers can take. Every tile is
+offered on every layer: a tile larger than a layer's input (F6 on a 4x4 input) computes one
+partial tile, padded and cropped, mostly wasted work; the latency models price that waste, so
+the search may still prefer a smaller tile there, and the space says so once in its notes. A
+layer left with a single option is fixed rather than searched.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def build_units(
     r: Reader, choices: Mapping[str, Any], specs: Sequence[ConvSpec]
 ) -> tuple[tuple[Unit, ...], tuple[tuple[str, LayerChoice], ...], list[str]]:
     """The searched units, the fixed layers (name, choice) in network order, and the notes on
-    removed tiles, from a checked ``choices`` section and the backbone's searchable layers."""
+    tiles larger than a layer's input, from a checked ``choices`` section and the backbone's
+    searchable layers."""
     names = [s.name for s in specs]
     by_name = {s.name: s for s in specs}
 
@@ -117,14 +119,14 @@ def build_units(
         owner[n] = unit
 
     units, fixed, notes = [], [], []
-    removed: dict[tuple[int, int], list[str]] = {}
+    partial: dict[tuple[int, int, int], list[str]] = {}
     for unit_name, all_members in unit_layers.items():
         options = None
         members = []
         for n in all_members:
-            opts, dropped = layer_options(per_layer[n], by_name[n])
-            for tile in dropped:
-                removed.setdefault((tile, by_name[n].height), []).append(n)
+            opts, large = layer_options(per_layer[n], by_name[n])
+            for tile in large:
+                partial.setdefault((tile, by_name[n].height, by_name[n].width), []).append(n)
             if len(opts) == 1 and len(all_members) > 1:
                 fixed.append((n, opts[0]))  # a layer pinned to one choice leaves its unit
                 continue
@@ -135,18 +137,18 @@ def build_units(
         if not options:
             r.fail(
                 f"choices (unit {unit_name})",
-                f"no choice is possible for {', '.join(members)}: every listed tile is too "
-                "large for its input, or a choices.layers entry excludes everything",
+                f"no choice is possible for {', '.join(members)}: the choices.layers entries "
+                "of its layers leave no choice in common",
             )
         if len(options) == 1:
             fixed.extend((n, options[0]) for n in members)
         else:
             units.append(Unit(unit_name, tuple(members), tuple(options)))
-    for (tile, size), layers in sorted(removed.items()):
+    for (tile, h, w), layers in sorted(partial.items()):
         notes.append(
-            f"F{tile} removed for {_name_span(layers)}: their {size}x{size} input is smaller "
-            f"than the {tile}x{tile} output tile (one partial tile, mostly wasted work; an arch "
-            "file may still choose it)"
+            f"F{tile} on {_name_span(sorted(set(layers), key=names.index), names)} ({h}x{w} "
+            "input) computes one partial tile: most of its work is wasted; the latency model "
+            "prices it"
         )
     order = {n: i for i, n in enumerate(names)}
     fixed.sort(key=lambda item: order[item[0]])
@@ -167,9 +169,10 @@ def stage_of(name: str) -> str:
 def layer_options(
     values: Mapping[str, list[Any]], spec: ConvSpec
 ) -> tuple[list[LayerChoice], set[int]]:
-    """The distinct choices a layer can take, and the tiles removed because they do not fit."""
+    """The distinct choices a layer can take, and those of its tiles larger than its input
+    (offered too: one partial tile each)."""
     options: list[LayerChoice] = []
-    dropped: set[int] = set()
+    large: set[int] = set()
     for conv in values["conv"]:
         if conv == "normal":
             combos: Iterable[tuple[Any, ...]] = ((None, b, "tensor") for b in values["bits"])
@@ -177,12 +180,11 @@ def layer_options(
             combos = itertools.product(values["tile"], values["bits"], values["granularity"])
         for tile, bits, gran in combos:
             if tile is not None and not tile_fits(tile, spec.height, spec.width):
-                dropped.add(tile)
-                continue
+                large.add(tile)
             choice = LayerChoice(conv, tile, bits, gran)
             if choice not in options:
                 options.append(choice)
-    return options, dropped
+    return options, large
 
 
 def reference_label(unit: Unit, conv: str, tile: int | None, bits: Any, gran: str) -> str | None:
@@ -215,7 +217,17 @@ def _match(r: Reader, key: str, pattern: Any, names: Sequence[str]) -> list[str]
     return matched
 
 
-def _name_span(layers: Sequence[str]) -> str:
+def _name_span(layers: Sequence[str], names: Sequence[str] = ()) -> str:
+    """``layer4.*`` when the layers are every searchable layer under one module, else a list."""
+    if len(layers) > 1:
+        prefix = layers[0].rpartition(".")[0]
+        while prefix:
+            under = [n for n in names if n.startswith(prefix + ".")]
+            if set(layers) <= set(under):
+                if set(under) == set(layers):
+                    return f"{prefix}.*"
+                break
+            prefix = prefix.rpartition(".")[0]
     return (
         ", ".join(layers) if len(layers) <= 4 else f"{layers[0]} .. {layers[-1]} ({len(layers)})"
     )

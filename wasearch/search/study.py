@@ -229,6 +229,7 @@ def _latency(space: SearchSpace) -> tuple[Any, float]:
             width=space.model["width"],
             num_classes=space.num_classes,
             input_size=space.input_size,
+            model=space.model_ref,
         )
         ms = model.price(ref).total * 1e3
         for unit in space.units:  # price every option once: missing table rows show up now

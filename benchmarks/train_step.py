@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Time full training steps (forward, backward, Adam) of the ResNet-18-like, per configuration.
+"""Time full training steps (forward, backward, Adam) of a network, per configuration.
 
-Each configuration runs in a fresh subprocess so that its peak memory (peak RSS on the CPU,
-``torch.cuda.max_memory_allocated`` on CUDA) is its own. Prints a table, then one JSON line.
+The network is the paper's ResNet-18-like (``--width``, 32x32), or any shipped space's model
+(``--space spaces/X.yaml``: its model reference, input size and classes). Each configuration
+runs in a fresh subprocess so that its peak memory (peak RSS on the CPU,
+``torch.cuda.max_memory_allocated`` on CUDA) is its own. Prints the machine, a table, then one
+JSON line.
 
     python benchmarks/train_step.py                      # width 0.5, batch 32, CPU
     python benchmarks/train_step.py --steps 10 --configs normal8 flex4
+    python benchmarks/train_step.py --space spaces/example_fullres.yaml --configs normal8 flex4
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -38,8 +41,32 @@ LABELS = {
 }
 
 
+def _network(space_path: str | None, width: float) -> dict:
+    """The keyword arguments of ``Arch.uniform`` for the network measured."""
+    if space_path is None:
+        return {"width": width}
+    from wasearch.search import load_space
+
+    space = load_space(space_path)
+    net = {
+        "model": space.model_ref,
+        "num_classes": space.num_classes,
+        "input_size": space.input_size,
+    }
+    if space.model_ref.is_paper:
+        net.update(backbone=space.model["backbone"], width=float(space.model["width"]))
+    return net
+
+
 def _child(
-    name: str, width: float, batch: int, steps: int, warmup: int, device: str, threads: int | None
+    name: str,
+    width: float,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    threads: int | None,
+    space: str | None = None,
 ) -> dict:
     import torch
 
@@ -50,10 +77,13 @@ def _child(
 
     torch.manual_seed(0)
     conv, tile, bits = CONFIGS[name]
-    model = build(Arch.uniform(conv, tile, bits, width=width)).to(device)
+    net = _network(space, width)
+    arch = Arch.uniform(conv, tile, bits, **net)
+    model = build(arch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=4e-5)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    size = arch.input_size
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, arch.num_classes, (batch,), device=device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -91,11 +121,19 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
+    p.add_argument("--space", help="measure this space's model (default: the paper's network)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         res = _child(
-            args.child, args.width, args.batch, args.steps, args.warmup, args.device, args.threads
+            args.child,
+            args.width,
+            args.batch,
+            args.steps,
+            args.warmup,
+            args.device,
+            args.threads,
+            args.space,
         )
         print(json.dumps(res))
         return 0
@@ -104,12 +142,15 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from wasearch.latency.timing import machine_line
+
     load = os.getloadavg()[0]
-    print(
-        f"# ResNet-18-like width {args.width}, batch {args.batch}, 32x32, device {args.device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, load average {load:.2f}"
+
+    network = (
+        f"ResNet-18-like width {args.width}, 32x32" if args.space is None else f"{args.space}"
     )
+    print(f"# {network}, batch {args.batch}, device {args.device}")
+    print(f"# machine: {machine_line(args.device, threads=args.threads)}")
     results = {}
     for name in args.configs:
         cmd = [
@@ -127,7 +168,9 @@ def main() -> int:
             str(args.warmup),
             "--device",
             args.device,
-        ] + (["--threads", str(args.threads)] if args.threads else [])
+        ]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
+        cmd += ["--space", args.space] if args.space else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results.get("normal8")
@@ -155,6 +198,8 @@ def main() -> int:
         "batch": args.batch,
         "device": args.device,
         "load_avg_start": load,
+        "space": args.space,
+        "machine": machine_line(args.device, threads=args.threads),
         "results": results,
     }
     print(json.dumps(summary))

@@ -199,3 +199,59 @@ def test_timm_is_an_optional_extra():
         pytest.skip("timm is not installed (an optional extra); its refusal was checked")
     found = discover(ModelRef.parse("timm:resnet18"), num_classes=10, input_size=64)
     assert len(found.searchable) == 13
+
+
+def test_every_operation_is_recorded_in_forward_order(user_nets):
+    found = discover(ModelRef.parse(f"{user_nets}:make_vgg"), num_classes=7, input_size=28)
+    names = [o.name for o in found.ops]
+    # 6 blocks of conv, BatchNorm, ReLU; 2 max-pools; the adaptive pool, flatten and linear
+    assert len(names) == 6 * 3 + 2 + 3 and len(set(names)) == len(names)
+    assert names[:4] == ["0.0", "0.1", "0.2", "0.3"] and names[-3:] == ["1", "2", "3"]
+    first, pool = found.ops[0], found.ops[6]
+    assert (first.category, first.kind, first.params) == (
+        "conv",
+        "Conv2d",
+        "k3x3 s1x1 p1x1 d1x1 g1",
+    )
+    assert first.inputs == ((1, 3, 28, 28),) and first.output == (1, 4, 28, 28)
+    assert (pool.name, pool.category, pool.params) == ("0.6", "pool", "k2x2 s2x2 p0x0")
+    assert [o.category for o in found.ops[-3:]] == ["pool", "free", "linear"]
+    assert all(o.module == o.name for o in found.ops)  # no functions between modules
+
+
+def test_functions_between_modules_and_repeated_calls_are_recorded():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.act = nn.ReLU()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.act(self.conv(x))
+            y = self.act(y + x.mean(1, keepdim=True))  # the same module, called again
+            return self.fc(torch.flatten(y.mean((2, 3)), 1))
+
+    found = trace_convs(Twice(), (3, 8, 8))
+    assert [o.name for o in found.ops] == ["conv", "act", "act#2:pre", "act#2", "fc:pre", "fc"]
+    glue = found.ops[2]
+    assert (glue.module, glue.category, glue.kind) == (None, "functions", "mean+add")
+    assert glue.params == "mean 1x3x8x8->1x1x8x8; add 1x4x8x8|1x1x8x8->1x4x8x8"
+    assert found.ops[3].module == "act" and found.ops[4].kind == "mean+flatten"
+
+
+def test_the_example_models_have_the_convolutions_their_docstrings_say(monkeypatch):
+    from pathlib import Path
+
+    from wasearch.discovery import discover
+    from wasearch.netref import ModelRef
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # factories import from the root
+    vgg = discover(ModelRef.parse("examples.smallnets:vgg_cifar"), num_classes=10, input_size=32)
+    assert [s.name for s in vgg.specs] == [
+        "stage2.block1.conv", "stage3.block1.conv", "stage3.block2.conv",
+        "stage4.block1.conv", "stage4.block2.conv",
+    ]  # fmt: skip
+    ref = ModelRef.parse("examples.smallnets:fullres_net")
+    full = discover(ref, num_classes=10, input_size=32)
+    assert len(full.specs) == 4 and {(s.height, s.width) for s in full.specs} == {(32, 32)}

@@ -299,3 +299,28 @@ def test_a_search_ends_when_every_architecture_has_been_trained(tmp_path, base_d
     assert len({tuple(sorted(t.params.items())) for t in complete}) == len(complete) == 2
     assert result.status == "finished" and result.done == 2
     assert "every architecture of the space has been trained once" in result.message
+
+
+def test_differentiable_search_on_a_user_network(tmp_path, monkeypatch):
+    """The supernet of any network: the example VGG (examples/smallnets.py), its own base."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the factory imports from the root
+    space = tiny_space(
+        name="user_dnas",
+        strategy={"name": "differentiable", **STRATEGY_OPTIONS["differentiable"]},
+        budget={"trials": 1},
+    )
+    space["model"] = {"name": "examples.smallnets:vgg_cifar", "kwargs": {"width": 4}}
+    path = write_space(tmp_path / "user_dnas.yaml", space)
+    loaded = load_space(path)
+    options = RunOptions(threads=1, report=False, results=str(tmp_path / "results"))
+    result = run_search(loaded, options, progress=False)
+    assert result.status == "finished"
+    study = study_at(tmp_path, "user_dnas")
+    swept = [t for t in study.trials if t.user_attrs.get("source") == "differentiable"]
+    assert swept and all(t.state == TrialState.COMPLETE for t in swept)
+    arch = Arch.from_yaml(swept[0].user_attrs["arch"])
+    assert arch.model.name == "examples.smallnets:vgg_cifar"
+    assert sorted(arch.layer_names) == sorted(s.name for s in loaded.specs)
+    assert 0.0 <= swept[0].user_attrs["val_acc"] <= 1.0

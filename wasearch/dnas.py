@@ -34,7 +34,7 @@ from torch import nn
 from .arch import Arch, LayerChoice
 from .data import DataSplits
 from .engine import read_checkpoint, select_device, selection_split, split_loader, warmup_ranges
-from .models import ConvSpec, build, make_conv
+from .models import ConvSpec, build, layer_for, make_conv
 from .quant import FakeQuantize
 
 __all__ = ["DnasResult", "MixedConv", "Supernet", "differentiable_search", "expected_latency"]
@@ -51,15 +51,30 @@ class MixedConv(nn.Module):
     the gradient to the logits.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, candidates: Sequence[LayerChoice]):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        candidates: Sequence[LayerChoice],
+        *,
+        template: nn.Conv2d | None = None,
+    ):
         super().__init__()
         if not candidates:
             raise ValueError("a mixed layer needs at least one candidate")
         self.candidates = list(candidates)
-        self.ops = nn.ModuleList(make_conv(in_channels, out_channels, c) for c in candidates)
+        if template is None:  # the paper's network: 3x3, padding 1, no bias
+            ops = [make_conv(in_channels, out_channels, c) for c in candidates]
+        else:  # any network: each candidate made from the model's own conv (padding, bias kept)
+            ops = [layer_for(template, c) for c in candidates]
+        self.ops = nn.ModuleList(ops)
         self.weight = self.ops[0].weight
         for op in self.ops[1:]:
             op.weight = self.weight  # one shared parameter, registered in each op
+        if self.ops[0].bias is not None:
+            self.bias = self.ops[0].bias
+            for op in self.ops[1:]:
+                op.bias = self.bias
         self.logits = nn.Parameter(torch.zeros(len(candidates)))
         self.sample = False
         self.tau = 1.0
@@ -93,7 +108,10 @@ class Supernet(nn.Module):
         self.mixed: dict[str, MixedConv] = {}
         for name, spec in self.specs.items():
             cands = list(candidates.get(name) or [base.choice(name)])
-            mixed = MixedConv(spec.in_channels, spec.out_channels, cands)
+            own = None if base.model.is_paper else self.net.get_submodule(name)
+            if own is not None and not isinstance(own, nn.Conv2d):
+                raise ValueError(f"{name}: the base arch must keep it a direct convolution")
+            mixed = MixedConv(spec.in_channels, spec.out_channels, cands, template=own)
             parent, leaf = name.rsplit(".", 1)
             setattr(self.net.get_submodule(parent), leaf, mixed)
             self.mixed[name] = mixed
@@ -129,8 +147,8 @@ class Supernet(nn.Module):
                 load[key] = value
                 continue
             layer, _, leaf = key.rpartition(".")
-            if layer in self.mixed and leaf == "weight":
-                load[f"{layer}.weight"] = value
+            if layer in self.mixed and leaf in ("weight", "bias"):
+                load[f"{layer}.{leaf}"] = value
         self.net.load_state_dict(load, strict=False)
         for m in self.mixed.values():  # the candidates' ranges are warmed up afresh
             for q in m.modules():
@@ -169,9 +187,8 @@ def transfer_weights(supernet: Supernet, arch: Arch, model: nn.Module) -> None:
         m = supernet.mixed[layer]
         index = m.candidates.index(arch.choice(layer))
         sub = key[len(layer) + 1 :]
-        state[key] = (
-            src[f"{layer}.weight"] if sub == "weight" else src[f"{layer}.ops.{index}.{sub}"]
-        )
+        shared = sub in ("weight", "bias") and f"{layer}.{sub}" in src
+        state[key] = src[f"{layer}.{sub}"] if shared else src[f"{layer}.ops.{index}.{sub}"]
     model.load_state_dict(state)
 
 

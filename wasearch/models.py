@@ -163,17 +163,7 @@ def convert(model: nn.Module, arch: Arch) -> nn.Module:
         if not isinstance(old, nn.Conv2d):
             raise ValueError(f"{conv.name}: expected an nn.Conv2d in the model, got {old!r}")
         if conv.name in searchable:
-            choice = arch.choice(conv.name)
-            if choice.conv == "normal":
-                new: nn.Module = Conv2d.from_conv(old, bits=choice.bits)
-            else:
-                new = WinogradConv2d.from_conv(
-                    old,
-                    tile=choice.tile,
-                    mode=choice.conv,
-                    bits=choice.bits,
-                    granularity=choice.granularity,
-                )
+            new: nn.Module = layer_for(old, arch.choice(conv.name))
         elif conv.name != first:
             new = Conv2d.from_conv(old, bits=arch.default.bits)
         else:
@@ -181,6 +171,16 @@ def convert(model: nn.Module, arch: Arch) -> nn.Module:
         _replace(model, conv.name, new)
     model.arch = arch
     return model
+
+
+def layer_for(conv: nn.Conv2d, choice: LayerChoice) -> nn.Module:
+    """The layer ``choice`` makes of a searchable ``conv`` (any module path, padding and bias):
+    its weight and bias copied, its padding kept."""
+    if choice.conv == "normal":
+        return Conv2d.from_conv(conv, bits=choice.bits)
+    return WinogradConv2d.from_conv(
+        conv, tile=choice.tile, mode=choice.conv, bits=choice.bits, granularity=choice.granularity
+    )
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:

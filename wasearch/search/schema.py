@@ -54,7 +54,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "checkpoint": None,  # a state_dict of the user's own model to start from
         "backbone": "resnet18",  # the paper's network (name: resnet18_cifar)
         "width": 0.5,  # its channel multiplier (the paper's 0.5)
-        "input_size": 32,  # image side; must match the dataset
+        "input_size": 32,  # image side; data of another size are resized and center-cropped
         "num_classes": None,  # default: the dataset's
     },
     "data": {

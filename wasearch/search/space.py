@@ -294,16 +294,8 @@ def _model_ref(r: Reader, settings: Mapping[str, Any]) -> ModelRef:
 
 
 def _discovered_specs(r: Reader, ref: ModelRef, settings: Mapping[str, Any]) -> list[ConvSpec]:
-    """Any model but the paper's: traced once to find its searchable convolutions. Its cost
-    cannot be priced yet, so a latency objective, constraint or model is refused here."""
-    if settings["latency"] or "latency_ms" in settings["objectives"]:
-        r.fail(
-            "latency",
-            "the analytical model prices only the paper's network so far; use objectives: "
-            "[accuracy] and no latency section for this model",
-        )
-    if settings["strategy"].get("name") == "differentiable":
-        r.fail("strategy.name", "differentiable searches only the paper's network so far")
+    """Any model but the paper's: traced once to find its searchable convolutions (and the
+    operations the latency models price)."""
     from ..discovery import discover
 
     model = settings["model"]

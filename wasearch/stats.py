@@ -36,6 +36,7 @@ __all__ = [
     "fmt_acc_se",
     "indistinguishable",
     "pick_fastest",
+    "picks",
     "spread",
     "trial_se",
 ]
@@ -154,3 +155,21 @@ def pick_fastest(
         return (c if known else math.inf, -acc[i], i)
 
     return Pick(index=min(within, key=key), best=best, within=within)
+
+
+def picks(
+    acc: Sequence[float],
+    se: Sequence[float | None],
+    cost: Sequence[float | None],
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    reference: int | None = None,
+) -> tuple[Pick | None, Pick | None]:
+    """The two picks a study states: :func:`pick_fastest` against the best accuracy, and against
+    candidate ``reference``'s accuracy (the all-normal trial: "as good as all-normal"; None
+    when there is no reference)."""
+    best = pick_fastest(acc, se, cost, tolerance=tolerance)
+    if reference is None:
+        return best, None
+    bar = (acc[reference], se[reference])
+    return best, pick_fastest(acc, se, cost, tolerance=tolerance, reference=bar)

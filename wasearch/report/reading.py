@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..cli import UserError
 from ..fileio import first_line, shell_path
-from ..stats import indistinguishable, pick_fastest, spread, trial_se
+from ..stats import indistinguishable, picks, spread, trial_se
 from .formatting import hover_text, number
 
 if TYPE_CHECKING:
@@ -431,17 +431,12 @@ def noise_pick(data: StudyData) -> NoisePick | None:
     se = [number(v) for v in pool[data.se]]
     costs = [number(v) for v in pool[cost]] if cost else [None] * len(pool)
     numbers = [int(n) for n in pool["number"]]
-    chosen = pick_fastest(acc, se, costs, tolerance=data.tolerance)
-    if chosen is None:
-        return None
     refs = [i for i, r in enumerate(pool["reference"]) if r == "all-normal"]
     ref = refs[0] if refs else None
-    ref_pick = None
-    if ref is not None:
-        by_ref = pick_fastest(
-            acc, se, costs, tolerance=data.tolerance, reference=(acc[ref], se[ref])
-        )
-        ref_pick = numbers[by_ref.index] if by_ref is not None else None
+    chosen, by_ref = picks(acc, se, costs, tolerance=data.tolerance, reference=ref)
+    if chosen is None:
+        return None
+    ref_pick = numbers[by_ref.index] if by_ref is not None else None
     return NoisePick(
         number=numbers[chosen.index],
         best=numbers[chosen.best],

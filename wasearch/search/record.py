@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..cli import UserError
 from ..fileio import shell_path
-from ..stats import DEFAULT_TOLERANCE, Pick, binomial_se, pick_fastest, trial_se
+from ..stats import DEFAULT_TOLERANCE, binomial_se, picks, trial_se
 from ._lock import worker_id
 from .base import trial_lr
 from .space import SearchSpace, parse_space
@@ -427,14 +427,11 @@ def noise_pick(
     acc = [float(t.user_attrs["val_acc"]) for t in pool]
     se = [trial_se(t.user_attrs) for t in pool]
     cost = [_cost(t.user_attrs, key) for t in pool]
-    chosen: Pick | None = pick_fastest(acc, se, cost, tolerance=tolerance)
-    assert chosen is not None  # every pool member has an accuracy
     ref = next((i for i, t in enumerate(pool) if t.user_attrs.get("reference") == "all-normal"),
                None)  # fmt: skip
-    ref_pick = None
-    if ref is not None:
-        by_ref = pick_fastest(acc, se, cost, tolerance=tolerance, reference=(acc[ref], se[ref]))
-        ref_pick = pool[by_ref.index] if by_ref is not None else None
+    chosen, by_ref = picks(acc, se, cost, tolerance=tolerance, reference=ref)
+    assert chosen is not None  # every pool member has an accuracy
+    ref_pick = pool[by_ref.index] if by_ref is not None else None
     return NoisePick(
         pick=pool[chosen.index],
         best=pool[chosen.best],

@@ -1,0 +1,195 @@
+"""The fast Winograd-aware layer computes what the implementation before the speed work did.
+
+``tests/reference_wa.py`` keeps that implementation (Kronecker-matrix transforms, ``aminmax``
+ranges, a boolean clip mask). In float64 the two must agree to rounding error on outputs, on every
+gradient (input, weight, bias, the flex transforms) and on the running ranges, through training
+steps where the running ranges clip and through evaluation; in float32 they differ only where a
+value sits on a rounding boundary.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from reference_wa import reference_forward
+
+from wasearch.layers import WinogradConv2d
+from wasearch.winograd import _transform_2d
+
+
+def _run(layer, forward, batches, train=True):
+    layer.train(train)
+    outs, grads = [], []
+    for x in batches:
+        x = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        y = forward(layer, x)
+        # A weighted sum: every output's gradient differs, so a wrong mask shows.
+        (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        named = {"x": x.grad}
+        for name, p in layer.named_parameters():
+            named[name] = None if p.grad is None else p.grad.clone()
+        grads.append(named)
+    return outs, grads
+
+
+def _new(layer, x):
+    return layer(x)
+
+
+CASES = [
+    (mode, tile, bits, gran)
+    for mode in ("static", "flex")
+    for tile in (2, 4, 6)
+    for bits in (None, 8, 4)
+    for gran in ("tensor", "tap")
+    if not (bits is None and gran == "tap")
+]
+SIZES = [((12, 12), 1), ((9, 7), 1), ((10, 11), (0, 2))]
+
+
+def _pair(mode, tile, bits, gran, size, padding, dtype=torch.float64):
+    torch.manual_seed(tile * 10 + (bits or 0))
+    layer = WinogradConv2d(
+        4, 5, tile=tile, mode=mode, bits=bits, granularity=gran, bias=True, padding=padding
+    ).to(dtype)
+    with torch.no_grad():
+        layer.bias.normal_()
+    # The second batch is 3x wider than the first: the running ranges (initialized by the first)
+    # clip it, so the straight-through masks decide gradients.
+    batches = [torch.randn(2, 4, *size, dtype=dtype), 3 * torch.randn(2, 4, *size, dtype=dtype)]
+    return layer, copy.deepcopy(layer), batches
+
+
+@pytest.mark.parametrize("mode, tile, bits, gran", [c for c in CASES if c[2] is None])
+@pytest.mark.parametrize("size, padding", SIZES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_float_layers_same_outputs_and_gradients(
+    mode, tile, bits, gran, size, padding, dtype, tol
+):
+    layer, ref, batches = _pair(mode, tile, bits, gran, size, padding, dtype)
+    got_y, got_g = _run(layer, _new, batches)
+    exp_y, exp_g = _run(ref, reference_forward, batches)
+    for gy, ey, gg, eg in zip(got_y, exp_y, got_g, exp_g, strict=True):
+        torch.testing.assert_close(gy, ey, rtol=tol, atol=tol * float(ey.abs().max()))
+        assert gg.keys() == eg.keys()
+        for name in gg:
+            atol = tol * float(eg[name].abs().max())  # sums over a batch: relative to its size
+            torch.testing.assert_close(gg[name], eg[name], rtol=tol, atol=atol, msg=name)
+
+
+def _cosine(a, b):
+    if a.norm() == 0 and b.norm() == 0:  # both stopped everywhere (every value clipped)
+        return 1.0
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def _exact(layer, x):
+    """The float convolution the layer approximates (its weights, bias and padding)."""
+    return torch.nn.functional.conv2d(x, layer.weight, layer.bias, padding=layer.padding)
+
+
+@pytest.mark.parametrize("mode, tile, bits, gran", [c for c in CASES if c[2] is not None])
+@pytest.mark.parametrize("size, padding", SIZES)
+def test_quantized_layers_agree_up_to_rounding_ties(mode, tile, bits, gran, size, padding):
+    """Summed in another order, a value that sits exactly on a rounding tie of the integer grid
+    (frequent: Winograd maps grids to grids) may round the other way, and where it sets a running
+    range, the whole tensor's scale moves with it. So the quantized layers are compared by what
+    they compute (their error against the exact convolution, and their gradients' direction),
+    not bit for bit; the float pipeline and the quantizers are compared exactly above and below.
+    """
+    layer, ref, batches = _pair(mode, tile, bits, gran, size, padding)
+    got_y, got_g = _run(layer, _new, batches)
+    exp_y, exp_g = _run(ref, reference_forward, batches)
+    for step, (x, gy, ey, gg, eg) in enumerate(
+        zip(batches, got_y, exp_y, got_g, exp_g, strict=True)
+    ):
+        with torch.no_grad():
+            exact = _exact(layer, x)
+        err_new = float((gy - exact).norm() / exact.norm())
+        err_ref = float((ey - exact).norm() / exact.norm())
+        assert abs(err_new - err_ref) <= 0.25 * err_ref + 1e-6, f"output error, step {step}"
+        for name in gg:
+            floor = 0.95 if bits == 8 else 0.7
+            assert _cosine(gg[name], eg[name]) > floor, f"grad {name}, step {step}"
+
+
+def test_clipping_happened_so_the_masks_were_tested():
+    # The comparison above is only a test of the masks if some values were clipped.
+    torch.manual_seed(0)
+    layer = WinogradConv2d(4, 5, tile=4, mode="flex", bits=8).double().train()
+    layer(torch.randn(2, 4, 12, 12, dtype=torch.float64))
+    seen = {}
+
+    def hook(name):
+        def record(_module, _inputs, output):
+            seen[name] = output
+
+        return record
+
+    x = 3 * torch.randn(2, 4, 12, 12, dtype=torch.float64)
+    amax_before = torch.maximum(layer.q_input.min_val.abs(), layer.q_input.max_val.abs())
+    assert x.abs().max() > 1.1 * amax_before  # the input quantizer must clip this batch
+    handle = layer.q_input.register_forward_hook(hook("q_input"))
+    layer(x)
+    handle.remove()
+    top_level = seen["q_input"].abs().max()
+    assert (seen["q_input"].abs() == top_level).sum() > 1  # several values sit at the clip level
+
+
+@pytest.mark.parametrize("p, a", [(6, 6), (4, 6), (2, 4), (8, 8)])
+def test_separable_transform_equals_kronecker_product(p, a):
+    torch.manual_seed(p)
+    mat = torch.randn(p, a, dtype=torch.float64)
+    tiles = torch.randn(a * a, 7, dtype=torch.float64)
+    torch.testing.assert_close(
+        _transform_2d(mat, tiles), torch.kron(mat, mat) @ tiles, rtol=1e-12, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("mode, tile", [("static", 4), ("flex", 6)])
+def test_float32_differs_only_at_rounding_boundaries(mode, tile):
+    torch.manual_seed(1)
+    layer = WinogradConv2d(8, 8, tile=tile, mode=mode, bits=8, granularity="tap")
+    ref = copy.deepcopy(layer)
+    batches = [torch.randn(4, 8, 16, 16), 2 * torch.randn(4, 8, 16, 16)]
+    (_, gy), _ = _run(layer, _new, batches)
+    (_, ey), _ = _run(ref, reference_forward, batches)
+    step = ey.abs().max() / 127
+    diff = (gy - ey).abs()
+    assert (diff > 1e-3 * step).float().mean() < 0.01  # almost every value identical
+    assert diff.max() <= 2 * step + 1e-6  # the rest: a flip to a neighbouring level
+
+
+@pytest.mark.parametrize("running", [True, False])
+@pytest.mark.parametrize("gran", ["tensor", "tap"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_quantizer_bit_for_bit(running, gran, bits, dtype):
+    """The quantizer's outputs, gradients and running ranges are exactly today's: only the
+    speed of computing the range and the mask changed."""
+    from reference_wa import quantize as reference_quantize
+
+    from wasearch.quant import FakeQuantize
+
+    torch.manual_seed(bits)
+    q = FakeQuantize(bits, running=running, granularity=gran, channels=6).to(dtype)
+    ref = copy.deepcopy(q)
+    for mode, scale in (("train", 1.0), ("train", 3.0), ("train", 0.5), ("eval", 2.0)):
+        q.train(mode == "train")
+        ref.train(mode == "train")
+        x = (scale * torch.randn(6, 5, 7, dtype=dtype)).requires_grad_(True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        y, y_ref = q(x), reference_quantize(ref, x_ref)
+        weights = torch.randn_like(y)
+        (y * weights).sum().backward()
+        (y_ref * weights).sum().backward()
+        assert torch.equal(y, y_ref), mode
+        assert torch.equal(x.grad, x_ref.grad), mode
+        for a, b in zip(q.buffers(), ref.buffers(), strict=True):
+            assert torch.equal(a, b)
+    if running:  # the 3x batch clipped: some gradient was stopped, so the mask was exercised
+        assert bool(q.initialized)

@@ -1,45 +1,72 @@
 #!/usr/bin/env python
-"""How well a freshly measured latency table predicts end-to-end latency on this machine.
+"""Does a freshly measured latency table rank networks, and layers' options, as this machine does?
 
-1. Draw ``--archs`` random architectures of the network of ``--space`` (default
-   ``spaces/resnet18_cifar10.yaml``: the paper's ResNet-18-like network, width 0.5, 32x32; any
-   space's model works: torchvision, timm, a user factory), every searchable layer conv
-   normal/static/flex x F2/F4/F6 (every tile on every layer: a layer smaller than its tile
-   computes one partial tile) at ``--bits`` fp32 or 8. Each draws its own probability of a
-   direct convolution per layer, so the set runs from mostly-direct to mostly-Winograd networks.
-   ``--width`` (the paper's network only) and ``--input-size`` override the space's.
-2. Time every operation of the space as ``search.py measure`` does (op by op, in place, in
-   uniform deploy networks) into a fresh table, and every random network's deploy model end to
-   end. By default the two are interleaved: ``--repeats`` rounds, each running every uniform
-   network and every random network once in a shuffled order, so that both sides see the same
-   machine over the same minutes (on a shared machine, load changes from one minute to the
-   next); ``--sequential`` builds the table first (``measure_plan``) and then times the networks.
-3. For each network: the table's prediction (``TableModel.price(arch).total``: the searchable
-   convolutions and every other operation of the network, from its traced forward pass for any
-   network but the paper's) against its measured time.
-4. Report the mean absolute percentage error, the worst error and Spearman's rank correlation.
-   Targets (issue 3): MAPE <= 10 %, Spearman >= 0.9.
+For each bit-width of ``--bits`` (``fp32``, ``8`` for the int8 kernels, or both: ``--bits fp32
+8`` or ``--bits both``), on the network of ``--space`` (default ``spaces/resnet18_cifar10.yaml``:
+the paper's ResNet-18-like network, width 0.5, 32x32; any space's model works: torchvision,
+timm, a user factory; ``--width``, the paper's network only, and ``--input-size`` override the
+space's). Every searchable layer may be direct (``normal``) or static/flex Winograd F2/F4/F6
+(every tile on every layer: a layer smaller than its tile computes one partial tile).
+
+1. **Networks that span the latency range.** The 7 uniform references (all-direct; static and
+   flex x F2/F4/F6) plus ``--archs`` random mixes picked by *stratified sampling*: draw
+   ``--candidates`` random mixes (each with its own probability of a direct layer) plus the two
+   extremes (every layer at its predicted fastest, and slowest, option), keep the distinct ones
+   that are not a reference, predict each with a *pilot table* (each uniform network warmed up
+   0.05 s, then ``--pilot`` passes timed op by op in place; in ``--sequential`` mode the full
+   table, built first) as its fixed parts plus each layer's row, cut the predicted range
+   [fastest, slowest] into ``--archs`` equal-width bins and pick one candidate per bin
+   (seeded; the first bin takes the fastest candidate and the last the slowest; an empty bin
+   takes the unpicked candidate nearest its centre). The pilot table only chooses networks:
+   every prediction reported comes from the full table of step 2.
+2. **Timing.** The table: every operation timed in place in the 4 uniform deploy networks
+   (direct, static F2/F4/F6), as ``search.py measure`` does; the end-to-end times: each chosen
+   network's deploy model, plain forward passes. Interleaved (default): ``--repeats`` rounds,
+   each running every op-by-op job and every end-to-end job once in a shuffled order, each
+   timed pass right after 2 untimed passes of the same network (so neither a table row nor an
+   end-to-end time is charged the cold start of switching networks: caches, oneDNN primitives,
+   allocator). ``--sequential``: the table first (``measure_plan``: warm-up, then ``--repeats``
+   passes per network), then each network (warm-up, then ``--repeats`` passes).
+3. **End to end.** For each network, the table's prediction (``TableModel.price(arch).total``)
+   against its measured time: mean absolute percentage error (MAPE), worst error, Spearman's
+   rank correlation (average ranks for ties: static and flex share a kernel, so their uniform
+   references tie in the prediction).
+4. **Per layer.** For each searchable layer, its distinct kernels (direct, and Winograd F2/F4/F6;
+   flex runs the static kernel, so it is not a distinct option) ordered by the table's rows
+   (timed in place, step 2) against an *independent* measurement: each kernel timed again in
+   isolation (``kernel_for`` + ``time_callable``: its own warm-up, ``--layer-repeats`` samples,
+   a separate harness and separate minutes from the table's; ``--stat`` of its samples).
+   Spearman per layer; reported: the mean over layers (layers of one geometry share their rows
+   and kernels, so they agree alike; the search prices layers, so each counts) and the worst.
+5. **Confidence.** Each figure carries a 95 % percentile-bootstrap interval (``--bootstrap``
+   resamples, seeded): MAPE and Spearman resample the networks, the per-layer mean resamples
+   the layers. It is the uncertainty of the figure over *which* networks (layers) were drawn,
+   given their measured times, not of the timing noise of one network.
+
+Targets, each printed beside its figure as met / not met: MAPE <= 5 %, Spearman >= 0.95 end to
+end, mean per-layer rank agreement >= 0.9 (the point estimates; the intervals say how firm).
 
 ``--stat`` picks what both the table rows and the end-to-end times keep of their samples. The
 default is ``mean``: means add up (a network's mean time is the sum of its operations' means),
-medians do not when other processes interrupt the run — an interruption lands on a random short
-operation, which its median ignores, but on every long end-to-end pass. On a quiet machine the
-two agree; on the shared 2-core machine here the per-operation medians summed to ~35 % less than
-the networks' medians. ``median`` and ``min`` are there to show it.
+medians do not when other processes interrupt the run. ``median`` and ``min`` are there to show
+it.
 
-Prints a table, then one JSON line of figures.
+Every run prints the machine first (``timing.machine_line``: CPU model, ISA, cores, threads,
+torch, load average), then per bit-width a table of networks and the figures, and last one JSON
+line of figures (machine included). Bad input: one ``error: ...`` line naming the flag, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +77,7 @@ from wasearch import Arch, LayerChoice
 from wasearch.cli import UserError
 from wasearch.deploy import has_int_kernel
 from wasearch.latency import LatencyTable, MeasurePlan, TableModel
+from wasearch.latency.kernels import kernel_for
 from wasearch.latency.measure import (
     NetworkTimer,
     Timing,
@@ -57,37 +85,106 @@ from wasearch.latency.measure import (
     measure_plan,
     plan_networks,
     rows_from_samples,
+    time_callable,
 )
+from wasearch.latency.ops import conv_key
+from wasearch.latency.timing import machine_line
+
+ROOT = Path(__file__).resolve().parents[1]
+TILES = (2, 4, 6)
+#: The targets (issue 14): MAPE at most, Spearman end to end at least, per-layer mean at least.
+TARGETS = {"mape": 0.05, "spearman": 0.95, "layer_rank": 0.9}
+WARM_PASSES = 2  # untimed passes of a network right before each of its timed passes
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a ``UserError`` (one line, exit 2 from ``main``)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(message)
+
+
+def _positive(kind: type, minimum: float = 1):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--space",
         default=str(ROOT / "spaces" / "resnet18_cifar10.yaml"),
         help="the space whose network is measured (default: the paper's)",
     )
-    p.add_argument("--archs", type=int, default=24, help="random architectures (>= 20)")
+    p.add_argument(
+        "--archs",
+        type=_positive(int, 3),
+        default=24,
+        help="random mixes picked stratified over the predicted range (>= 3; default 24), "
+        "measured beside the 7 uniform references",
+    )
+    p.add_argument(
+        "--candidates",
+        type=_positive(int, 3),
+        default=2000,
+        help="random mixes drawn and predicted to pick --archs from (default 2000)",
+    )
     p.add_argument(
         "--bits",
-        choices=("fp32", "8"),
-        default="fp32",
-        help="bit-width of every searchable conv: fp32 (default) or 8 (int8 kernels)",
+        nargs="+",
+        choices=("fp32", "8", "both"),
+        default=["fp32"],
+        help="bit-width(s) of every searchable conv: fp32 (default), 8 (int8 kernels), "
+        "several (--bits fp32 8) or both",
     )
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--width", type=float, default=None, help="the paper's network: its width")
-    p.add_argument("--input-size", type=int, default=None, help="default: the space's")
+    p.add_argument("--batch", type=_positive(int), default=1)
+    p.add_argument(
+        "--width", type=_positive(float, 1e-9), default=None, help="the paper's network: its width"
+    )
+    p.add_argument(
+        "--input-size", type=_positive(int, 4), default=None, help="default: the space's"
+    )
     p.add_argument(
         "--threads",
-        type=int,
+        type=_positive(int),
         default=1,
         help="torch threads (default 1: the 2 cores here are shared)",
     )
     p.add_argument(
+        "--device", default="cpu", help="torch device to time on (default cpu; cuda: fp32 only)"
+    )
+    p.add_argument(
         "--repeats",
-        type=int,
+        type=_positive(int),
         default=25,
-        help="timed forward passes per network when building the table",
+        help="timed passes per uniform network (table) and per network (end to end)",
+    )
+    p.add_argument(
+        "--pilot",
+        type=_positive(int),
+        default=3,
+        help="timed passes per uniform network for the pilot table that picks the mixes",
+    )
+    p.add_argument(
+        "--layer-repeats",
+        type=_positive(int),
+        default=15,
+        help="samples per layer kernel timed in isolation (per-layer ranking; default 15)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=_positive(int, 10),
+        default=2000,
+        help="bootstrap resamples of the 95 %% intervals (default 2000)",
     )
     p.add_argument(
         "--stat",
@@ -102,13 +199,108 @@ def build_parser() -> argparse.ArgumentParser:
         help="build the whole table first, then time the networks (default: interleaved rounds)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--table", default=None, help="write the measured table here (default: temp)")
+    p.add_argument(
+        "--table",
+        default=None,
+        help="write the measured table here (several --bits: BITS is inserted before the "
+        "suffix; default: a temporary file)",
+    )
     return p
 
 
-ROOT = Path(__file__).resolve().parents[1]
+# -- statistics ----------------------------------------------------------------------------------
+def _average_ranks(values: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n, tied values sharing the mean of their ranks."""
+    x = np.asarray(values, dtype=float)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
 
 
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rho with average ranks for ties; nan when either side is constant."""
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    if len(ra) < 2 or np.ptp(ra) == 0 or np.ptp(rb) == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def bootstrap_ci(
+    stat: Callable[[np.ndarray], float],
+    n: int,
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """``(point, low, high)``: ``stat`` of the indices ``0..n-1`` and the percentile bootstrap
+    interval of ``stat`` over ``resamples`` draws of ``n`` indices with replacement (seeded).
+    Resamples where ``stat`` is nan (e.g. a constant side of a correlation) are dropped."""
+    if n < 1:
+        raise ValueError("bootstrap_ci needs at least one item")
+    point = float(stat(np.arange(n)))
+    rng = np.random.default_rng(seed)
+    got = np.array([stat(rng.integers(0, n, n)) for _ in range(resamples)], dtype=float)
+    got = got[~np.isnan(got)]
+    if not len(got):
+        return point, float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(got, [tail, 100 - tail])
+    return point, float(low), float(high)
+
+
+def stratified_pick(predicted: Sequence[float], k: int, *, seed: int = 0) -> tuple[list[int], int]:
+    """Indices of ``k`` distinct candidates spread over ``[min, max]`` of ``predicted``.
+
+    The range is cut into ``k`` equal-width bins; the first bin takes the fastest candidate, the
+    last the slowest, every other bin a random one of its own (seeded). A bin with no candidate
+    left takes the unpicked candidate nearest its centre. Returns the indices (in bin order) and
+    the number of bins that were empty. Raises ``ValueError`` if there are fewer than ``k``
+    candidates."""
+    pred = np.asarray(predicted, dtype=float)
+    if k < 1 or len(pred) < k:
+        raise ValueError(f"cannot pick {k} of {len(pred)} candidates")
+    rng = np.random.default_rng(seed)
+    lo, hi = float(pred.min()), float(pred.max())
+    width = (hi - lo) / k
+    if width > 0:
+        bins = np.minimum(((pred - lo) / width).astype(int), k - 1)
+    else:
+        bins = np.zeros(len(pred), dtype=int)
+    picked: list[int | None] = [None] * k
+    taken: set[int] = set()
+    picked[0] = int(np.argmin(pred))
+    taken.add(picked[0])
+    if k > 1:
+        last = int(np.argmax(pred))
+        if last in taken:  # every candidate predicted the same: any other one
+            last = next(i for i in range(len(pred)) if i not in taken)
+        picked[k - 1] = last
+        taken.add(last)
+    for b in range(1, k - 1):
+        members = [i for i in np.flatnonzero(bins == b) if i not in taken]
+        if members:
+            picked[b] = int(rng.choice(members))
+            taken.add(picked[b])
+    empty = 0
+    for b in range(k):
+        if picked[b] is None:
+            empty += 1
+            centre = lo + (b + 0.5) * width
+            rest = [i for i in range(len(pred)) if i not in taken]
+            picked[b] = min(rest, key=lambda i: (abs(pred[i] - centre), i))
+            taken.add(picked[b])
+    return [int(i) for i in picked], empty
+
+
+# -- networks ------------------------------------------------------------------------------------
 def random_arch(rng: random.Random, base: Arch, bits: int | None) -> Arch:
     """``base``'s network, each searchable layer direct with a drawn probability, else
     static or flex with any tile (a layer smaller than its tile: one partial tile)."""
@@ -118,17 +310,26 @@ def random_arch(rng: random.Random, base: Arch, bits: int | None) -> Arch:
         if rng.random() < p_direct:
             layers[spec.name] = LayerChoice("normal", None, bits)
             continue
-        layers[spec.name] = LayerChoice(
-            rng.choice(("static", "flex")), rng.choice((2, 4, 6)), bits
-        )
+        layers[spec.name] = LayerChoice(rng.choice(("static", "flex")), rng.choice(TILES), bits)
     return base.with_layers(layers)
+
+
+def layer_options(bits: int | None) -> list[LayerChoice]:
+    """The distinct kernels of a layer: direct and static F2/F4/F6 (flex runs static's)."""
+    return [LayerChoice("normal", None, bits)] + [LayerChoice("static", t, bits) for t in TILES]
+
+
+@functools.lru_cache(maxsize=4)
+def _load_space(path: str):
+    """The parsed space (cached: a traced network's discovery costs seconds)."""
+    from wasearch.search.space import load_space
+
+    return load_space(path, require_latency_table=False)
 
 
 def base_arch(args: argparse.Namespace, bits: int | None) -> Arch:
     """The all-direct network of ``--space`` (``--width``, ``--input-size`` applied)."""
-    from wasearch.search.space import load_space
-
-    space = load_space(args.space, require_latency_table=False)
+    space = _load_space(args.space)
     if args.width is not None and not space.model_ref.is_paper:
         raise UserError(f"--width applies to the paper's network only, not {space.model_ref.text}")
     return Arch.uniform(
@@ -143,40 +344,179 @@ def base_arch(args: argparse.Namespace, bits: int | None) -> Arch:
     )
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
+def references(base: Arch, bits: int | None) -> list[Arch]:
+    """The uniform references: all-direct, static and flex x F2/F4/F6 (tiles kept everywhere)."""
+    common = {
+        "backbone": base.backbone,
+        "width": base.width,
+        "num_classes": base.num_classes,
+        "input_size": base.input_size,
+        "model": base.model,
+        "fallback": False,
+    }
+    out = [Arch.uniform("normal", None, bits, **common)]
+    for conv in ("static", "flex"):
+        out.extend(Arch.uniform(conv, t, bits, **common) for t in TILES)
+    return out
+
+
+class FastPredictor:
+    """A table's end-to-end prediction of ``base``'s mixes as the fixed parts plus each layer's
+    cost (what ``TableModel.price(arch).total`` sums, without pricing every operation again)."""
+
+    def __init__(self, model: TableModel, base: Arch) -> None:
+        report = model.price(base)
+        self.model = model
+        self.fixed = report.total - report.searchable_total
+        self.specs = {s.name: s for s in base.specs()}
+
+    def __call__(self, arch: Arch) -> float:
+        return self.fixed + sum(self.model.layer_cost(self.specs[n], c) for n, c in arch)
+
+    def extreme(self, base: Arch, bits: int | None, *, fastest: bool) -> Arch:
+        pick = min if fastest else max
+        layers = {}
+        for name, spec in self.specs.items():
+            layers[name] = pick(layer_options(bits), key=lambda c: self.model.layer_cost(spec, c))
+        return base.with_layers(layers)
+
+
+# -- timing --------------------------------------------------------------------------------------
+def timed_pass(timer: NetworkTimer, *, ops: bool) -> dict | list[float]:
+    """One timed pass right after ``WARM_PASSES`` untimed ones of the same network."""
+    timer.warmup(0.0)  # exactly WARM_PASSES (2) untimed passes, then the timed one
+    return timer.run(1) if ops else timer.run_total(1)
+
+
+def pilot_table(
+    uniform: Sequence[NetworkTimer], keys, passes: int, stat: str, ident: dict
+) -> LatencyTable:
+    samples: dict = {}
+    for timer in uniform:
+        timer.warmup()
+        for key, got in timer.run(passes).items():
+            samples.setdefault(key, []).extend(got)
+    return LatencyTable(rows_from_samples(samples, keys, stat=stat, identity=ident))
+
+
+def isolated_layer_times(
+    base: Arch, bits: int | None, args: argparse.Namespace, device: torch.device
+) -> dict:
+    """Each distinct searchable kernel of ``base`` timed alone (shuffled order, seeded)."""
+    keys = {
+        conv_key(spec, c, args.batch): None for spec in base.specs() for c in layer_options(bits)
+    }
+    order = list(keys)
+    random.Random(args.seed + 2).shuffle(order)
+    out = {}
+    for key in tqdm(order, desc="layers", leave=False):
+        fn = kernel_for(key, device=device)
+        t = time_callable(fn, repeats=args.layer_repeats, device=device)
+        out[key] = t.stat(args.stat)
+        del fn
+    return out
+
+
+# -- the benchmark -------------------------------------------------------------------------------
+def parse_bits(values: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        out.extend(("fp32", "8") if v == "both" else (v,))
+    return list(dict.fromkeys(out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        fidelity(args)
+        args = build_parser().parse_args(argv)
+        figures = fidelity(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print(json.dumps(strip_rows(figures)))
     return 0
 
 
+def strip_rows(figures: dict) -> dict:
+    out = dict(figures)
+    out["results"] = {
+        b: {k: v for k, v in r.items() if k not in ("rows", "layers")}
+        for b, r in figures["results"].items()
+    }
+    return out
+
+
 def fidelity(args: argparse.Namespace) -> dict:
-    """Run the benchmark; prints its table and returns the figures (the printed JSON line)."""
-    bits = None if args.bits == "fp32" else int(args.bits)
-    if not has_int_kernel(bits):
-        raise UserError(f"no {args.bits}-bit kernel on this machine; use --bits fp32")
-    base = base_arch(args, bits)
-    load0 = os.getloadavg()[0]
+    """Run the benchmark for every ``--bits``; print its tables and return the figures (the
+    JSON line, plus each bit-width's ``rows`` and ``layers``)."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise UserError(f"--device {args.device!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is available here")
+    bits_list = parse_bits(args.bits)
+    for b in bits_list:
+        if not has_int_kernel(None if b == "fp32" else int(b), device):
+            raise UserError(f"--bits {b}: no {b}-bit kernel on {device.type}; use --bits fp32")
+    if args.candidates < args.archs:
+        raise UserError(f"--candidates {args.candidates} is below --archs {args.archs}")
+    base = base_arch(args, None)  # checks --space and --width before any timing
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    ident = device_identity("cpu", threads=args.threads)
-    print(
-        f"{ident['device']}, {ident['cores']} cores, {args.threads} thread(s), torch "
-        f"{ident['torch']}; load average at start {load0:.2f}"
-        + (" (> 1.5: the cores were shared, times are noisy)" if load0 > 1.5 else "")
-    )
+    load0 = os.getloadavg()[0]
+    machine = machine_line(device, threads=args.threads)
+    print(f"machine: {machine}" + ("  (> 1.5 at start: shared cores)" if load0 > 1.5 else ""))
     print(f"network: {base.network} at {base.input_size}x{base.input_size} ({args.space})")
     t_start = time.perf_counter()
+    ident = device_identity(device, threads=args.threads)
+    results = {}
+    for b in bits_list:
+        torch.manual_seed(args.seed)
+        results[b] = run_bits(args, b, device, multi=len(bits_list) > 1)
+    load1 = os.getloadavg()[0]
+    return {
+        "benchmark": "latency_fidelity",
+        "machine": machine,
+        "network": base.network,
+        "input_size": base.input_size,
+        "device": ident["device"],
+        "threads": args.threads,
+        "torch": ident["torch"],
+        "stat": args.stat,
+        "timing": "sequential" if args.sequential else "interleaved",
+        "batch": args.batch,
+        "width": base.width if base.is_paper else None,
+        "archs": args.archs,
+        "candidates": args.candidates,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "ci": f"95% percentile bootstrap, {args.bootstrap} resamples: networks (MAPE, "
+        "Spearman), layers (per-layer rank)",
+        "targets": {
+            "mape_max": TARGETS["mape"],
+            "spearman_min": TARGETS["spearman"],
+            "layer_rank_min": TARGETS["layer_rank"],
+        },
+        "all_targets_met": all(r["targets_met"] for r in results.values()),
+        "results": results,
+        "load_average_start": round(load0, 2),
+        "load_average_end": round(load1, 2),
+        "shared_cores": load0 > 1.5,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
 
+
+def _ci(point_lo_hi: tuple[float, float, float], digits: int = 4) -> list[float]:
+    return [round(v, digits) for v in point_lo_hi[1:]]
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, multi: bool) -> dict:
+    bits = None if bits_name == "fp32" else int(bits_name)
+    base = base_arch(args, bits)
+    print(f"\n== bits {bits_name} ==")
     plan = MeasurePlan(
         backbone=base.backbone,
         width=base.width,
@@ -186,22 +526,54 @@ def fidelity(args: argparse.Namespace) -> dict:
         batch=args.batch,
         model=base.model,
     )
-    rng = random.Random(args.seed)
-    archs = [random_arch(rng, base, bits) for _ in range(args.archs)]
-    nets = [NetworkTimer(a, batch=args.batch) for a in archs]
+    ident = device_identity(device, threads=args.threads)
+    keys = plan.keys()
+    uniform = [NetworkTimer(a, batch=args.batch, device=device) for a in plan_networks(plan)]
+
+    # 1. the networks: uniform references + stratified mixes (picked with a pilot table)
     if args.sequential:
-        # As `search.py measure` builds a table, then each network end to end.
         table, _ = measure_plan(
-            plan, threads=args.threads, repeats=args.repeats, stat=args.stat, progress=True
+            plan,
+            device=device,
+            threads=args.threads,
+            repeats=args.repeats,
+            stat=args.stat,
+            progress=True,
         )
+        chooser = TableModel(table, batch=args.batch)
+    else:
+        chooser = TableModel(
+            pilot_table(uniform, keys, args.pilot, args.stat, ident), batch=args.batch
+        )
+    fast = FastPredictor(chooser, base)
+    rng = random.Random(args.seed)
+    candidates = [random_arch(rng, base, bits) for _ in range(args.candidates)]
+    candidates += [fast.extreme(base, bits, fastest=True), fast.extreme(base, bits, fastest=False)]
+    refs = references(base, bits)
+    # distinct mixes only, none a reference (the extremes can be: all-direct on a small net)
+    candidates = [a for a in dict.fromkeys(candidates) if a not in set(refs)]
+    if len(candidates) < args.archs:
+        raise UserError(
+            f"--archs {args.archs}: only {len(candidates)} distinct mixes among the "
+            f"--candidates {args.candidates} drawn; draw more or pick fewer"
+        )
+    cand_pred = [fast(a) for a in candidates]
+    picked, empty = stratified_pick(cand_pred, args.archs, seed=args.seed)
+    archs = refs + [candidates[i] for i in picked]
+    kinds = ["ref"] * len(refs) + ["mix"] * len(picked)
+    by_summary = {t.arch: t for t in uniform}
+    nets = [by_summary.get(a) or NetworkTimer(a, batch=args.batch, device=device) for a in archs]
+    print(
+        f"picked {len(picked)} of {len(candidates)} candidate mixes over the predicted range "
+        f"{min(cand_pred) * 1e3:.3f}..{max(cand_pred) * 1e3:.3f} ms "
+        f"({'table' if args.sequential else f'pilot table, {args.pilot} passes'}; "
+        f"{empty} of {args.archs} equal-width bins empty, filled from the nearest)"
+    )
+
+    # 2. timing
+    if args.sequential:
         e2e = [n.warmup().run_total(args.repeats) for n in nets]
     else:
-        # Interleaved rounds: every uniform network of the table (timed op by op in place,
-        # as `search.py measure` does) and every random network (end to end) once per round,
-        # in a shuffled order, so both sides see the same machine over the same minutes.
-        uniform = [NetworkTimer(a, batch=args.batch) for a in plan_networks(plan)]
-        for t in uniform + nets:
-            t.warmup()
         samples: dict = {}
         e2e = [[] for _ in nets]
         jobs = [(t, None) for t in uniform] + [(n, i) for i, n in enumerate(nets)]
@@ -210,15 +582,17 @@ def fidelity(args: argparse.Namespace) -> dict:
             order.shuffle(jobs)
             for timer, i in jobs:
                 if i is None:
-                    for key, got in timer.run(1).items():
+                    for key, got in timed_pass(timer, ops=True).items():
                         samples.setdefault(key, []).extend(got)
                 else:
-                    e2e[i].extend(timer.run_total(1))
-        ident_stat = device_identity("cpu", threads=args.threads)
-        table = LatencyTable(
-            rows_from_samples(samples, plan.keys(), stat=args.stat, identity=ident_stat)
-        )
-    path = Path(args.table) if args.table else Path(tempfile.mkdtemp()) / "fidelity.csv"
+                    e2e[i].extend(timed_pass(timer, ops=False))
+        table = LatencyTable(rows_from_samples(samples, keys, stat=args.stat, identity=ident))
+    if args.table:
+        path = Path(args.table)
+        if multi:
+            path = path.with_name(f"{path.stem}-{bits_name}{path.suffix}")
+    else:
+        path = Path(tempfile.mkdtemp()) / f"fidelity-{bits_name}.csv"
     table.write(path)
     model = TableModel(table, batch=args.batch)
     print(
@@ -226,60 +600,136 @@ def fidelity(args: argparse.Namespace) -> dict:
         f"timing, {args.repeats} samples per row and network, stat {args.stat} ({path})"
     )
 
+    # 3. end to end
     rows = []
-    print(f"{'#':>3} {'architecture':<58} {'pred ms':>9} {'meas ms':>9} {'error':>7}")
-    for i, arch in enumerate(archs):
+    print(f"{'#':>3} {'kind':<4} {'architecture':<52} {'pred ms':>9} {'meas ms':>9} {'error':>7}")
+    for i, (arch, kind) in enumerate(zip(archs, kinds, strict=True)):
         meas = Timing(tuple(e2e[i])).stat(args.stat)
         pred = model.price(arch).total
         err = (pred - meas) / meas
         rows.append(
-            {"arch": arch.summary(), "predicted_s": pred, "measured_s": meas, "error": err}
+            {
+                "kind": kind,
+                "arch": arch.summary(),
+                "predicted_s": pred,
+                "measured_s": meas,
+                "error": err,
+            }
         )
         print(
-            f"{i:>3} {arch.summary()[:58]:<58} {pred * 1e3:>9.3f} {meas * 1e3:>9.3f} {err:>+7.1%}",
+            f"{i:>3} {kind:<4} {arch.summary()[:52]:<52} {pred * 1e3:>9.3f} {meas * 1e3:>9.3f} "
+            f"{err:>+7.1%}",
             flush=True,
         )
-
-    pred = [r["predicted_s"] for r in rows]
-    meas = [r["measured_s"] for r in rows]
-    errs = [abs(r["error"]) for r in rows]
-    mape, worst, rho = float(np.mean(errs)), float(np.max(errs)), spearman(pred, meas)
-    within = sum(e <= 0.10 for e in errs) / len(errs)
-    load1 = os.getloadavg()[0]
-    print(
-        f"\nMAPE {mape:.1%} (target <= 10%), worst {worst:.1%}, Spearman {rho:.3f} "
-        f"(target >= 0.9), {within:.0%} of networks within +-10%; "
-        f"latency range {min(meas) * 1e3:.2f}..{max(meas) * 1e3:.2f} ms; "
-        f"load average {load0:.2f} -> {load1:.2f}"
+    pred = np.array([r["predicted_s"] for r in rows])
+    meas = np.array([r["measured_s"] for r in rows])
+    errs = np.abs(pred - meas) / meas
+    mape = bootstrap_ci(
+        lambda ix: float(np.mean(errs[ix])), len(rows), resamples=args.bootstrap, seed=args.seed
     )
-    figures = {
-        "benchmark": "latency_fidelity",
-        "network": base.network,
-        "input_size": base.input_size,
-        "device": ident["device"],
-        "threads": args.threads,
-        "torch": ident["torch"],
-        "bits": args.bits,
-        "stat": args.stat,
-        "timing": "sequential" if args.sequential else "interleaved",
-        "batch": args.batch,
-        "width": base.width if base.is_paper else None,
-        "archs": args.archs,
-        "table_rows": len(table),
-        "mape": round(mape, 4),
-        "worst_error": round(worst, 4),
-        "spearman": round(rho, 4),
-        "within_10pct": round(within, 3),
-        "mape_target_met": mape <= 0.10,
-        "spearman_target_met": rho >= 0.9,
-        "load_average_start": round(load0, 2),
-        "load_average_end": round(load1, 2),
-        "shared_cores": load0 > 1.5,
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "rows": rows,
+    rho = bootstrap_ci(
+        lambda ix: spearman(pred[ix], meas[ix]),
+        len(rows),
+        resamples=args.bootstrap,
+        seed=args.seed,
+    )
+
+    # 4. per layer: the table's order of each layer's kernels against an isolated timing
+    alone = isolated_layer_times(base, bits, args, device)
+    layers = []
+    for spec in base.specs():
+        opts = layer_options(bits)
+        ks = [conv_key(spec, c, args.batch) for c in opts]
+        p = [model.op_cost(k)[0] for k in ks]
+        m = [alone[k] for k in ks]
+        layers.append(
+            {
+                "layer": spec.name,
+                "geometry": f"{spec.in_channels}->{spec.out_channels} @{spec.height}x{spec.width}",
+                "table_ms": [round(v * 1e3, 4) for v in p],
+                "isolated_ms": [round(v * 1e3, 4) for v in m],
+                "rho": spearman(p, m),
+            }
+        )
+    lr = np.array([entry["rho"] for entry in layers], dtype=float)
+    lr_ok = lr[~np.isnan(lr)]
+    layer_rank = bootstrap_ci(
+        lambda ix: float(np.mean(lr_ok[ix])) if len(lr_ok) else float("nan"),
+        max(len(lr_ok), 1),
+        resamples=args.bootstrap,
+        seed=args.seed,
+    )
+    worst = min(
+        (e for e in layers if not np.isnan(e["rho"])), key=lambda e: e["rho"], default=None
+    )
+    print(
+        "\nper layer: the table's rows (timed in place) vs each kernel timed alone; "
+        "options direct, F2, F4, F6 (ms)"
+    )
+    print(f"{'layer':<24} {'geometry':<18} {'table':<30} {'alone':<30} {'rho':>6}")
+    for e in layers:
+        tb = " ".join(f"{v:.3f}" for v in e["table_ms"])
+        al = " ".join(f"{v:.3f}" for v in e["isolated_ms"])
+        print(f"{e['layer'][:24]:<24} {e['geometry']:<18} {tb:<30} {al:<30} {e['rho']:>6.2f}")
+
+    met = {
+        "mape": mape[0] <= TARGETS["mape"],
+        "spearman": rho[0] >= TARGETS["spearman"],
+        "layer_rank": layer_rank[0] >= TARGETS["layer_rank"],
     }
-    print(json.dumps({k: v for k, v in figures.items() if k != "rows"}))
-    return figures
+    print(
+        f"\nbits {bits_name}: {len(rows)} networks ({len(refs)} uniform + {len(picked)} "
+        f"stratified mixes), measured {meas.min() * 1e3:.3f}..{meas.max() * 1e3:.3f} ms"
+    )
+    print(
+        f"  MAPE          {mape[0]:7.1%}  95% CI [{mape[1]:.1%}, {mape[2]:.1%}]   "
+        f"target <= {TARGETS['mape']:.0%}: {_met(met['mape'])}  (worst {errs.max():.1%})"
+    )
+    print(
+        f"  Spearman e2e  {rho[0]:7.3f}  95% CI [{rho[1]:.3f}, {rho[2]:.3f}]   "
+        f"target >= {TARGETS['spearman']}: {_met(met['spearman'])}"
+    )
+    print(
+        f"  layer rank    {layer_rank[0]:7.3f}  95% CI [{layer_rank[1]:.3f}, {layer_rank[2]:.3f}]"
+        f"   target >= {TARGETS['layer_rank']}: {_met(met['layer_rank'])}  (mean Spearman over "
+        f"{len(lr_ok)} layers; worst "
+        + (f"{worst['layer']} {worst['rho']:.2f}" if worst else "n/a")
+        + ")"
+    )
+    print(f"  CI: percentile bootstrap over networks / layers, {args.bootstrap} resamples")
+    print(f"  machine: {machine_line(device, threads=args.threads)}")
+    return {
+        "bits": bits_name,
+        "table_rows": len(table),
+        "networks": len(rows),
+        "references": len(refs),
+        "mixes": len(picked),
+        "candidate_range_ms": [round(min(cand_pred) * 1e3, 4), round(max(cand_pred) * 1e3, 4)],
+        "picked_range_ms": [
+            round(min(cand_pred[i] for i in picked) * 1e3, 4),
+            round(max(cand_pred[i] for i in picked) * 1e3, 4),
+        ],
+        "empty_bins": empty,
+        "measured_range_ms": [round(meas.min() * 1e3, 4), round(meas.max() * 1e3, 4)],
+        "mape": round(mape[0], 4),
+        "mape_ci": _ci(mape),
+        "worst_error": round(float(errs.max()), 4),
+        "within_5pct": round(float(np.mean(errs <= 0.05)), 3),
+        "spearman": round(rho[0], 4),
+        "spearman_ci": _ci(rho),
+        "layer_rank": round(layer_rank[0], 4),
+        "layer_rank_ci": _ci(layer_rank),
+        "layers_ranked": int(len(lr_ok)),
+        "worst_layer": worst["layer"] if worst else None,
+        "worst_layer_rank": round(worst["rho"], 4) if worst else None,
+        "mape_target_met": bool(met["mape"]),
+        "spearman_target_met": bool(met["spearman"]),
+        "layer_rank_target_met": bool(met["layer_rank"]),
+        "targets_met": bool(all(met.values())),
+        "machine": machine_line(device, threads=args.threads),
+        "rows": rows,
+        "layers": layers,
+    }
 
 
 if __name__ == "__main__":

@@ -366,6 +366,19 @@ def _num(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
+def _cpus_note(rows: dict[str, dict], current: str) -> str:
+    """Where a resumed run's rows were measured, when not all on this run's machine (rows from
+    before rows named their CPU count as 'an earlier machine')."""
+    counts: dict[str, int] = {}
+    for row in rows.values():
+        cpu = row.get("cpu", "an earlier machine")
+        counts[cpu] = counts.get(cpu, 0) + 1
+    if set(counts) <= {current}:
+        return ""
+    parts = ", ".join(f"{n} on {cpu}" for cpu, n in counts.items())
+    return f" Rows measured on more than one machine: {parts} (accuracies do not depend on it; seconds do)."
+
+
 def render(
     results: Results, archs: dict[str, Arch], setting: Setting, summary: dict, command: str
 ) -> str:
@@ -380,7 +393,8 @@ def render(
         "",
         f"Machine: {m['cpu']} ({m['isa']}), {m['cores']} cores, {m['threads']} torch threads, "
         f"load {m['load_1min']} at start, torch {m['torch']}. Total {results.seconds / 60:.0f} "
-        "min of measuring in this results file (rows reused from an interrupted run included).",
+        "min of measuring in this results file (rows reused from an interrupted run included)."
+        + _cpus_note(rows, m["cpu"]),
         "",
         f"Setting: ResNet-18-like width {setting.width}, real CIFAR-10 (JPEG), "
         f"{setting.train_images:,} training images, {int(50_000 * setting.val_fraction):,} "
@@ -500,6 +514,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--out {out}: cannot be read ({err}); pass --fresh") from None
         if old.get("setting") == results.setting:
             results.rows, results.seconds = old.get("rows", {}), old.get("seconds", 0.0)
+            earlier = (old.get("machine") or {}).get("cpu")
+            for row in results.rows.values():
+                if earlier:
+                    row.setdefault("cpu", earlier)
             _log(f"resuming: {len(results.rows)} rows of {out} kept")
     archs = architectures(setting, data.num_classes)
     if args.archs:
@@ -527,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             row = proxy_row(archs[name], base, data, setting, recipes[recipe], seed, device)
         else:
             row = long_row(archs[name], base, data, setting, seed, device)
+        row["cpu"] = results.machine["cpu"]  # a resumed run may span machines: each row says
         results.rows[key] = row
         results.seconds += time.perf_counter() - t0
         results.save(out)

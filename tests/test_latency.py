@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from benchmark_module import load_benchmark
 from test_discovery import user_nets  # noqa: F401  (fixture; tests/ is on sys.path)
 
 from wasearch import Arch, LayerChoice, searchable_convs
@@ -555,30 +553,3 @@ def test_space_of_any_network_is_planned_and_measured(tmp_path: Path) -> None:
         "F2-static/fp x13",
         "F6-static/fp x13",
     ]
-
-
-@pytest.mark.parametrize("network", ["paper", "torchvision", "vgg"])
-def test_end_to_end_prediction_of_three_networks(network, user_nets, tmp_path) -> None:  # noqa: F811
-    """The measured model's prediction of whole networks against their deploy models timed
-    end to end (the benchmark, tiny): a loose bound, since the 2 cores here are shared; the
-    targets (MAPE <= 10 %, Spearman >= 0.9) are the benchmark's (docs/latency.md)."""
-    fid = load_benchmark("latency_fidelity")
-    model = {
-        "paper": {"backbone": "resnet18", "width": 0.125, "input_size": 16},
-        "torchvision": {"name": "torchvision:resnet18", "input_size": 64},
-        "vgg": {"name": f"{user_nets}:make_vgg", "input_size": 16},
-    }[network]
-    space = tmp_path / "s.yaml"
-    space.write_text(yaml.safe_dump({**TINY_SPACE, "model": model}))
-    table = tmp_path / "t.csv"
-    args = fid.build_parser().parse_args(
-        ["--space", str(space), "--archs", "4", "--repeats", "5", "--threads", "1"]
-        + ["--table", str(table)]
-    )
-    figures = fid.fidelity(args)
-    assert figures["network"] == (model.get("name") or "resnet18_cifar")
-    # every operation of the networks predicted was measured, in place
-    rows = LatencyTable.read(table)
-    arch = fid.random_arch(random.Random(0), fid.base_arch(args, None), None)
-    assert all(op.key in rows for op in network_ops(arch))
-    assert figures["mape"] < 0.5, figures

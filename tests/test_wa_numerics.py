@@ -193,3 +193,14 @@ def test_quantizer_bit_for_bit(running, gran, bits, dtype):
             assert torch.equal(a, b)
     if running:  # the 3x batch clipped: some gradient was stopped, so the mask was exercised
         assert bool(q.initialized)
+
+
+@pytest.mark.parametrize("p, a", [(6, 6), (4, 6)])
+def test_separable_transform_gradients(p, a):
+    # Its backward recomputes the intermediate it did not save: check it against finite
+    # differences, for the learned matrix (flex) and the tiles, and for the tiles alone (static).
+    torch.manual_seed(0)
+    mat = torch.randn(p, a, dtype=torch.float64, requires_grad=True)
+    tiles = torch.randn(a * a, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_transform_2d, (mat, tiles))
+    assert torch.autograd.gradcheck(_transform_2d, (mat.detach(), tiles))

@@ -203,17 +203,50 @@ def tile_counts(height: int, width: int, m: int) -> tuple[int, int]:
     return -(-height // m), -(-width // m)
 
 
+class _Transform2d(torch.autograd.Function):
+    """``mat @ X @ mat^T`` of every tile, as two 1-D products, saving only its inputs.
+
+    The intermediate (``mat`` applied along the tiles' rows) is as large as the tiles; autograd
+    would keep it for the gradient of a learned ``mat`` (flex). The backward recomputes it (one
+    small product) instead, so a flex layer keeps no more than a static one.
+    """
+
+    @staticmethod
+    def forward(ctx, mat: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+        p, a = mat.shape
+        count = tiles.shape[1]
+        rows = mat @ tiles.reshape(a, a * count)  # along the tile's rows: (p, a*count)
+        # Along its columns: one small product per row, as bmm with ``mat`` expanded (no copy).
+        # torch.matmul's broadcasting here copies the operand transposed, and its backward did.
+        out = torch.bmm(mat.expand(p, p, a), rows.reshape(p, a, count))
+        ctx.save_for_backward(mat, tiles if ctx.needs_input_grad[0] else None)
+        return out.reshape(p * p, count)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mat, tiles = ctx.saved_tensors
+        p, a = mat.shape
+        count = grad.shape[1]
+        g = grad.reshape(p, p, count)
+        # out[r, s] = sum_j mat[s, j] rows[r, j]  =>  d rows[r] = mat^T @ g[r]
+        grad_rows = torch.bmm(mat.t().expand(p, a, p), g).reshape(p, a * count)
+        grad_mat = grad_tiles = None
+        if ctx.needs_input_grad[1]:
+            # rows = mat @ X  =>  dX = mat^T @ d rows
+            grad_tiles = (mat.t() @ grad_rows).reshape(a * a, count)
+        if ctx.needs_input_grad[0]:
+            x = tiles.reshape(a, a * count)
+            rows = (mat @ x).reshape(p, a, count)  # recomputed, not saved
+            # d mat from the column pass: sum_r g[r] @ rows[r]^T; from the row pass: d rows @ X^T
+            grad_mat = torch.bmm(g, rows.transpose(1, 2)).sum(0) + grad_rows @ x.t()
+        return grad_mat, grad_tiles
+
+
 def _transform_2d(mat: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
     """``mat @ X @ mat^T`` of every tile ``X`` (a x a), tiles laid out as ``(a*a, count)``
     (row index ``i * a + j``); returns ``(p*p, count)`` for a ``(p, a)`` ``mat``. The same
     values as ``kron(mat, mat) @ tiles``, computed as two 1-D transforms."""
-    p, a = mat.shape
-    count = tiles.shape[1]
-    rows = mat @ tiles.reshape(a, a * count)  # along the tile's rows: (p, a*count)
-    # Along its columns: one small product per row, as bmm with ``mat`` expanded (no copy).
-    # torch.matmul's broadcasting here copies the operand transposed, and its backward did too.
-    cols = torch.bmm(mat.expand(p, p, a), rows.reshape(p, a, count))
-    return cols.reshape(p * p, count)
+    return _Transform2d.apply(mat, tiles)
 
 
 def winograd_conv2d(

@@ -9,9 +9,13 @@ the training-time ``winograd_conv2d`` (NCHW, Kronecker transforms, weights trans
 call) for F4, the kernel before the deploy optimizations. The kernels of one geometry are timed
 in interleaved rounds (one call each per round, shuffled), so that load from other processes on
 a shared machine hits them alike. Target (issue 3): F4 at or below conv2d's time on layers with
-64 or more channels at batch 32.
+64 or more channels at batch 32. ``--device cuda`` times them on a GPU (each call synchronized).
 
-Prints a table, then one JSON line of figures.
+Prints the machine (``wasearch.latency.timing.machine_line``), a table, then one JSON line of
+figures (with the machine line in it).
+
+    python benchmarks/kernels.py                      # CPU, 1 thread
+    python benchmarks/kernels.py --device cuda        # a GPU
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from wasearch.deploy import WinogradConv
-from wasearch.latency.measure import Timing, device_identity
+from wasearch.latency.timing import Timing, device_identity, machine_line
 from wasearch.models import searchable_convs
 from wasearch.winograd import transform_matrices, winograd_conv2d
 
@@ -63,25 +67,41 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="2-D transform form of the deploy kernel (default: auto)",
     )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     return p
 
 
+def machine_header(machine: str, load: float) -> str:
+    """The line printed above the table: the machine the figures were measured on
+    (:func:`machine_line`), and whether other work shared its cores at the start."""
+    return f"# machine: {machine}" + (
+        " (> 1.5 at start: the cores were shared, times are noisy)" if load > 1.5 else ""
+    )
+
+
 def interleaved(
-    fns: dict[str, Callable[[], object]], *, repeats: int, rng: random.Random
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int,
+    rng: random.Random,
+    sync: Callable[[], None] = lambda: None,
 ) -> dict[str, Timing]:
     """One call of every kernel per round, in a shuffled order, ``repeats`` rounds: on a shared
-    machine a burst of load then hits every kernel alike, not the one timed at that moment."""
+    machine a burst of load then hits every kernel alike, not the one timed at that moment.
+    ``sync`` waits for the device (``torch.cuda.synchronize`` on a GPU) before a clock read."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     with torch.inference_mode():
         for fn in fns.values():  # warm-up: oneDNN primitives, caches, allocator
             fn()
             fn()
+        sync()
         for _ in range(repeats):
             rng.shuffle(names)
             for name in names:
                 t0 = time.perf_counter()
                 fns[name]()
+                sync()
                 samples[name].append(time.perf_counter() - t0)
     return {name: Timing(tuple(v)) for name, v in samples.items()}
 
@@ -99,12 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     load = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    ident = device_identity("cpu", threads=args.threads)
-    print(
-        f"{ident['device']}, {ident['cores']} cores, {args.threads} thread(s), torch "
-        f"{ident['torch']}; load average at start {load:.2f}"
-        + (" (> 1.5: the cores were shared, times are noisy)" if load > 1.5 else "")
-    )
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {args.device}: CUDA is not available here", file=sys.stderr)
+        return 2
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    ident = device_identity(device, threads=args.threads)
+    machine = machine_line(device, threads=args.threads)
+    print(machine_header(machine, load))
     cols = [f"F{t}" for t in args.tiles] + (["F4 before"] if args.before else [])
     print(
         f"{'width':>5} {'batch':>5} {'C->K @HxW':<16} {'conv2d ms':>10} "
@@ -116,10 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     order = random.Random(0)
     for batch in args.batches:
         for width, c, k, h in geometries(args.widths):
-            x = torch.randn(batch, c, h, h)
+            x = torch.randn(batch, c, h, h, device=device)
             xl = x.contiguous(memory_format=torch.channels_last)
-            w = torch.randn(k, c, 3, 3) / (3 * c**0.5)
-            b = torch.randn(k)
+            w = torch.randn(k, c, 3, 3, device=device) / (3 * c**0.5)
+            b = torch.randn(k, device=device)
             fns = {
                 "conv2d_nchw": functools.partial(F.conv2d, x, w, b, padding=1),
                 "conv2d_cl": functools.partial(F.conv2d, xl, w, b, padding=1),
@@ -129,15 +151,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if m > h:
                     continue
                 A_t, G, B_t = transform_matrices(m)
-                mod = WinogradConv(w, b, A_t, G, B_t, transform=args.transforms)
+                A_t, G, B_t = (t.to(device) for t in (A_t, G, B_t))
+                mod = WinogradConv(w, b, A_t, G, B_t, transform=args.transforms).to(device)
                 fns[f"F{m}"] = functools.partial(mod, xl)
                 with torch.no_grad():
                     ref = F.conv2d(x, w, b, padding=1)
                     errs[f"F{m}"] = float((mod(xl) - ref).abs().max() / ref.abs().max())
             if args.before and h >= 4:
-                A_t, G, B_t = transform_matrices(4)
+                A_t, G, B_t = (t.to(device) for t in transform_matrices(4))
                 fns["F4_before"] = functools.partial(winograd_conv2d, x, w, A_t, G, B_t, bias=b)
-            times = interleaved(fns, repeats=args.repeats, rng=order)
+            times = interleaved(fns, repeats=args.repeats, rng=order, sync=sync)
             stat = {name: t.stat(args.stat) for name, t in times.items()}
             base = min(stat["conv2d_nchw"], stat["conv2d_cl"])
             row = {
@@ -185,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     summary = {
         "benchmark": "kernels",
+        "machine": machine,
         "device": ident["device"],
         "threads": args.threads,
         "torch": ident["torch"],

@@ -15,7 +15,9 @@ The gap is the Optuna front's accuracy minus the point's (accuracy points; negat
 is better); a point faster than every Optuna front point is dominated by none of them and counts
 as on the front. The differentiable points' weights also saw the supernet's epochs, so at equal
 trial budget they have had more training than an Optuna trial: read accuracy gaps with that in
-mind. Prints a table, then one JSON line.
+mind. Prints the machine (``wasearch.latency.timing.machine_line``, taken at the start; its
+threads are what ``search.py run`` picks by default then), a table, then one JSON line (with
+the machine).
 """
 
 from __future__ import annotations
@@ -67,17 +69,29 @@ def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-def main() -> int:
+def machine_header() -> str:
+    """The machine line printed above the table: this machine, with the device and the torch
+    threads that ``search.py run`` picks by default now (``--device auto``,
+    :func:`default_threads`)."""
+    from wasearch.engine import select_device
+    from wasearch.latency.timing import machine_line
+    from wasearch.search.base import default_threads
+
+    return f"# machine: {machine_line(select_device('auto'), threads=default_threads())}"
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--optuna-space", default=str(ROOT / "spaces" / "quick.yaml"))
     p.add_argument("--dnas-space", default=str(ROOT / "spaces" / "quick_dnas.yaml"))
     p.add_argument("--out", help="results folder to keep (default: a temporary one)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     from wasearch.fileio import load_yaml
     from wasearch.stats import trial_se
 
     load = os.getloadavg()[0]
+    machine = machine_header()  # at the start: the load the searches began under
     results = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nas_compare_"))
     o_name = load_yaml(args.optuna_space, what="space file")["name"]
     d_name = load_yaml(args.dnas_space, what="space file")["name"]
@@ -111,6 +125,7 @@ def main() -> int:
         f"# spaces {args.optuna_space} vs {args.dnas_space}; results in {results}; "
         f"load average {load:.2f}"
     )
+    print(machine)
     print(
         f"Optuna: {len(optuna_trials)} trials, front {len(o_front)} points, "
         f"{o_compute:.0f} s of trial compute ({o_wall:.0f} s wall incl. start-up)"
@@ -162,6 +177,7 @@ def main() -> int:
         json.dumps(
             {
                 "benchmark": "nas_compare",
+                "machine": machine.removeprefix("# machine: "),
                 "optuna_space": args.optuna_space,
                 "dnas_space": args.dnas_space,
                 "optuna_trials": len(optuna_trials),

@@ -72,6 +72,7 @@ from wasearch.engine import (
     warmup_ranges,
 )
 from wasearch.fileio import atomic_write_text
+from wasearch.latency.timing import machine_line
 from wasearch.layers import Conv2d, WinogradConv2d
 from wasearch.models import build, make_conv
 from wasearch.quant import FakeQuantize
@@ -193,15 +194,57 @@ def _pct(x: float | None) -> str:
 def _noise_line(acc: float | None, n: int | None) -> str:
     """What every test accuracy of the tables is worth: its binomial standard error on the
     ``n`` test images (:func:`wasearch.stats.binomial_se`), at the base's accuracy; two rows
-    closer than about 1.4 of it are the same to this measurement."""
+    closer than about 1.4 of it are the same to this measurement. Also says how the tables
+    write each row's own standard error and that of a difference."""
     se = binomial_se(acc, n)
     if se is None:
         return "Standard error of the accuracies: unknown (no test image count recorded)."
     return (
         f"Noise: every test accuracy below is measured on the same {n:,} test images; its "
         f"binomial standard error is ±{100 * se:.2f} points near {_pct(acc)}% (sqrt(p(1-p)/n)), "
-        f"so rows closer than about {100 * se * math.sqrt(2):.1f} points are indistinguishable."
+        f"so rows closer than about {100 * se * math.sqrt(2):.1f} points are indistinguishable. "
+        "Every accuracy cell is written 'accuracy % (its standard error in points)', from that "
+        "row's own accuracy; a difference of two accuracies carries sqrt(se1^2 + se2^2), which "
+        "treats the two as independent. They were measured on the same test images, so their "
+        "errors are correlated and that figure overstates the noise of a difference (it errs on "
+        "the side of calling two rows the same)."
     )
+
+
+def _test_n(report: Report, row: dict | None = None) -> int | None:
+    """Test images an accuracy was measured on: the row's own count where it records one,
+    else the run's test split."""
+    n = (row or {}).get("test_images")
+    return n if n is not None else report.data.get("test")
+
+
+def _acc_se(acc: float | None, n: int | None) -> str:
+    """``acc`` in % with its binomial standard error in points: ``69.2 (1.03)``."""
+    if acc is None or (isinstance(acc, float) and math.isnan(acc)):
+        return "-"
+    se = binomial_se(acc, n)
+    return _pct(acc) if se is None else f"{_pct(acc)} ({100 * se:.2f})"
+
+
+def _diff_se(a: float | None, b: float | None, n_a: int | None, n_b: int | None) -> str:
+    """``a - b`` in points with the standard error of the difference, sqrt(se_a^2 + se_b^2)
+    (the two taken as independent): ``+16.8 (1.45)``."""
+    if a is None or b is None:
+        return "-"
+    se_a, se_b = binomial_se(a, n_a), binomial_se(b, n_b)
+    if se_a is None or se_b is None:
+        return f"{100 * (a - b):+.1f}"
+    return f"{100 * (a - b):+.1f} ({100 * math.sqrt(se_a**2 + se_b**2):.2f})"
+
+
+def _machine_text(machine: dict) -> str:
+    """The machine a report's rows were measured on, as the report recorded it: the machine
+    line of :func:`wasearch.latency.timing.machine_line` where it has one; reports written
+    before it had only a summary, which is shown as such (never this machine's line)."""
+    if machine.get("line"):
+        return machine["line"]
+    text = machine.get("summary") or "not recorded"
+    return f"{text} (as recorded; its CPU model, ISA and load average were not recorded)"
 
 
 def _sci(x: float | None) -> str:
@@ -875,17 +918,25 @@ def render(report: Report) -> str:
         "",
         f"`{report.command}`" if report.command else "",
         "",
+        f"Machine{' of the rows this run measured' if report.reused else ''}: "
+        f"{_machine_text(report.machine)}.",
+        "",
         f"Mode **{s['name']}**: ResNet-18-like width {s['width']}, "
         f"{report.data.get('train', '?'):,} training images "
         f"({'all' if s['train_images'] is None else 'a class-balanced subset'}), "
         f"{report.data.get('test', '?'):,} test images, batch {s['batch_size']}. "
         f"Base: normal 8-bit, {s['base_epochs']} epochs from scratch, Adam lr {s['base_lr']:g} "
-        f"(x0.1 at 3/5 and 4/5). Machine: {report.machine['summary']}. "
+        f"(x0.1 at 3/5 and 4/5). "
         f"{'This run (rows kept from an earlier one not counted)' if report.reused else 'Total'}"
         f" time {report.seconds.get('total', 0) / 60:.1f} min wall, "
         f"{report.seconds.get('cpu', 0) / 60:.1f} min CPU.",
         "",
-        f"Base model (normal 8-bit): **{_pct(report.base.get('test_acc'))}%** test accuracy.",
+        f"Base model (normal 8-bit): **{_pct(report.base.get('test_acc'))}%** test accuracy"
+        + (
+            f" (standard error {100 * se_base:.2f} points)."
+            if (se_base := binomial_se(report.base.get("test_acc"), _test_n(report))) is not None
+            else "."
+        ),
         "",
         _noise_line(report.base.get("test_acc"), report.data.get("test")),
         "",
@@ -977,16 +1028,21 @@ def render(report: Report) -> str:
         "",
         f"The base model with every searchable conv swapped to static Winograd; weights, "
         f"BatchNorm and input/output ranges kept, the Winograd-domain ranges warmed up on "
-        f"{s['warmup_batches']} training batches; no fine-tuning. Test accuracy (%); base "
-        f"{_pct(report.base.get('test_acc'))}%.",
+        f"{s['warmup_batches']} training batches; no fine-tuning. Test accuracy % (standard "
+        f"error); base {_acc_se(report.base.get('test_acc'), _test_n(report))}.",
         "",
     ]
     conv = _conversion_index(report)
+    n_test = _test_n(report)
     rows = [
         (
             f"F{t}",
-            *(_pct(conv.get((t, b, g, False))) for b in (8, 16) for g in ("tensor", "tap")),
-            *(_pct(conv.get((t, 8, g, True))) for g in ("tensor", "tap")),
+            *(
+                _acc_se(conv.get((t, b, g, False)), n_test)
+                for b in (8, 16)
+                for g in ("tensor", "tap")
+            ),
+            *(_acc_se(conv.get((t, 8, g, True)), n_test) for g in ("tensor", "tap")),
         )
         for t in (2, 4, 6)
     ]
@@ -1013,7 +1069,8 @@ def render(report: Report) -> str:
         f"of {s['batch_size']} (Adam lr {s['adapt_lr']:g}, x0.1 after 3/5 and 4/5 of the "
         "budget; weight decay 4e-5 on weights only, none on flex transforms), after the range "
         "warm-up above. "
-        "Test accuracy (%).",
+        "Test accuracy % (standard error); 'flex - static' in points (standard error of the "
+        "difference, the two taken as independent).",
         "",
     ]
     main_rows = [r for r in report.adaptation if r["transform_lr"] is None]
@@ -1026,23 +1083,27 @@ def render(report: Report) -> str:
     ad = {(r["conv"], r["tile"], r["granularity"]): r for r in main_rows}
     normal = ad.get(("normal", None, None))
     out += [
-        f"Normal 8-bit: base {_pct(report.base.get('test_acc'))}%, the base fine-tuned with the "
-        f"same budget {_pct(normal['test_acc']) if normal else '-'}%.",
+        f"Normal 8-bit: base {_acc_se(report.base.get('test_acc'), n_test)}, the base "
+        "fine-tuned with the same budget "
+        f"{_acc_se(normal['test_acc'], _test_n(report, normal)) if normal else '-'}.",
         "",
     ]
     rows = []
     for tile in s["adapt_tiles"]:
         for gran in ("tensor", "tap"):
             st, fl = ad.get(("static", tile, gran)), ad.get(("flex", tile, gran))
-            gap = (fl["test_acc"] - st["test_acc"]) if st and fl else None
             conv_acc = conv.get((tile, 8, gran, False))
             rows.append(
                 (
                     f"F{tile} 8-bit {'tap-wise' if gran == 'tap' else 'per-tensor'}",
-                    _pct(conv_acc),
-                    _pct(st["test_acc"]) if st else "-",
-                    _pct(fl["test_acc"]) if fl else "-",
-                    "-" if gap is None else f"{100 * gap:+.1f}",
+                    _acc_se(conv_acc, n_test),
+                    _acc_se(st["test_acc"], _test_n(report, st)) if st else "-",
+                    _acc_se(fl["test_acc"], _test_n(report, fl)) if fl else "-",
+                    _diff_se(
+                        fl["test_acc"], st["test_acc"], _test_n(report, fl), _test_n(report, st)
+                    )
+                    if st and fl
+                    else "-",
                 )
             )
     out.append(
@@ -1074,7 +1135,7 @@ def render(report: Report) -> str:
                 r["config"],
                 r.get("steps", s["adapt_steps"]),
                 lr if r["conv"] == "flex" else "-",
-                _pct(r["test_acc"]),
+                _acc_se(r["test_acc"], _test_n(report, r)),
                 "-" if r["transform_drift"] is None else f"{r['transform_drift']:.3f}",
                 _sci(r["error_vs_own_float"]),
                 _sci(r["error_vs_direct"]),
@@ -1087,7 +1148,7 @@ def render(report: Report) -> str:
                 "configuration",
                 "steps",
                 "transform lr",
-                "test acc",
+                "test acc % (SE)",
                 "transform drift",
                 "error vs own float",
                 "error vs direct conv",
@@ -1103,7 +1164,9 @@ def render(report: Report) -> str:
             "",
             "Static against flex (at the weights' lr and at the larger transform lr of section "
             "4), per-tensor, 8 bits, the same schedule stretched; does the gap close, hold or "
-            "widen as the budget grows? Test accuracy (%).",
+            "widen as the budget grows? Test accuracy % (standard error); 'flex - static' in "
+            "points (standard error of the difference, the two taken as independent), one per "
+            "flex column.",
             "",
         ]
         lrs = [None, *(scale * s["adapt_lr"] for scale in s["transform_lr_scales"])]
@@ -1113,15 +1176,22 @@ def render(report: Report) -> str:
                 st = by_run.get(("static", tile, None, steps))
                 cells = [by_run.get(("flex", tile, lr, steps)) for lr in lrs]
                 gaps = [
-                    f"{100 * (fl['test_acc'] - st['test_acc']):+.1f}" if st and fl else "-"
+                    _diff_se(
+                        fl["test_acc"], st["test_acc"], _test_n(report, fl), _test_n(report, st)
+                    )
+                    if st and fl
+                    else "-"
                     for fl in cells
                 ]
                 rows.append(
                     (
                         f"F{tile} 8-bit per-tensor",
                         steps,
-                        _pct(st["test_acc"]) if st else "-",
-                        *(_pct(fl["test_acc"]) if fl else "-" for fl in cells),
+                        _acc_se(st["test_acc"], _test_n(report, st)) if st else "-",
+                        *(
+                            _acc_se(fl["test_acc"], _test_n(report, fl)) if fl else "-"
+                            for fl in cells
+                        ),
                         " / ".join(gaps),
                     )
                 )
@@ -1138,15 +1208,25 @@ def render(report: Report) -> str:
         out += ["", f"## 6. From scratch, {s['scratch_epochs']} epochs (the paper's protocol)", ""]
         out.append(
             _md_table(
-                ("configuration", "test acc"),
-                [(r["config"], _pct(r["test_acc"])) for r in report.scratch],
+                ("configuration", "test acc % (SE)"),
+                [
+                    (r["config"], _acc_se(r["test_acc"], _test_n(report, r)))
+                    for r in report.scratch
+                ],
             )
         )
     if report.reused:
         out += [
             "",
             "Rows kept from an earlier run with the same base checkpoint and setting (not "
-            "measured again): " + ", ".join(f"{k} {v}" for k, v in report.reused.items()) + ".",
+            "measured again): "
+            + ", ".join(f"{k} {v}" for k, v in report.reused.items())
+            + ". "
+            + (
+                "They were measured on: " + "; ".join(report.machine["earlier_rows"]) + "."
+                if report.machine.get("earlier_rows")
+                else "The machine they were measured on was not recorded."
+            ),
         ]
     out += [
         "",
@@ -1167,11 +1247,13 @@ def summary(report: Report) -> dict:
     }
     out: dict[str, object] = {
         "benchmark": "paper_claims",
+        "machine": _machine_text(report.machine),  # where the rows were measured
         "mode": report.setting["name"],
         "width": report.setting["width"],
         "train_images": report.data.get("train"),
         "test_images": report.data.get("test"),
         "base_test_acc": report.base.get("test_acc"),
+        "base_test_acc_se": binomial_se(report.base.get("test_acc"), _test_n(report)),
         "flex_initial_equals_static": report.flex_initial_equals_static,
     }
     for e in report.error:
@@ -1237,6 +1319,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="markdown report (a .json with the same stem is written beside it)",
     )
     p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: write --out's markdown again from the .json beside it (the "
+        "rows and the machine they were measured on, as stored) and print it; the other "
+        "options are ignored",
+    )
+    p.add_argument(
         "--skip",
         nargs="*",
         default=[],
@@ -1272,6 +1361,7 @@ def _machine(device: torch.device) -> dict:
         text += f", {torch.get_num_threads()} threads"
     return {
         "summary": text,
+        "line": machine_line(device, threads=torch.get_num_threads()),
         "device": str(device),
         "cores": cores,
         "threads": torch.get_num_threads(),
@@ -1279,8 +1369,29 @@ def _machine(device: torch.device) -> dict:
     }
 
 
+def render_only(out_md: Path) -> int:
+    """Write ``out_md`` again from the report stored beside it (``.json``), measuring nothing;
+    print it and the summary line. The machine shown is the one stored with the rows."""
+    out_json = out_md.with_suffix(".json")
+    if not out_json.is_file():
+        raise UserError(f"--render-only: no stored report at {out_json}")
+    try:
+        report = Report(**json.loads(out_json.read_text()))
+    except (ValueError, TypeError) as err:
+        raise UserError(
+            f"--render-only: {out_json} is not a report of this script ({err})"
+        ) from None
+    atomic_write_text(out_md, render(report))
+    _log(f"render-only: {out_md} written from {out_json}; nothing measured on this machine")
+    print(render(report))
+    print(json.dumps(summary(report)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render_only:
+        return render_only(Path(args.out))
     if args.long_tiles is not None and any(t not in (2, 4, 6) for t in args.long_tiles):
         raise UserError(f"--long-tiles: {args.long_tiles} must be tiles among 2, 4, 6")
     logging.basicConfig(level=logging.WARNING)
@@ -1334,6 +1445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = None
     if not args.fresh:
         previous = previous_results(out_json, setting, report.base["sha256"])
+    if previous is not None:
+        # The rows kept from it were measured there, not here: say where, as it recorded it.
+        earlier = [_machine_text(previous.machine), *previous.machine.get("earlier_rows", [])]
+        report.machine["earlier_rows"] = list(dict.fromkeys(earlier))
 
     def error_section() -> None:
         if previous is not None and previous.error:

@@ -376,7 +376,10 @@ def _cpus_note(rows: dict[str, dict], current: str) -> str:
     if set(counts) <= {current}:
         return ""
     parts = ", ".join(f"{n} on {cpu}" for cpu, n in counts.items())
-    return f" Rows measured on more than one machine: {parts} (accuracies do not depend on it; seconds do)."
+    return (
+        f" Rows measured on more than one machine: {parts} (accuracies do not depend on it; "
+        "seconds do)."
+    )
 
 
 def render(

@@ -10,7 +10,8 @@ On a space (default ``spaces/quick.yaml``), for each of its reference architectu
   reaches the adapted accuracy, at most ``--scratch-cap`` epochs (reported as capped, and its
   time is then a lower bound).
 
-Prints a table, the trials per hour of both, the base's one-off cost, and last one JSON line.
+Prints the machine (``wasearch.latency.timing.machine_line``, at the start), a table, the
+trials per hour of both, the base's one-off cost, and last one JSON line (with the machine).
 
     python benchmarks/search_cost.py [SPACE] [--scratch-cap 8] [--random 0] [--threads N]
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -32,16 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 class _Reached(Exception):
     """Raised from ``on_epoch`` when the from-scratch run reaches the target accuracy."""
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from wasearch.engine import TrainConfig, fit
+    from wasearch.latency.timing import machine_line
     from wasearch.models import build
     from wasearch.search.base import default_threads, ensure_base, load_space_data, trial_config
     from wasearch.search.space import load_space
@@ -64,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     load_before = os.getloadavg()
+    machine = machine_line(args.device, threads=threads)
+    print(f"# machine: {machine}", flush=True)
     space = load_space(args.space)
     data = load_space_data(space)
     candidates = [(name, space.arch(params)) for name, params in space.references()]
@@ -138,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = space.budget["trials"]
     figures = {
         "space": space.name,
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+        "machine": machine,
         "torch_threads": threads,
         "loadavg_before": round(load_before[0], 2),
         "loadavg_after": round(os.getloadavg()[0], 2),

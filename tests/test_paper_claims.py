@@ -4,9 +4,11 @@ section runs and renders, and a rerun keeps the rows it may keep and measures on
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+import math
+from dataclasses import asdict, replace
 
 import pytest
+import torch
 from benchmark_module import load_benchmark
 
 pc = load_benchmark("paper_claims")
@@ -67,6 +69,15 @@ def test_every_section_is_measured_and_rendered(first_run, capsys):
     for heading in ("## 1. Numerical error", "## 2. Conversion", "## 3. Adaptation", "## 4. "):
         assert heading in md
     assert "## 5." not in md  # no --long-steps
+    # The machine the rows were measured on (this one: a fresh run), above the tables.
+    machine = md.splitlines()[4]
+    assert machine.startswith("Machine: cpu: ")
+    assert f"ISA {torch.backends.cpu.get_cpu_capability()}" in machine and " threads" in machine
+    assert report["machine"]["line"] in machine
+    # Every adaptation accuracy with its standard error on the 30 test images.
+    normal = report["adaptation"][0]
+    se = math.sqrt(normal["test_acc"] * (1 - normal["test_acc"]) / 30)
+    assert f"{100 * normal['test_acc']:.1f} ({100 * se:.2f})" in md
 
 
 def test_rerun_keeps_measured_rows_and_adds_the_new_section(first_run, monkeypatch, capsys):
@@ -97,6 +108,9 @@ def test_rerun_keeps_measured_rows_and_adds_the_new_section(first_run, monkeypat
     md = out.read_text()
     assert "## 5. A longer budget: 3 steps instead of 2" in md
     assert "Rows kept from an earlier run" in md
+    # ... and where they were measured: the earlier run's machine, as it recorded it.
+    assert after["machine"]["earlier_rows"] == [before["machine"]["line"]]
+    assert f"They were measured on: {before['machine']['line']}." in md
 
 
 def test_earlier_rows_stand_only_for_the_same_base_and_setting(first_run, tmp_path):
@@ -128,3 +142,98 @@ def test_missing_data_dir_is_one_user_error_naming_the_flag(tmp_path):
         pc.main(["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "c.md")])
     assert "--download" not in str(err.value)  # this script has no such flag
     assert not (tmp_path / "c.md").exists()
+
+
+# -- rendering stored rows: standard errors and the machine -----------------------------------
+
+
+def _run_row(conv, tile, acc, **extra):
+    return {
+        "steps": 250,
+        "config": f"{conv} F{tile} 8-bit per-tensor" if tile else "normal 8-bit",
+        "conv": conv,
+        "tile": tile,
+        "granularity": "tensor" if tile else None,
+        "transform_lr": None,
+        "test_acc": acc,
+        "error_vs_own_float": None,
+        "error_vs_direct": None,
+        "product_spread": None,
+        "transform_drift": None,
+        **extra,
+    }
+
+
+def _synthetic(tmp_path=None):
+    """A stored report of an earlier run on another machine (its own machine summary, no line)."""
+    setting = replace(pc.MINIATURE, adapt_tiles=(4,), long_steps=0)
+    return pc.Report(
+        setting=json.loads(json.dumps(asdict(setting))),
+        machine={"summary": "64 CPU cores (elsewhere), torch 1.0", "device": "cpu"},
+        command="python benchmarks/paper_claims.py",
+        data={"train": 1000, "val": 0, "test": 400, "name": "cifar10"},
+        base={"test_acc": 0.6},
+        conversion=[
+            {
+                "tile": 4,
+                "bits": 8,
+                "granularity": "tensor",
+                "float_transforms": False,
+                "test_acc": 0.1,
+            },
+        ],  # fmt: skip
+        adaptation=[
+            _run_row("normal", None, 0.5),
+            _run_row("static", 4, 0.5),
+            _run_row("flex", 4, 0.75, test_images=100),  # a row measured on fewer images
+        ],
+        scratch=[_run_row("flex", 4, 0.9)],
+    )
+
+
+def _table_row(md: str, start: str) -> list[str]:
+    line = next(x for x in md.splitlines() if x.startswith(start))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_every_accuracy_cell_carries_its_standard_error():
+    md = pc.render(_synthetic())
+    # Section 3: static 50% on 400 images: sqrt(.5 * .5 / 400) = 2.50 points; flex 75% on its
+    # own 100 images: sqrt(.75 * .25 / 100) = 4.33; the difference sqrt(2.50^2 + 4.33^2) = 5.00.
+    # Converted 10% on 400: sqrt(.1 * .9 / 400) = 1.50.
+    assert _table_row(md, "| F4 8-bit per-tensor") == [
+        "F4 8-bit per-tensor",
+        "10.0 (1.50)",
+        "50.0 (2.50)",
+        "75.0 (4.33)",
+        "+25.0 (5.00)",
+    ]
+    assert "independent" in md  # the difference's error says what it assumes
+    # Section 2's cell, the base line, section 4's and section 6's accuracy columns.
+    assert _table_row(md, "| F4 |")[1] == "10.0 (1.50)"
+    assert "base 60.0 (2.45)" in md  # sqrt(.6 * .4 / 400)
+    assert "the same budget 50.0 (2.50)" in md
+    assert _table_row(md, "| flex F4 8-bit per-tensor | 250")[3] == "75.0 (4.33)"
+    assert md.splitlines()[-3] == "| flex F4 8-bit per-tensor | 90.0 (1.50) |"  # section 6
+
+
+def test_a_stored_report_shows_the_machine_it_was_measured_on(tmp_path, capsys):
+    report = _synthetic()
+    out = tmp_path / "claims.md"
+    out.with_suffix(".json").write_text(json.dumps(asdict(report)))
+    stored = out.with_suffix(".json").read_text()
+    assert pc.main(["--render-only", "--out", str(out), "--device", "no-such-device"]) == 0
+    assert out.with_suffix(".json").read_text() == stored  # nothing measured, nothing rewritten
+    md = out.read_text()
+    assert md == pc.render(report)
+    machine = md.splitlines()[4]
+    assert machine.startswith("Machine: 64 CPU cores (elsewhere), torch 1.0 (as recorded;")
+    assert torch.backends.cpu.get_cpu_capability() not in machine  # not this machine's line
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1])["machine"] == machine.removeprefix("Machine: ").rstrip(".")
+
+
+def test_render_only_without_a_stored_report_is_one_user_error(tmp_path):
+    with pytest.raises(pc.UserError, match="^--render-only: no stored report"):
+        pc.main(["--render-only", "--out", str(tmp_path / "none.md")])
+    assert not (tmp_path / "none.md").exists()

@@ -1,0 +1,151 @@
+"""Every benchmark names the machine its figures were measured on (the ISA torch dispatches to,
+threads, ...) above its table and in its JSON line; benchmarks/gpu_check.sh refuses, in one
+line, a machine without CUDA."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from benchmark_module import ROOT, load_benchmark
+
+ISA = torch.backends.cpu.get_cpu_capability()
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The benchmarks set torch's threads: give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _machine_first(out: str, *, threads: int) -> tuple[str, dict]:
+    """The machine line, checked to come before any figure, and the final JSON line."""
+    lines = out.strip().splitlines()
+    machine = next(i for i, line in enumerate(lines) if line.startswith("# machine: "))
+    text = lines[machine].removeprefix("# machine: ")
+    assert f"ISA {ISA}," in text and f", {threads} threads," in text
+    assert "load average" in text and f"torch {torch.__version__.split('+')[0]}" in text
+    summary = json.loads(lines[-1])
+    assert text.startswith(summary["machine"])  # the same line (the table's adds a load note)
+    return text, {"lines": lines, "index": machine, "summary": summary}
+
+
+def test_kernels_prints_the_machine_above_its_table(capsys):
+    kernels = load_benchmark("kernels")
+    args = ["--widths", "0.5", "--batches", "1", "--tiles", "2", "--repeats", "1"]
+    assert kernels.main(args) == 0
+    _text, got = _machine_first(capsys.readouterr().out, threads=1)
+    header = next(i for i, line in enumerate(got["lines"]) if "conv2d ms" in line)
+    assert got["index"] < header
+    assert got["summary"]["rows"]  # figures were measured
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_kernels_on_a_missing_gpu_is_refused(capsys):
+    assert load_benchmark("kernels").main(["--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_search_cost_prints_the_machine_above_its_rows(monkeypatch, capsys):
+    """Training replaced by stand-ins (the real thing takes minutes): what is printed."""
+    import wasearch.engine
+    import wasearch.models
+    import wasearch.search.base
+
+    def fake_fit(model, data, config, *, on_epoch=None, **_kw):
+        time.sleep(0.02)  # the figures are rounded to 0.01 s, and divided by
+        if on_epoch is not None:  # from scratch: reaches the adapted accuracy in one epoch
+            on_epoch({"val_acc": 0.6, "epoch": 1})
+        return SimpleNamespace(best_val_acc=0.5, val_images=200)
+
+    monkeypatch.setattr(wasearch.engine, "fit", fake_fit)
+    monkeypatch.setattr(wasearch.models, "build", lambda arch: None)
+    monkeypatch.setattr(wasearch.search.base, "ensure_base", lambda *a, **k: "base")
+    monkeypatch.setattr(wasearch.search.base, "load_space_data", lambda space: None)
+    space = str(ROOT / "spaces" / "quick.yaml")
+    assert load_benchmark("search_cost").main([space, "--threads", "1"]) == 0
+    _text, got = _machine_first(capsys.readouterr().out, threads=1)
+    first_row = next(i for i, line in enumerate(got["lines"]) if "adapted" in line)
+    assert got["index"] < first_row
+    assert got["summary"]["trials"] == 5  # quick.yaml's reference architectures
+
+
+def test_nas_compare_prints_the_machine_above_its_table(monkeypatch, capsys, tmp_path):
+    """The searches replaced by stand-in studies (the real ones take many minutes)."""
+    nas = load_benchmark("nas_compare")
+    monkeypatch.setattr(nas, "subprocess", SimpleNamespace(run=lambda *a, **k: None))
+    monkeypatch.setattr(nas, "shutil", SimpleNamespace(copytree=lambda *a, **k: None))
+    monkeypatch.setattr(nas, "_run", lambda space, results: 1.0)
+    import wasearch.search.base
+
+    monkeypatch.setattr(wasearch.search.base, "default_threads", lambda workers=1: 3)
+    optuna_trials = [
+        SimpleNamespace(values=[acc], user_attrs={"latency_ms": lat, "train_seconds": 10.0})
+        for lat, acc in ((1.0, 0.5), (2.0, 0.7))
+    ]
+    dnas_trials = [
+        SimpleNamespace(
+            values=[0.65],
+            user_attrs={
+                "source": "differentiable",
+                "lambda": 0.1,
+                "latency_ms": 1.5,
+                "train_seconds": 2.0,
+                "val_acc": 0.65,
+                "val_images": 200,
+                "arch_summary": "F4-flex/8 x16",
+            },
+        )
+    ]
+    monkeypatch.setattr(
+        nas, "_load", lambda results, name: optuna_trials if name == "quick" else dnas_trials
+    )
+    assert nas.main(["--out", str(tmp_path)]) == 0
+    _text, got = _machine_first(capsys.readouterr().out, threads=3)
+    header = next(i for i, line in enumerate(got["lines"]) if "Optuna front acc" in line)
+    assert got["index"] < header
+    assert got["summary"]["points"][0]["gap_points"] == pytest.approx(0.0 - (0.65 - 0.5) * 100)
+
+
+def test_the_header_functions_name_this_machine(monkeypatch):
+    import wasearch.search.base
+
+    kernels = load_benchmark("kernels")
+    assert kernels.machine_header("cpu: X, ISA Y", load=0.0) == "# machine: cpu: X, ISA Y"
+    assert "shared" in kernels.machine_header("cpu: X, ISA Y", load=2.0)
+    monkeypatch.setattr(wasearch.search.base, "default_threads", lambda workers=1: 3)
+    nas = load_benchmark("nas_compare").machine_header()
+    assert nas.startswith("# machine: ") and f"ISA {ISA}, " in nas and ", 3 threads," in nas
+
+
+# -- benchmarks/gpu_check.sh ----------------------------------------------------------------
+
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def test_gpu_check_is_an_executable_bash_script():
+    assert os.access(SCRIPT, os.X_OK)
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_without_cuda_exits_2_in_one_line(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    env.pop("PYTHON", None)
+    got = subprocess.run(
+        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert got.returncode == 2
+    lines = (got.stdout + got.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: no CUDA: ")
+    assert not Path(tmp_path / "out").exists()  # nothing written

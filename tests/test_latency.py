@@ -553,3 +553,25 @@ def test_space_of_any_network_is_planned_and_measured(tmp_path: Path) -> None:
         "F2-static/fp x13",
         "F6-static/fp x13",
     ]
+
+
+def test_op_overhead_spreads_the_in_place_excess_over_module_operations(monkeypatch) -> None:
+    # Deterministic: the op-by-op pass and the plain pass are stand-ins with known times.
+    from wasearch.latency.ops import OpKey
+    from wasearch.latency.timing import NetworkTimer
+
+    timer = NetworkTimer.__new__(NetworkTimer)
+    timer._hook_cost, timer._op_overhead = 2e-6, None
+    conv = OpKey("conv3x3", 8, 8, 4, 4)
+    glue = OpKey("functions", 8, 8, 4, 4, detail="glue")
+    raw = {conv: [100e-6, 100e-6, 100e-6, 100e-6], glue: [20e-6]}  # 4 module ops, 420 us
+    monkeypatch.setattr(timer, "_run_raw", lambda repeats=1: {k: list(v) for k, v in raw.items()})
+    monkeypatch.setattr(timer, "run_total", lambda repeats=1: [380e-6] * repeats)
+    assert timer.op_overhead() == pytest.approx(10e-6)  # (420 - 380) / 4 module operations
+    got = timer.run(1)
+    assert got[conv] == pytest.approx([90e-6] * 4)  # module operations corrected
+    assert got[glue] == pytest.approx([20e-6])  # the functions between modules are not
+    # A plain pass slower than the ticked one (noise): never below the hooks' own cost.
+    timer._op_overhead = None
+    monkeypatch.setattr(timer, "run_total", lambda repeats=1: [500e-6] * repeats)
+    assert timer.op_overhead() == pytest.approx(2e-6)

@@ -201,6 +201,7 @@ class NetworkTimer:
         self.keys = {op.name: op.key.with_batch(batch) for op in ops}
         self.modules = [op.module for op in ops if op.module is not None]
         self._hook_cost: float | None = None
+        self._op_overhead: float | None = None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -215,8 +216,8 @@ class NetworkTimer:
             self._sync()
         return self
 
-    def run(self, repeats: int = 1) -> dict[OpKey, list[float]]:
-        """Per-operation samples of ``repeats`` passes (layers sharing a key pool theirs)."""
+    def _run_raw(self, repeats: int = 1) -> dict[OpKey, list[float]]:
+        """Per-operation samples of ``repeats`` passes as the clock read them (uncorrected)."""
         samples: dict[OpKey, list[float]] = {}
         clock = [0.0]
 
@@ -240,13 +241,43 @@ class NetworkTimer:
                     clock[0] = time.perf_counter()
                     self.deployed(self.x)
                     tick(OUTPUT_OP)
-        # A module call's hooks and ticks cost the clock itself a few microseconds, which a
-        # plain forward pass does not spend: take that off every module operation's samples.
-        cost = self.hook_cost()
+        return samples
+
+    def run(self, repeats: int = 1) -> dict[OpKey, list[float]]:
+        """Per-operation samples of ``repeats`` passes (layers sharing a key pool theirs), each
+        module operation's sample less what the in-place clock adds to it
+        (:meth:`op_overhead`)."""
+        samples = self._run_raw(repeats)
+        cost = self.op_overhead()
         for key, got in samples.items():
             if key.op != "functions":
                 got[:] = [max(v - cost, 0.0) for v in got]
         return samples
+
+    def op_overhead(self, pairs: int = 9) -> float:
+        """Seconds the in-place clock adds to one module operation of *this* network. Cached.
+
+        Measured on the network itself: ``pairs`` times, one pass timed operation by operation
+        and one plain pass, back to back; the operations' sum exceeds the plain pass by what the
+        ticks (hooks, clock reads, bookkeeping, and the caches they disturb) cost, spread over
+        the module operations of a pass; the median over pairs, at least the cost of the hooks
+        alone (:meth:`hook_cost`). A probe module's hook cost alone (~6 us here) left the
+        operation-by-operation sums of small networks 5-13 % above their plain passes (the
+        more so the cheaper their operations: direct convolutions at batch 1), so a table
+        over-priced direct layers against Winograd ones.
+        """
+        if self._op_overhead is not None:
+            return self._op_overhead
+        floor = self.hook_cost()
+        per_op = []
+        for _ in range(pairs):
+            raw = self._run_raw(1)
+            plain = self.run_total(1)[0]
+            ops = sum(len(v) for k, v in raw.items() if k.op != "functions")
+            if ops:
+                per_op.append((sum(sum(v) for v in raw.values()) - plain) / ops)
+        self._op_overhead = max(statistics.median(per_op), floor) if per_op else floor
+        return self._op_overhead
 
     def hook_cost(self, calls: int = 400, repeats: int = 5) -> float:
         """Seconds the in-place clock adds to one module call (its hooks and ticks, measured

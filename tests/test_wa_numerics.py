@@ -204,3 +204,30 @@ def test_separable_transform_gradients(p, a):
     tiles = torch.randn(a * a, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_transform_2d, (mat, tiles))
     assert torch.autograd.gradcheck(_transform_2d, (mat.detach(), tiles))
+
+
+def test_static_quantized_transforms_are_kept_until_a_buffer_changes():
+    layer = WinogradConv2d(4, 4, tile=4, mode="static", bits=8)
+
+    def fresh(lay):
+        return tuple(lay.q_transform(t) for t in (lay.A_t, lay.G, lay.B_t))
+
+    first = layer.transforms()
+    assert layer.transforms() is first  # reused, not quantized again
+    for a, b in zip(first, fresh(layer), strict=True):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        layer.B_t.mul_(2.0)  # a changed buffer (its version moves): quantized again
+    again = layer.transforms()
+    assert again is not first
+    assert torch.equal(again[2], fresh(layer)[2])
+    layer.double()  # another dtype: rebuilt transforms, quantized again
+    assert all(t.dtype == torch.float64 for t in layer.transforms())
+    other = WinogradConv2d(4, 4, tile=4, mode="static", bits=8)
+    with torch.inference_mode():
+        other.transforms()
+    assert getattr(other, "_quantized_transforms", None) is None  # nothing kept from there
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    other(x).sum().backward()  # and training afterwards works
+    flex = WinogradConv2d(4, 4, tile=4, mode="flex", bits=8)
+    assert flex.transforms()[0] is not flex.transforms()[0]  # learned: quantized every call

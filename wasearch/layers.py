@@ -262,11 +262,27 @@ class WinogradConv2d(nn.Module):
         return y
 
     def transforms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The transforms as used in the forward pass (fake-quantized when ``bits`` is set)."""
+        """The transforms as used in the forward pass (fake-quantized when ``bits`` is set).
+
+        A static layer's quantized transforms are a function of fixed buffers: they are kept
+        and reused until a buffer changes (its storage, version, dtype or device), rather than
+        quantized again at every call (three quantizer calls, ~36 small torch operations per
+        pass, which weigh on small networks). Not kept under ``torch.inference_mode``, whose
+        tensors autograd could not use later."""
         mats = (self.A_t, self.G, self.B_t)
         if self.bits is None:
             return mats
-        return tuple(self.q_transform(t) for t in mats)  # type: ignore[return-value]
+        if self.mode != "static":
+            return tuple(self.q_transform(t) for t in mats)  # type: ignore[return-value]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in mats)
+        cached = getattr(self, "_quantized_transforms", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            quantized = tuple(self.q_transform(t) for t in mats)
+        if not torch.is_inference_mode_enabled():
+            self._quantized_transforms = (key, quantized)
+        return quantized  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding != (1, 1):  # other zero paddings around the padding-1 pipeline

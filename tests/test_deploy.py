@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wasearch import Arch, build
+from wasearch import Arch, LayerChoice, build
 from wasearch.deploy import (
     DirectConv,
     WinogradConv,
     has_int_kernel,
     int8_available,
+    pick_fastest_forms,
     to_deploy,
     winograd_deploy_conv2d,
 )
@@ -230,3 +231,43 @@ def test_any_model_deploys_like_its_training_form(size: int) -> None:
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fastest_forms_are_picked_per_layer_and_change_no_output() -> None:
+    torch.manual_seed(3)
+    arch = Arch.uniform("static", 4, None, width=WIDTH).with_layers(
+        {
+            "layer1.0.conv1": LayerChoice("static", 2, None),
+            "layer2.0.conv2": LayerChoice("normal", None, None),
+        }
+    )
+    model = _randomize(build(arch))
+    x = torch.randn(4, 3, 32, 32)
+    deployed = to_deploy(model)
+    winograd = {n for n, c in arch if c.conv != "normal"}  # by layer name, as kernels
+    assert set(deployed.forms) == winograd  # the default forms
+    assert len(winograd) == sum(isinstance(m, WinogradConv) for m in deployed.modules())
+    assert deployed.forms["layer1.0.conv1"] == ("kron", 256)  # F2: Kronecker by default
+    with torch.no_grad():
+        before = deployed(x)
+
+    # A timer that prefers one form on one layer and another elsewhere: each layer keeps its own.
+    def timer(module, inp):
+        assert inp.shape[0] == 4  # timed on the input it receives for x
+        want = ("separable", None) if module.tile == 2 else ("kron", 256)
+        return 1.0 if module.form == want else 2.0
+
+    chosen = pick_fastest_forms(deployed, x, timer=timer)
+    assert set(chosen) == winograd
+    assert chosen["layer1.0.conv1"] == ("separable", None)
+    assert all(chosen[n] == ("kron", 256) for n in winograd - {"layer1.0.conv1"})
+    kernels = [m for m in deployed.modules() if isinstance(m, WinogradConv)]
+    assert all(chosen[m.layer_name] == m.form for m in kernels)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), before, rtol=1e-4, atol=1e-5)
+    # Through to_deploy, with the real clock: every layer gets one of the forms.
+    timed = to_deploy(model, fastest_forms_on=x[:1])
+    assert set(timed.forms) == winograd
+    assert all(f in WinogradConv.FORMS for f in timed.forms.values())
+    with pytest.raises(ValueError, match="form"):
+        kernels[0].set_form("kron", 64)

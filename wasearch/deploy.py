@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import statistics
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -56,6 +58,7 @@ __all__ = [
     "WinogradConv",
     "has_int_kernel",
     "int8_available",
+    "pick_fastest_forms",
     "to_deploy",
     "winograd_deploy_conv2d",
     "winograd_input_tiles",
@@ -191,7 +194,7 @@ def _convert_conv(
     if isinstance(mod, WinogradConv2d):
         A_t, G, B_t = mod.transforms()
         amax = _quantizer_amax(mod.q_input_wd, per_tap=True)
-        return WinogradConv(
+        kernel = WinogradConv(
             w,
             b,
             A_t,
@@ -200,6 +203,8 @@ def _convert_conv(
             bits=run_bits,
             act_amax=amax if amax is not None else calib.get(name),
         )
+        kernel.layer_name = name
+        return kernel
     amax = _quantizer_amax(getattr(mod, "q_input", None))
     amax = amax if amax is not None else calib.get(name)
     return DirectConv(w, b, padding=padding, bits=run_bits, act_amax=amax)
@@ -241,7 +246,11 @@ def _calibrate(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
 
 def to_deploy(
-    model: nn.Module, *, int8: bool = True, calibration: torch.Tensor | None = None
+    model: nn.Module,
+    *,
+    int8: bool = True,
+    calibration: torch.Tensor | None = None,
+    fastest_forms_on: torch.Tensor | None = None,
 ) -> DeployResNet:
     """Convert a trained ``ResNetWA`` into its inference form (see the module doc).
 
@@ -253,6 +262,12 @@ def to_deploy(
         calibration: a batch of inputs that fixes the activation ranges of quantized layers whose
             training quantizers never saw data; without it such ranges are measured per call.
 
+        fastest_forms_on: a batch shaped as the deployed model will run (batch size, image
+            size): each Winograd kernel is timed on its input there in every form
+            (:func:`pick_fastest_forms`) and keeps the fastest; the choices are the result's
+            ``forms``. Without it, every kernel keeps the default form (separable transforms
+            from F4 up, in groups of images).
+
     Layers whose bit-width has no kernel here (4, 16, ...) run float32; they are listed in the
     result's ``substituted`` and reported once with ``warnings.warn``.
 
@@ -262,14 +277,85 @@ def to_deploy(
     """
     if isinstance(model, ResNetWA):
         with torch.no_grad():
-            return _to_deploy(model, int8=int8, calibration=calibration)
-    arch = getattr(model, "arch", None)
-    if arch is None or getattr(arch, "is_paper", True):
-        raise TypeError(
-            f"to_deploy expects a network from wasearch.models.build, got {type(model).__name__}"
-        )
-    with torch.no_grad():
-        return _to_deploy_any(model, int8=int8, calibration=calibration)
+            deployed: nn.Module = _to_deploy(model, int8=int8, calibration=calibration)
+    else:
+        arch = getattr(model, "arch", None)
+        if arch is None or getattr(arch, "is_paper", True):
+            raise TypeError(
+                "to_deploy expects a network from wasearch.models.build, got "
+                f"{type(model).__name__}"
+            )
+        with torch.no_grad():
+            deployed = _to_deploy_any(model, int8=int8, calibration=calibration)
+    deployed.forms = {name: mod.form for name, mod in _winograd_kernels(deployed).items()}
+    if fastest_forms_on is not None:
+        deployed.forms = pick_fastest_forms(deployed, fastest_forms_on)
+    return deployed
+
+
+def _winograd_kernels(deployed: nn.Module) -> dict[str, WinogradConv]:
+    """The Winograd kernels of a deployed network by layer name (the ``Arch``'s, as
+    ``kernels`` names them), or by module path where a kernel carries none."""
+    return {
+        getattr(mod, "layer_name", path): mod
+        for path, mod in deployed.named_modules()
+        if isinstance(mod, WinogradConv)
+    }
+
+
+def _time_kernel(module: nn.Module, x: torch.Tensor, repeats: int = 15) -> float:
+    """Median seconds of one call of ``module`` on ``x`` (two untimed calls first)."""
+    with torch.inference_mode():
+        for _ in range(2):
+            module(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            module(x)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def pick_fastest_forms(
+    deployed: nn.Module,
+    x: torch.Tensor,
+    *,
+    timer: Callable[[nn.Module, torch.Tensor], float] = _time_kernel,
+) -> dict[str, tuple[str, int | None]]:
+    """Time every Winograd kernel of ``deployed`` in each of its forms
+    (:data:`WinogradConv.FORMS`: Kronecker or separable transforms, the batch in groups or
+    whole) on the input it receives when ``deployed`` runs ``x``, and keep the fastest, in
+    place. Every form computes the same convolution (equal up to float rounding), so the
+    network's outputs do not change. Returns ``{module path: (transform, chunk_tiles)}``.
+    ``timer(module, input)`` returns seconds (default: the median of 15 calls)."""
+    kernels = _winograd_kernels(deployed)
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in kernels.items():
+
+        def keep(_mod, args, name=name):
+            inputs[name] = args[0]
+
+        hooks.append(mod.register_forward_pre_hook(keep))
+    try:
+        with torch.inference_mode():
+            deployed(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    chosen: dict[str, tuple[str, int | None]] = {}
+    for name, inp in inputs.items():
+        mod = kernels[name]
+        times = {}
+        for form in WinogradConv.FORMS:
+            mod.set_form(*form)
+            times[form] = timer(mod, inp)
+        best = min(times, key=times.__getitem__)
+        mod.set_form(*best)
+        chosen[name] = best
+    return chosen
 
 
 def _to_deploy(model: nn.Module, *, int8: bool, calibration: torch.Tensor | None) -> DeployResNet:
@@ -405,6 +491,7 @@ def _to_deploy_any(model: nn.Module, *, int8: bool, calibration: torch.Tensor | 
                 bits=run_bits,
                 act_amax=amax if amax is not None else calib.get(name),
             )
+            kernel.layer_name = name
             if mod.padding != (1, 1):
                 kernel = _Padded(kernel, mod.padding)
         else:

@@ -362,6 +362,8 @@ class WinogradConv(nn.Module):
         kron = transform == "kron" or (transform == "auto" and m < _SEPARABLE_FROM_TILE)
         self.register_buffer("kron_a", torch.kron(A_t, A_t) if kron else None)
         self.register_buffer("kron_b", torch.kron(B_t, B_t) if kron else None)
+        #: Tiles per group of images the pipeline runs on (None: the whole batch at once).
+        self.chunk_tiles: int | None = CHUNK_TILES
         if bits is None:
             self.register_buffer("u_t", u.transpose(1, 2).contiguous())  # (a2, C, K)
             return
@@ -376,6 +378,31 @@ class WinogradConv(nn.Module):
         self.register_buffer("u_scales", scales)
         self.register_buffer("qu", qu)
         self.packed = _qprepack(qu, scales, 1.0, 128, 0, a * a)
+
+    #: The forms :meth:`set_form` takes: 2-D transforms as one Kronecker GEMM or two 1-D
+    #: GEMMs, the batch in groups of about ``CHUNK_TILES`` tiles or whole. Every form computes
+    #: the same convolution with the same transforms and products (equal up to float rounding).
+    FORMS = (
+        ("kron", CHUNK_TILES),
+        ("separable", CHUNK_TILES),
+        ("kron", None),
+        ("separable", None),
+    )
+
+    @property
+    def form(self) -> tuple[str, int | None]:
+        """``(transform, chunk_tiles)``: how this kernel runs now (one of :data:`FORMS`)."""
+        return ("kron" if self.kron_a is not None else "separable", self.chunk_tiles)
+
+    def set_form(self, transform: str, chunk_tiles: int | None) -> None:
+        """Run as ``transform`` (``"kron"`` or ``"separable"``) in groups of ``chunk_tiles``
+        tiles (None: the whole batch); see :data:`FORMS`."""
+        if (transform, chunk_tiles) not in self.FORMS:
+            raise ValueError(f"form ({transform!r}, {chunk_tiles!r}); use one of {self.FORMS}")
+        kron = transform == "kron"
+        self.kron_a = torch.kron(self.A_t, self.A_t) if kron else None
+        self.kron_b = torch.kron(self.B_t, self.B_t) if kron else None
+        self.chunk_tiles = chunk_tiles
 
     def extra_repr(self) -> str:
         kind = "float32" if self.bits is None else "int8 product (oneDNN)"
@@ -414,6 +441,7 @@ class WinogradConv(nn.Module):
             kron_a=self.kron_a,
             kron_b=self.kron_b,
             product=None if self.bits is None else self._int8_product,
+            chunk_tiles=getattr(self, "chunk_tiles", CHUNK_TILES),
         )
 
 

@@ -9,7 +9,11 @@ the training-time ``winograd_conv2d`` (NCHW, Kronecker transforms, weights trans
 call) for F4, the kernel before the deploy optimizations. The kernels of one geometry are timed
 in interleaved rounds (one call each per round, shuffled), so that load from other processes on
 a shared machine hits them alike. Target (issue 3): F4 at or below conv2d's time on layers with
-64 or more channels at batch 32. ``--device cuda`` times them on a GPU (each call synchronized).
+64 or more channels at batch 32 (issue 14: and at batch 1, in float32 and 8-bit). ``--bits 8``
+times the int8 kernels instead: the deploy Winograd kernel with its Winograd-domain product on
+oneDNN's int8 convolution (input ranges per tile position, calibrated on the input) against
+oneDNN's int8 direct convolution on a non-negative (post-ReLU) input. ``--device cuda`` times
+them on a GPU (each call synchronized; float32 only).
 
 Prints the machine (``wasearch.latency.timing.machine_line``), a table, then one JSON line of
 figures (with the machine line in it).
@@ -32,7 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from wasearch.deploy import WinogradConv
+from wasearch.deploy import DirectConv, WinogradConv, int8_available, winograd_input_tiles
 from wasearch.latency.timing import Timing, device_identity, machine_line
 from wasearch.models import searchable_convs
 from wasearch.winograd import transform_matrices, winograd_conv2d
@@ -68,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="2-D transform form of the deploy kernel (default: auto)",
     )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument(
+        "--bits",
+        choices=("fp32", "8"),
+        default="fp32",
+        help="fp32 (default): float kernels against F.conv2d; 8: the int8 kernels (Winograd-"
+        "domain product on oneDNN's int8 convolution) against oneDNN's int8 direct convolution",
+    )
     return p
 
 
@@ -123,6 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"--device {args.device}: CUDA is not available here", file=sys.stderr)
         return 2
+    int8 = args.bits == "8"
+    if int8 and (device.type != "cpu" or not int8_available()):
+        print(
+            f"--bits 8: no int8 convolution kernel on {args.device} with this torch build",
+            file=sys.stderr,
+        )
+        return 2
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     ident = device_identity(device, threads=args.threads)
     machine = machine_line(device, threads=args.threads)
@@ -139,20 +157,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     for batch in args.batches:
         for width, c, k, h in geometries(args.widths):
             x = torch.randn(batch, c, h, h, device=device)
+            if int8:  # a network's direct convolutions read post-ReLU (non-negative) inputs
+                x = x.relu()
             xl = x.contiguous(memory_format=torch.channels_last)
             w = torch.randn(k, c, 3, 3, device=device) / (3 * c**0.5)
             b = torch.randn(k, device=device)
-            fns = {
-                "conv2d_nchw": functools.partial(F.conv2d, x, w, b, padding=1),
-                "conv2d_cl": functools.partial(F.conv2d, xl, w, b, padding=1),
-            }
+            if int8:
+                direct = DirectConv(w, b, padding=1, bits=8, act_amax=float(x.max()))
+                fns = {"conv2d_int8": functools.partial(direct, xl)}
+            else:
+                fns = {
+                    "conv2d_nchw": functools.partial(F.conv2d, x, w, b, padding=1),
+                    "conv2d_cl": functools.partial(F.conv2d, xl, w, b, padding=1),
+                }
             errs = {}
             for m in args.tiles:
                 if m > h:
                     continue
                 A_t, G, B_t = transform_matrices(m)
                 A_t, G, B_t = (t.to(device) for t in (A_t, G, B_t))
-                mod = WinogradConv(w, b, A_t, G, B_t, transform=args.transforms).to(device)
+                amax = None
+                if int8:  # the Winograd-domain input's range per tile position, calibrated
+                    a = m + 2
+                    v = B_t @ winograd_input_tiles(x, m).reshape(a, -1)
+                    amax = torch.matmul(B_t, v.view(a, a, -1)).abs().reshape(a * a, -1).amax(1)
+                mod = WinogradConv(
+                    w, b, A_t, G, B_t, transform=args.transforms, bits=8 if int8 else None,
+                    act_amax=amax,
+                ).to(device)  # fmt: skip
                 fns[f"F{m}"] = functools.partial(mod, xl)
                 with torch.no_grad():
                     ref = F.conv2d(x, w, b, padding=1)
@@ -162,17 +194,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fns["F4_before"] = functools.partial(winograd_conv2d, x, w, A_t, G, B_t, bias=b)
             times = interleaved(fns, repeats=args.repeats, rng=order, sync=sync)
             stat = {name: t.stat(args.stat) for name, t in times.items()}
-            base = min(stat["conv2d_nchw"], stat["conv2d_cl"])
-            row = {
-                "width": width,
-                "batch": batch,
-                "in": c,
-                "out": k,
-                "size": h,
-                "conv2d_s": base,
-                "conv2d_nchw_s": stat["conv2d_nchw"],
-                "conv2d_cl_s": stat["conv2d_cl"],
-            }
+            row = {"width": width, "batch": batch, "in": c, "out": k, "size": h}
+            if int8:
+                base = row["conv2d_s"] = stat["conv2d_int8"]
+            else:
+                base = min(stat["conv2d_nchw"], stat["conv2d_cl"])
+                row.update(
+                    conv2d_s=base,
+                    conv2d_nchw_s=stat["conv2d_nchw"],
+                    conv2d_cl_s=stat["conv2d_cl"],
+                )
             cells = []
             for name in [f"F{m}" for m in args.tiles] + (["F4_before"] if args.before else []):
                 if name not in stat:
@@ -189,23 +220,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
 
-    target = [
-        r for r in results if r["batch"] == 32 and min(r["in"], r["out"]) >= 64 and "F4_ratio" in r
-    ]
-    met = [r for r in target if r["F4_ratio"] <= 1.0]
-    print(
-        f"\nF4 <= conv2d on {len(met)} of {len(target)} layers with >= 64 channels at batch 32"
-        + (
-            ""
-            if len(met) == len(target)
-            else "; not on: "
-            + ", ".join(
-                f"w{r['width']} {r['in']}->{r['out']}@{r['size']} ({r['F4_ratio']:.2f}x)"
-                for r in target
-                if r["F4_ratio"] > 1.0
+    met_by_batch = {}
+    print()
+    for bt in args.batches:
+        target = [
+            r
+            for r in results
+            if r["batch"] == bt and min(r["in"], r["out"]) >= 64 and "F4_ratio" in r
+        ]
+        met = [r for r in target if r["F4_ratio"] <= 1.0]
+        met_by_batch[str(bt)] = f"{len(met)}/{len(target)}"
+        print(
+            f"F4 <= {'int8 direct' if int8 else 'conv2d'} on {len(met)} of {len(target)} layers "
+            f"with >= 64 channels at batch {bt}"
+            + (
+                ""
+                if len(met) == len(target)
+                else "; not on: "
+                + ", ".join(
+                    f"w{r['width']} {r['in']}->{r['out']}@{r['size']} ({r['F4_ratio']:.2f}x)"
+                    for r in target
+                    if r["F4_ratio"] > 1.0
+                )
             )
         )
-    )
     summary = {
         "benchmark": "kernels",
         "machine": machine,
@@ -217,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "transforms": args.transforms,
         "stat": args.stat,
         "repeats": args.repeats,
-        "f4_target_met": f"{len(met)}/{len(target)}",
+        "bits": args.bits,
+        "f4_target_met": met_by_batch,
         "seconds": round(time.perf_counter() - t_start, 1),
         "rows": [
             {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}

@@ -49,6 +49,27 @@ def test_kernels_prints_the_machine_above_its_table(capsys):
     assert got["summary"]["rows"]  # figures were measured
 
 
+def test_kernels_times_the_int8_kernels_against_int8_direct(capsys):
+    from wasearch.deploy import int8_available
+
+    kernels = load_benchmark("kernels")
+    args = ["--bits", "8", "--widths", "0.5", "--batches", "1", "--tiles", "4", "--repeats", "1"]
+    if not int8_available():
+        assert kernels.main(args) == 2  # refused in one line, not timed as float
+        assert "no int8" in capsys.readouterr().err
+        return
+    assert kernels.main(args) == 0
+    _text, got = _machine_first(capsys.readouterr().out, threads=1)
+    summary = got["summary"]
+    assert summary["bits"] == "8"
+    assert set(summary["f4_target_met"]) == {"1"}  # one summary per batch size
+    rows = summary["rows"]
+    assert rows and all(
+        "F4_ratio" in r and "conv2d_nchw_s" not in r for r in rows if r["size"] >= 4
+    )
+    assert all(r["F4_relerr"] < 1.0 for r in rows if "F4_relerr" in r)  # a convolution, roughly
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_kernels_on_a_missing_gpu_is_refused(capsys):
     assert load_benchmark("kernels").main(["--device", "cuda"]) == 2

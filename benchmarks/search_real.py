@@ -320,27 +320,12 @@ def _slim(p: dict) -> dict:
 
 
 def proxy_rerun(arch: Arch, space, base: Path, data, seed: int, device: str) -> dict:
-    """The trial recipe again (``trial_config`` of the space), with another seed."""
-    from wasearch.engine import fit
-    from wasearch.models import build
+    """The trial recipe again (``trial_config`` of the space), with another seed: proxy_fidelity's
+    ``adapt_row``, the one fine-tune-and-score."""
     from wasearch.search.base import trial_config
 
     config = replace(trial_config(space), seed=seed)
-    result = fit(
-        build(arch),
-        data,
-        config,
-        init_from=base,
-        device=device,
-        progress=False,
-        log=lambda _: None,
-    )
-    n = len(data.val)
-    return {
-        "val_acc": result.best_val_acc,
-        "val_se": binomial_se(result.best_val_acc, n),
-        "val_images": n,
-    }
+    return _proxy_fidelity().adapt_row(arch, base, data, config, device)
 
 
 def long_run(arch: Arch, space, base: Path, data, setting: Setting, seed: int, device) -> dict:

@@ -72,7 +72,7 @@ def test_train_then_adapt_then_arch(tmp_path):
         *TINY,
     )
     assert r.returncode == 0, r.stderr
-    adapted = out / "adapt_synthetic_flex_F4_8bit_w0.125_seed0"
+    adapted = out / "adapt_synthetic_flex_F4_tap_ttap_8bit_w0.125_seed0"  # the defaults
     assert "initialized from" in r.stdout and (adapted / "best.pt").is_file()
     assert json.loads((adapted / "config.json").read_text())["train"]["transform_lr"] == 0.01
 

@@ -182,11 +182,20 @@ class _Stop(Exception):
     [
         ([], {"mult": 0.5, "Q": False}, ("F", "bits", "granularity")),
         (["--Q"], {"mult": 0.5, "Q": True, "bits": 8}, ("F", "granularity")),
-        (["--static", "--mult", "0.125"], {"mult": 0.125, "F": 4}, ("bits", "granularity")),
         (
-            ["--flex", "--F", "2", "--Q", "--bits", "6", "--granularity", "tap"],
-            {"mult": 0.5, "Q": True, "F": 2, "bits": 6, "granularity": "tap"},
-            (),
+            ["--static", "--mult", "0.125"],
+            {"mult": 0.125, "F": 4},
+            ("bits", "granularity", "transforms", "wd_bits"),
+        ),
+        (
+            ["--flex", "--F", "2", "--Q", "--bits", "6", "--granularity", "tensor"],
+            {"mult": 0.5, "Q": True, "F": 2, "bits": 6, "granularity": "tensor"},
+            ("wd_bits",),
+        ),
+        (  # the quantized Winograd defaults: per-tap ranges and transform scales
+            ["--static", "--Q"],
+            {"mult": 0.5, "Q": True, "F": 4, "bits": 8, "granularity": "tap", "transforms": "tap"},
+            ("wd_bits",),
         ),
         (["--arch", "@arch.yaml"], {}, ("mult", "Q", "bits", "F", "granularity")),
     ],

@@ -253,7 +253,7 @@ def test_train_py_granularity_tap_and_arch_file(tmp_path, capsys):
     argv = ["--static", "--F", "2", "--Q", "--bits", "8", "--granularity", "tap", *common]
     argv += ["--mult", str(WIDTH)]
     assert train_cli.main(argv) == 0
-    run = tmp_path / f"synthetic_static_F2_tap_8bit_w{WIDTH:g}_seed0"
+    run = tmp_path / f"synthetic_static_F2_tap_ttap_8bit_w{WIDTH:g}_seed0"
     assert (run / "final.json").is_file()
     saved = Arch.load(run / "arch.yaml")
     assert {c.granularity for _, c in saved} == {"tap"}

@@ -2,9 +2,9 @@
 
 An ``Arch`` names the network (the paper's backbone and width multiplier, or any other model by
 a :class:`~wasearch.netref.ModelRef`), its classes and input size and, for every searchable
-convolution by its module path, a :class:`LayerChoice` ``{conv, tile, bits, granularity}``.
-The model builder, train.py, the latency models, the search and the reports all speak it, and
-every checkpoint embeds it.
+convolution by its module path, a :class:`LayerChoice` ``{conv, tile, bits, granularity,
+transforms, wd_bits}``. The model builder, train.py, the latency models, the search and the
+reports all speak it, and every checkpoint embeds it.
 
 YAML form (short and hand-editable; ``default`` applies to every layer not listed under
 ``layers`` and gives the bit-width of the non-searchable quantized parts, the 1x1 shortcuts)::
@@ -17,6 +17,8 @@ YAML form (short and hand-editable; ``default`` applies to every layer not liste
     layers:
       layer3.0.conv1: {conv: flex, tile: 4, bits: 8}
       layer3.1.conv2: {conv: static, tile: 2, bits: 8, granularity: tap}
+      layer4.0.conv1: {conv: static, tile: 6, bits: 8, granularity: tap, transforms: tap,
+                       wd_bits: 10}
 
 ``save`` writes every layer explicitly, so a saved file reads as the whole network.
 
@@ -49,6 +51,7 @@ from .geometry import (
     MAX_BITS,
     MAX_TILE,
     MIN_BITS,
+    TRANSFORM_SCALES,
     ConvSpec,
     searchable_convs,
     tile_fits,
@@ -57,7 +60,7 @@ from .netref import PAPER, PAPER_NAME, ModelRef
 
 __all__ = ["Arch", "ArchError", "LayerChoice"]
 
-_CHOICE_KEYS = ("conv", "tile", "bits", "granularity")
+_CHOICE_KEYS = ("conv", "tile", "bits", "granularity", "transforms", "wd_bits")
 _ARCH_KEYS = ("model", "backbone", "width", "num_classes", "input_size", "default", "layers")
 
 
@@ -71,13 +74,19 @@ class LayerChoice:
 
     ``conv``: ``normal`` (direct convolution), ``static`` or ``flex`` Winograd; ``tile``: the
     output tile m of F(m x m, 3 x 3), None for normal; ``bits``: 2..16, or None for floating point;
-    ``granularity``: the Winograd-domain quantizers' ranges, per ``tensor`` or per ``tap``.
+    ``granularity``: the Winograd-domain quantizers' ranges, per ``tensor`` or per ``tap``;
+    ``transforms``: the transform matrices' scales, one per ``tensor`` (the paper's) or one
+    power-of-two scale per ``tap`` (exact for the default Cook-Toom matrices at 8 bits);
+    ``wd_bits``: the Winograd domain's precision (transformed weights and inputs, their
+    product), 2..16, or None for ``bits``. The last two need a quantized Winograd conv.
     """
 
     conv: str = "normal"
     tile: int | None = None
     bits: int | None = None
     granularity: str = "tensor"
+    transforms: str = "tensor"
+    wd_bits: int | None = None
 
     def check(self, where: str = "layer") -> LayerChoice:
         """Validate the values on their own (not against a geometry); return self."""
@@ -110,16 +119,55 @@ class LayerChoice:
             raise ArchError(
                 f"{where}: granularity={self.granularity!r}; use one of {', '.join(GRANULARITIES)}"
             )
+        if self.transforms not in TRANSFORM_SCALES:
+            raise ArchError(
+                f"{where}: transforms={self.transforms!r}; use one of "
+                f"{', '.join(TRANSFORM_SCALES)}"
+            )
+        if self.wd_bits is not None and (
+            isinstance(self.wd_bits, bool)
+            or not isinstance(self.wd_bits, int)
+            or not MIN_BITS <= self.wd_bits <= MAX_BITS
+        ):
+            raise ArchError(
+                f"{where}: wd_bits={self.wd_bits!r} is out of range; use {MIN_BITS}..{MAX_BITS} "
+                "or null for the layer's bits"
+            )
+        for key, value, default in (
+            ("transforms", self.transforms, "tensor"),
+            ("wd_bits", self.wd_bits, None),
+        ):
+            if value == default:
+                continue
+            if self.conv == "normal":
+                raise ArchError(
+                    f"{where}: {key}={value!r} given for a normal conv, which has no Winograd "
+                    "domain; drop it"
+                )
+            if self.bits is None:
+                raise ArchError(
+                    f"{where}: {key}={value!r} given for a floating-point conv (bits: null); "
+                    "it sets a quantizer: drop it or set bits"
+                )
         return self
 
     @property
+    def domain_bits(self) -> int | None:
+        """The Winograd domain's precision: ``wd_bits``, else ``bits``."""
+        return self.bits if self.wd_bits is None else self.wd_bits
+
+    @property
     def label(self) -> str:
-        """Short text such as ``normal/8``, ``F4-flex/8``, ``F2-static/fp``, ``F4-static/8t``."""
+        """Short text such as ``normal/8``, ``F4-flex/8``, ``F2-static/fp``, ``F4-static/8t``;
+        ``x`` after the bits marks per-tap transform scales, ``-w10`` a 10-bit Winograd domain
+        (``F6-static/8tx-w10``)."""
         bits = "fp" if self.bits is None else str(self.bits)
         if self.conv == "normal":
             return f"normal/{bits}"
         tap = "t" if self.granularity == "tap" else ""
-        return f"F{self.tile}-{self.conv}/{bits}{tap}"
+        exact = "x" if self.transforms == "tap" else ""
+        wd = "" if self.wd_bits is None else f"-w{self.wd_bits}"
+        return f"F{self.tile}-{self.conv}/{bits}{tap}{exact}{wd}"
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"conv": self.conv}
@@ -128,6 +176,10 @@ class LayerChoice:
         d["bits"] = self.bits
         if self.granularity != "tensor":
             d["granularity"] = self.granularity
+        if self.transforms != "tensor":
+            d["transforms"] = self.transforms
+        if self.wd_bits is not None:
+            d["wd_bits"] = self.wd_bits
         return d
 
     @classmethod
@@ -183,6 +235,8 @@ class Arch:
         bits: int | None = None,
         *,
         granularity: str = "tensor",
+        transforms: str = "tensor",
+        wd_bits: int | None = None,
         backbone: str = "resnet18",
         width: float = 0.5,
         num_classes: int = 10,
@@ -196,7 +250,9 @@ class Arch:
         tile that fits when ``fallback`` is set (the paper's uniform F6 networks do the same);
         without it they keep the tile, computed on a padded partial tile.
         """
-        choice = LayerChoice(conv, tile if conv != "normal" else None, bits, granularity)
+        choice = LayerChoice(
+            conv, tile if conv != "normal" else None, bits, granularity, transforms, wd_bits
+        )
         choice.check("uniform choice")
         layers = []
         probe = cls(backbone, width, num_classes, input_size, model=model)

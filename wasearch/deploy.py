@@ -174,6 +174,17 @@ def _quantizer_amax(q: nn.Module | None, *, per_tap: bool = False) -> Any:
     return amax.clone() if per_tap else float(amax.max())
 
 
+def _run_bits(mod: nn.Module, int8: bool) -> tuple[int | None, int | None]:
+    """(the precision a layer asks for, the integer precision it runs at here or None for
+    fp32). A Winograd layer's is its Winograd domain's (``wd_bits``, else ``bits``): the
+    product is the integer kernel; a domain wider than 8 bits has no integer kernel here (it
+    would need an int16 product) and runs in fp32, which the measured latency prices."""
+    bits = getattr(mod, "bits", None)
+    if isinstance(mod, WinogradConv2d) and mod.wd_bits is not None:
+        bits = mod.wd_bits
+    return bits, (bits if int8 and has_int_kernel(bits) else None)
+
+
 def _convert_conv(
     name: str,
     mod: nn.Module,
@@ -185,8 +196,7 @@ def _convert_conv(
     substituted: list[str],
     calib: dict[str, Any],
 ) -> nn.Module:
-    bits = getattr(mod, "bits", None)
-    run_bits = bits if int8 and has_int_kernel(bits) else None
+    bits, run_bits = _run_bits(mod, int8)
     if bits is not None and run_bits is None:
         substituted.append(name)
     kernels[name] = "fp32" if run_bits is None else f"int{run_bits}"
@@ -475,8 +485,7 @@ def _to_deploy_any(model: nn.Module, *, int8: bool, calibration: torch.Tensor | 
     substituted: list[str] = []
     for name in model.arch.layer_names:
         mod = net.get_submodule(name)
-        bits = getattr(mod, "bits", None)
-        run_bits = bits if int8 and has_int_kernel(bits) else None
+        bits, run_bits = _run_bits(mod, int8)
         if bits is not None and run_bits is None:
             substituted.append(name)
         kernels[name] = "fp32" if run_bits is None else f"int{run_bits}"

@@ -59,6 +59,7 @@ __all__ = [
     "check_init_from",
     "checkpoint_arch",
     "count_params",
+    "distillation_loss",
     "evaluate",
     "fit",
     "init_from_checkpoint",
@@ -94,6 +95,10 @@ class TrainConfig:
     warmup_batches: int = 10  # Winograd-domain range warm-up after init_from_checkpoint
     max_batches_per_epoch: int | None = None  # cap (quick runs and tests)
     transform_lr: float | None = None  # Adam lr of flex transforms (None: lr); no weight decay
+    # Knowledge distillation from the checkpoint the run starts from (``fit(init_from=...)``):
+    # loss = (1 - distill) * CE + distill * T^2 * KL(teacher || student) at temperature T.
+    distill: float = 0.0
+    distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -106,6 +111,10 @@ class TrainConfig:
             raise ValueError(f"transform_lr={self.transform_lr!r} must be positive or None")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill={self.distill!r} must be in [0, 1] (0: off)")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature={self.distill_temperature!r} must be positive")
         self.lr_decay_at = tuple(self.lr_decay_at)
 
     def to_dict(self) -> dict[str, Any]:
@@ -279,6 +288,37 @@ def last_lr(config: TrainConfig) -> float:
     return config.lr * 0.1 ** sum(m < config.epochs for m in _milestones(config))
 
 
+def _teacher(config: TrainConfig, source: str | os.PathLike | None) -> nn.Module | None:
+    """The frozen model ``config.distill`` learns from: the checkpoint the run started from."""
+    if not config.distill:
+        return None
+    if source is None:
+        raise ValueError(
+            f"distill={config.distill}: distillation learns from the checkpoint the run "
+            "starts from, and this run starts from scratch (give init_from)"
+        )
+    teacher = load_checkpoint(source).model.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def distillation_loss(
+    ce: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, config: TrainConfig
+) -> torch.Tensor:
+    """``(1 - a) * ce + a * T^2 * KL(softmax(target / T) || softmax(logits / T))``, a =
+    ``config.distill`` and T its temperature (Hinton et al., 2015; the T^2 keeps the soft
+    term's gradient on the scale of the hard one's)."""
+    a, t = config.distill, config.distill_temperature
+    soft = F.kl_div(
+        F.log_softmax(logits / t, dim=1),
+        F.log_softmax(target / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return (1.0 - a) * ce + a * t * t * soft
+
+
 def fit(
     model: ResNetWA,
     data: DataSplits,
@@ -292,13 +332,16 @@ def fit(
     log: Callable[[str], None] | None = None,
     extra: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    teacher_from: str | os.PathLike | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data.train``, select on ``data.val`` (``data.test`` when no val).
 
     With ``out_dir`` the run writes ``metrics.csv``/``metrics.json`` every epoch, ``last.pt``
     every epoch and ``best.pt`` when validation accuracy improves, all atomically. ``resume``
     continues from ``out_dir/last.pt``. ``init_from`` initializes the weights from another
-    checkpoint and warms up the new quantizer ranges. ``on_epoch`` sees each epoch's metrics
+    checkpoint and warms up the new quantizer ranges. With ``config.distill`` the run
+    distills from ``teacher_from`` (default: ``init_from``); its train loss is then the mixed
+    loss. ``on_epoch`` sees each epoch's metrics
     (a search uses it to report and prune). A NaN or infinite loss raises
     :class:`DivergenceError` after the last good epoch was saved.
     """
@@ -379,6 +422,13 @@ def fit(
         )
         extra.setdefault("init_from", str(init_from))
 
+    source = teacher_from or init_from or extra.get("teacher_from") or extra.get("init_from")
+    teacher = _teacher(config, source)
+    if teacher is not None:
+        extra.setdefault("teacher_from", str(source))
+    if teacher is not None:
+        teacher.to(device)
+
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
         t0 = time.perf_counter()
@@ -394,6 +444,10 @@ def fit(
                 break
             out_logits = model(x)
             loss = F.cross_entropy(out_logits, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = distillation_loss(loss, out_logits, target, config)
             if not torch.isfinite(loss):
                 bar.close()
                 raise DivergenceError(

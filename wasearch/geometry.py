@@ -20,6 +20,7 @@ __all__ = [
     "BLOCKS_PER_STAGE",
     "CONV_KINDS",
     "GRANULARITIES",
+    "TRANSFORM_SCALES",
     "MAX_BITS",
     "MAX_TILE",
     "MIN_BITS",
@@ -40,6 +41,9 @@ BLOCKS_PER_STAGE = 2
 CONV_KINDS = ("normal", "static", "flex")
 #: The ranges of the Winograd-domain quantizers: one per tensor, or one per tile position.
 GRANULARITIES = ("tensor", "tap")
+#: How the transform matrices are quantized: one scale per matrix (the paper's), or one
+#: power-of-two scale per tile position (exact for the default Cook-Toom points; see layers).
+TRANSFORM_SCALES = ("tensor", "tap")
 #: The bit-widths a fake quantizer supports (None, floating point, aside).
 MIN_BITS = 2
 MAX_BITS = 16

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .geometry import CONV_KINDS, GRANULARITIES, MAX_TILE
-from .quant import FakeQuantize, check_bits
+from .geometry import CONV_KINDS, GRANULARITIES, MAX_TILE, TRANSFORM_SCALES
+from .quant import FakeQuantize, check_bits, fake_quantize, fake_quantize_pow2
 from .winograd import transform_matrices, winograd_conv2d
 
 __all__ = ["CONV_KINDS", "GRANULARITIES", "Conv2d", "Linear", "WinogradConv2d"]
@@ -114,6 +114,17 @@ class WinogradConv2d(nn.Module):
             ``"tap"`` (one range per tile position, Andri et al. 2022).
         points: the finite interpolation points of the transforms (default: see ``winograd``).
         padding: zero padding per side, as ``nn.Conv2d`` (default 1, "same").
+        transforms: how the transform matrices are quantized: ``"tensor"`` (one scale per
+            matrix, the paper's) or ``"tap"`` (one power-of-two scale per tile position: per
+            column of ``A^T``, per row of ``G`` and ``B^T``).
+        wd_bits: the precision of the Winograd domain (the transformed weights and inputs and
+            their Hadamard product), 2..16; None: ``bits``.
+
+    ``transforms="tap"``: one scale per position is what a tap-wise integer kernel applies
+    anyway (a per-position multiplier when it requantizes the Winograd-domain tensors), so the
+    per-position scales of the transforms fold into it at no cost, and a power-of-two scale
+    represents every entry of the default Cook-Toom matrices exactly at 8 bits: with one scale
+    per matrix, F6's ``A^T`` (entries 1/32 .. 32) rounds its powers of 1/2 below 1/4 to zero.
 
     Quantized stages when ``bits`` is set: the input, the weights, the transforms (static: their
     exact values are fixed, so the quantized ones are too; flex: re-quantized every step), the
@@ -134,6 +145,8 @@ class WinogradConv2d(nn.Module):
         granularity: str = "tensor",
         points=None,
         padding: int | tuple[int, int] = 1,
+        transforms: str = "tensor",
+        wd_bits: int | None = None,
     ) -> None:
         super().__init__()
         pad = (padding, padding) if isinstance(padding, int) else tuple(padding)
@@ -148,12 +161,21 @@ class WinogradConv2d(nn.Module):
             raise ValueError(f"tile={tile!r}; use an integer in 1..{MAX_TILE} (2, 4 or 6 usual)")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r}; use one of {GRANULARITIES}")
+        if transforms not in TRANSFORM_SCALES:
+            raise ValueError(f"transforms={transforms!r}; use one of {TRANSFORM_SCALES}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.tile = tile
         self.mode = mode
         self.bits = check_bits(bits)
+        try:
+            self.wd_bits = check_bits(wd_bits)
+        except ValueError as err:
+            raise ValueError(f"wd_{err}") from None  # "wd_bits=20 is not supported; ..."
+        if self.wd_bits is not None and self.bits is None:
+            raise ValueError(f"wd_bits={wd_bits!r} needs bits (a quantized layer)")
         self.granularity = granularity
+        self.transform_scales = transforms
         self.kernel_size = (3, 3)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -176,9 +198,10 @@ class WinogradConv2d(nn.Module):
         self.q_input = FakeQuantize(bits)
         self.q_weight = FakeQuantize(bits, running=False)
         self.q_transform = FakeQuantize(bits, running=False)
-        self.q_weight_wd = FakeQuantize(bits, running=False, **tap)
-        self.q_input_wd = FakeQuantize(bits, **tap)
-        self.q_product = FakeQuantize(bits, **tap)
+        wd = self.wd_bits if self.wd_bits is not None else bits
+        self.q_weight_wd = FakeQuantize(wd, running=False, **tap)
+        self.q_input_wd = FakeQuantize(wd, **tap)
+        self.q_product = FakeQuantize(wd, **tap)
         self.q_output = FakeQuantize(bits)
 
     @classmethod
@@ -190,6 +213,8 @@ class WinogradConv2d(nn.Module):
         mode: str = "static",
         bits: int | None = None,
         granularity: str = "tensor",
+        transforms: str = "tensor",
+        wd_bits: int | None = None,
     ) -> WinogradConv2d:
         """The Winograd-aware twin of a 3x3, stride-1, dilation-1, groups-1 zero-padded
         ``conv``: its weight and bias copied (same device and dtype), its padding kept."""
@@ -218,6 +243,8 @@ class WinogradConv2d(nn.Module):
             bias=conv.bias is not None,
             granularity=granularity,
             padding=tuple(pad),
+            transforms=transforms,
+            wd_bits=wd_bits,
         )
         layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
@@ -228,6 +255,10 @@ class WinogradConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         pad = "" if self.padding == (1, 1) else f", padding={self.padding}"
+        if self.transform_scales != "tensor":
+            pad += f", transforms={self.transform_scales}"
+        if self.wd_bits is not None:
+            pad += f", wd_bits={self.wd_bits}"
         return (
             f"{self.in_channels}, {self.out_channels}, F({self.tile}x{self.tile}, 3x3), "
             f"mode={self.mode}, bits={self.bits}, granularity={self.granularity}{pad}"
@@ -270,19 +301,35 @@ class WinogradConv2d(nn.Module):
         pass, which weigh on small networks). Not kept under ``torch.inference_mode``, whose
         tensors autograd could not use later."""
         mats = (self.A_t, self.G, self.B_t)
-        if self.bits is None:
+        if self.bits is None or self.q_transform.bits is None:
             return mats
         if self.mode != "static":
-            return tuple(self.q_transform(t) for t in mats)  # type: ignore[return-value]
+            return self._quantize_transforms(mats)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in mats)
+        key += (self.transform_scales, self.q_transform.bits)
         cached = getattr(self, "_quantized_transforms", None)
         if cached is not None and cached[0] == key:
             return cached[1]
         with torch.no_grad():
-            quantized = tuple(self.q_transform(t) for t in mats)
+            quantized = self._quantize_transforms(mats)
         if not torch.is_inference_mode_enabled():
             self._quantized_transforms = (key, quantized)
-        return quantized  # type: ignore[return-value]
+        return quantized
+
+    def _quantize_transforms(self, mats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.transform_scales == "tensor":
+            return tuple(self.q_transform(t) for t in mats)  # type: ignore[return-value]
+        A_t, G, B_t = mats
+        bits = self.q_transform.bits
+        # One scale per tile position: the columns of A^T and the rows of B^T, powers of two
+        # (shifts in the integer kernel); the rows of G, whose product with the weights is
+        # computed once, offline, each scaled by its largest magnitude.
+        g_amax = G.detach().abs().amax(dim=1)
+        return (
+            fake_quantize_pow2(A_t, bits, 1),
+            fake_quantize(G, g_amax, bits, 0, x_amax=g_amax),
+            fake_quantize_pow2(B_t, bits, 0),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding != (1, 1):  # other zero paddings around the padding-1 pipeline

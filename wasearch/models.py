@@ -55,14 +55,19 @@ def make_conv(in_channels: int, out_channels: int, choice: LayerChoice) -> nn.Mo
     """A 3x3, stride-1, padding-1 convolution of the chosen kind."""
     if choice.conv == "normal":
         return Conv2d(in_channels, out_channels, 3, 1, 1, bits=choice.bits)
-    return WinogradConv2d(
-        in_channels,
-        out_channels,
-        tile=choice.tile,
-        mode=choice.conv,
-        bits=choice.bits,
-        granularity=choice.granularity,
-    )
+    return WinogradConv2d(in_channels, out_channels, **_winograd_options(choice))
+
+
+def _winograd_options(choice: LayerChoice) -> dict:
+    """The ``WinogradConv2d`` keyword arguments of a Winograd choice."""
+    return {
+        "tile": choice.tile,
+        "mode": choice.conv,
+        "bits": choice.bits,
+        "granularity": choice.granularity,
+        "transforms": choice.transforms,
+        "wd_bits": choice.wd_bits,
+    }
 
 
 class BasicBlock(nn.Module):
@@ -178,9 +183,7 @@ def layer_for(conv: nn.Conv2d, choice: LayerChoice) -> nn.Module:
     its weight and bias copied, its padding kept."""
     if choice.conv == "normal":
         return Conv2d.from_conv(conv, bits=choice.bits)
-    return WinogradConv2d.from_conv(
-        conv, tile=choice.tile, mode=choice.conv, bits=choice.bits, granularity=choice.granularity
-    )
+    return WinogradConv2d.from_conv(conv, **_winograd_options(choice))
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:

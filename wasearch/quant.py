@@ -31,7 +31,15 @@ from torch import nn
 
 from .geometry import MAX_BITS, MIN_BITS
 
-__all__ = ["MIN_BITS", "MAX_BITS", "FakeQuantize", "check_bits", "fake_quantize", "qmax"]
+__all__ = [
+    "MIN_BITS",
+    "MAX_BITS",
+    "FakeQuantize",
+    "check_bits",
+    "fake_quantize",
+    "fake_quantize_pow2",
+    "qmax",
+]
 
 _EPS = 1e-12
 
@@ -121,6 +129,26 @@ def fake_quantize(
     if x_amax is not None:
         may_clip = bool((x_amax > amax.detach() * ((top + 0.5) / top)).any())
     return _RoundSTE.apply(x, scale, top, may_clip)
+
+
+def pow2_amax(amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """The smallest range ``top * 2^k`` (integer k) that holds ``amax``: its scale
+    ``2^k`` is a power of two, so a multiply by it is a shift in integer arithmetic."""
+    top = qmax(bits)
+    return top * torch.exp2(torch.ceil(torch.log2(amax.clamp_min(_EPS) / top)))
+
+
+def fake_quantize_pow2(x: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
+    """Round ``x`` to a ``bits``-bit grid with one power-of-two scale per index along ``axis``
+    (the smallest that holds that slice's largest magnitude, so nothing clips).
+
+    A slice whose entries are dyadic rationals spanning fewer than ``bits - 1`` binary orders
+    is represented exactly: the Cook-Toom transforms of the default points (``0, +-1, +-2,
+    +-1/2``), per tile position, are (every ``A^T`` column and ``B^T`` row of F2, F4 and F6 at
+    8 bits). The gradient passes straight through (nothing is clipped)."""
+    dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+    x_amax = x.detach().abs().amax(dim=dims)
+    return fake_quantize(x, pow2_amax(x_amax, bits), bits, axis, x_amax=x_amax)
 
 
 class FakeQuantize(nn.Module):

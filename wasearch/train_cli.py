@@ -3,14 +3,17 @@
 The classic flags of the Winograd-aware paper's code keep their meaning (``--use_normal_conv |
 --static | --flex``, ``--F``, ``--Q``, ``--bits``, ``--mult``, ``--epochs``, ``--batch_size``,
 ``--lr``, ``--use_cpu``, ``--seed``, ``--outDir``, ``--modelDir``/``--modelToLoad``); ``--arch
-FILE.yaml`` trains a per-layer architecture instead. A run writes one folder, named after its
-configuration, holding ``config.json``, ``arch.yaml``, ``summary.txt``, ``metrics.csv``/``.json``,
-``best.pt``, ``last.pt`` and ``final.json``.
+FILE.yaml`` trains a per-layer architecture instead. Quantized Winograd layers default to per-tap
+Winograd-domain ranges and per-tap transform scales (the best combination measured,
+docs/fidelity.md); ``--granularity tensor --transforms tensor`` is the paper's pipeline. A run
+writes one folder, named after its configuration, holding ``config.json``, ``arch.yaml``,
+``summary.txt``, ``metrics.csv``/``.json``, ``best.pt``, ``last.pt`` and ``final.json``.
 
 Flags that would be silently ignored are errors instead: ``--arch`` with any of ``--mult``,
-``--Q``, ``--bits``, ``--F``, ``--granularity`` (the file sets them all), ``--bits`` without
-``--Q``, ``--F`` without ``--static``/``--flex``, ``--granularity`` without a quantized Winograd
-conv. ``config.json`` records only the flags that were used.
+``--Q``, ``--bits``, ``--F``, ``--granularity``, ``--transforms``, ``--wd-bits`` (the file sets
+them all), ``--bits`` without ``--Q``, ``--F`` without ``--static``/``--flex``,
+``--granularity``, ``--transforms`` or ``--wd-bits`` without a quantized Winograd conv.
+``config.json`` records only the flags that were used.
 """
 
 from __future__ import annotations
@@ -46,8 +49,18 @@ __all__ = ["build_parser", "main", "summary_table"]
 
 # Defaults of the classic flags, filled in after parsing where they apply. The parser leaves them
 # None ("not given"), so that one given with --arch, or where it means nothing, is an error.
-_CLASSIC_DEFAULTS = {"mult": 0.5, "F": 4, "bits": 8, "granularity": "tensor"}
-_CLASSIC_FLAGS = ("mult", "Q", "bits", "F", "granularity")  # what --arch sets instead
+# Quantized Winograd layers default to per-tap ranges and per-tap transform scales, the best
+# combination measured on real CIFAR-10 (docs/fidelity.md, sections 3 and 6) and free at deploy;
+# --granularity tensor --transforms tensor is the paper's original pipeline.
+_CLASSIC_DEFAULTS = {"mult": 0.5, "F": 4, "bits": 8, "granularity": "tap", "transforms": "tap"}
+# what --arch sets instead
+_CLASSIC_FLAGS = ("mult", "Q", "bits", "F", "granularity", "transforms", "wd_bits")
+# Winograd-domain options: need --static or --flex and --Q; None when not given
+_DOMAIN_FLAGS = {
+    "granularity": "it sets the ranges of the quantizers in the Winograd domain",
+    "transforms": "it sets the scales of the quantized transforms",
+    "wd_bits": "it sets the precision of the quantized Winograd domain",
+}
 
 
 def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.ArgumentParser:
@@ -67,7 +80,8 @@ def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.Arg
         "--arch",
         metavar="FILE.yaml",
         help="per-layer architecture file; it sets the width, tiles, bit-widths and "
-        "granularities, so --mult, --Q, --bits, --F and --granularity are errors with it",
+        "Winograd-domain options, so --mult, --Q, --bits, --F, --granularity, --transforms "
+        "and --wd-bits are errors with it",
     )
     p.add_argument(
         "--F",
@@ -85,8 +99,22 @@ def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.Arg
     p.add_argument(
         "--granularity",
         choices=("tensor", "tap"),
-        help="Winograd-domain quantizer ranges: per tensor (paper, default) or per tap; "
-        "needs --static or --flex, and --Q",
+        help="Winograd-domain quantizer ranges: per tap (default) or per tensor (the "
+        "paper's); needs --static or --flex, and --Q",
+    )
+    p.add_argument(
+        "--transforms",
+        choices=("tensor", "tap"),
+        help="scales of the quantized transforms: one power-of-two scale per tap (default; "
+        "exact Cook-Toom matrices, docs/fidelity.md) or one per matrix (the paper's); needs "
+        "--static or --flex, and --Q",
+    )
+    p.add_argument(
+        "--wd-bits",
+        dest="wd_bits",
+        type=int,
+        help="bit-width 2..16 of the Winograd domain (transformed weights and inputs, their "
+        "product); default --bits; needs --static or --flex, and --Q",
     )
     p.add_argument(
         "--model",
@@ -148,6 +176,13 @@ def build_parser(prog: str = "train.py", *, adapt: bool = False) -> argparse.Arg
     p.add_argument("--resume", action="store_true", help="continue the run folder's last.pt")
     p.add_argument("--modelDir", help="adapt from this trained run folder")
     p.add_argument(
+        "--distill",
+        type=float,
+        metavar="A",
+        help="knowledge distillation from the --modelDir checkpoint: loss = (1 - A) CE + A "
+        "T^2 KL(teacher || student), A in (0, 1]; needs --modelDir (default: off)",
+    )
+    p.add_argument(
         "--modelToLoad", default="best.pt", help="checkpoint file inside --modelDir (best.pt)"
     )
     p.add_argument(
@@ -175,12 +210,15 @@ def _resolve_classic_flags(args: argparse.Namespace) -> None:
             "bits": "the bit-widths",
             "F": "the tiles",
             "granularity": "the granularities",
+            "transforms": "the transforms' scales",
+            "wd_bits": "the Winograd-domain bit-widths",
         }
         for name in _CLASSIC_FLAGS:
             value = getattr(args, name)
             if value is not None and value is not False:  # given (--Q is store_true)
+                flag = name.replace("_", "-")
                 raise UserError(
-                    f"--{name} conflicts with --arch: the architecture file sets {sets[name]}"
+                    f"--{flag} conflicts with --arch: the architecture file sets {sets[name]}"
                 )
             setattr(args, name, None)
         if args.model is not None:
@@ -205,11 +243,13 @@ def _resolve_classic_flags(args: argparse.Namespace) -> None:
         raise UserError(
             f"--bits {args.bits} needs --Q: without --Q the network runs in floating point"
         )
-    if args.granularity is not None and not (winograd and args.Q):
-        raise UserError(
-            f"--granularity {args.granularity} needs --static or --flex, and --Q: it sets the "
-            "ranges of the quantizers in the Winograd domain"
-        )
+    for name, what in _DOMAIN_FLAGS.items():
+        value = getattr(args, name)
+        if value is not None and not (winograd and args.Q):
+            flag = name.replace("_", "-")
+            raise UserError(f"--{flag} {value} needs --static or --flex, and --Q: {what}")
+    if args.wd_bits is not None and not 2 <= args.wd_bits <= 16:
+        raise UserError(f"--wd-bits {args.wd_bits} is out of range; use 2..16")
     args.mult = _CLASSIC_DEFAULTS["mult"] if args.mult is None else args.mult
     if winograd and args.F is None:
         args.F = _CLASSIC_DEFAULTS["F"]
@@ -217,6 +257,8 @@ def _resolve_classic_flags(args: argparse.Namespace) -> None:
         args.bits = _CLASSIC_DEFAULTS["bits"]
     if winograd and args.Q and args.granularity is None:
         args.granularity = _CLASSIC_DEFAULTS["granularity"]
+    if winograd and args.Q and args.transforms is None:
+        args.transforms = _CLASSIC_DEFAULTS["transforms"]
 
 
 def _arch_from_args(
@@ -233,6 +275,8 @@ def _arch_from_args(
         args.F if conv != "normal" else None,
         bits,
         granularity=args.granularity or _CLASSIC_DEFAULTS["granularity"],
+        transforms=args.transforms or "tensor",  # None: not quantized, nothing to scale
+        wd_bits=None if args.wd_bits == bits else args.wd_bits,
         width=args.mult,
         input_size=input_size,
         num_classes=num_classes,
@@ -260,6 +304,10 @@ def _run_name(args: argparse.Namespace, arch: Arch) -> str:
         kind = f"{'flex' if args.flex else 'static'}_F{args.F}"
         if args.granularity == "tap":
             kind += "_tap"
+        if args.transforms == "tap":
+            kind += "_ttap"
+        if args.wd_bits is not None:
+            kind += f"_wd{args.wd_bits}"
     else:
         kind = "normal"
     bits = f"{args.bits}bit" if args.Q else "fp32"
@@ -334,7 +382,9 @@ def summary_table(arch: Arch, model) -> str:
                 f"F({c.tile}x{c.tile},3x3)" if c.conv != "normal" else "-",
                 "yes" if c.conv == "flex" else "-",
                 ("fp32" if c.bits is None else str(c.bits))
-                + (" tap" if c.granularity == "tap" and c.conv != "normal" else ""),
+                + (" tap" if c.granularity == "tap" and c.conv != "normal" else "")
+                + (" ttap" if c.transforms == "tap" else "")
+                + (f" wd{c.wd_bits}" if c.wd_bits is not None else ""),
                 f"{params:,}",
             )
         )
@@ -350,6 +400,14 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
     if adapt and not args.modelDir:
         raise UserError("adapt.py needs --modelDir (the trained run folder to adapt from)")
     _resolve_classic_flags(args)
+    if args.distill is not None:
+        if not 0 < args.distill <= 1:
+            raise UserError(f"--distill {args.distill} must be in (0, 1]")
+        if not args.modelDir:
+            raise UserError(
+                f"--distill {args.distill} needs --modelDir: it distills from the checkpoint "
+                "the run starts from"
+            )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # A classic run on another model is built once the data says its size and classes (it is
     # traced at that size); the paper's network and an --arch file are checked right away.
@@ -410,6 +468,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "train.py", adapt: bo
         transform_lr=args.transform_lr,
         weight_decay=args.weight_decay,
         seed=args.seed,
+        distill=args.distill or 0.0,
     )
     run_dir = Path(args.out_dir) / _run_name(args, arch)
     if (run_dir / "last.pt").exists() and not args.resume:

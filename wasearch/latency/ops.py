@@ -91,7 +91,11 @@ class OpKey:
 
 
 def conv_key(spec: ConvSpec, choice: LayerChoice, batch: int = 1) -> OpKey:
-    """The key of a searchable convolution under a choice."""
+    """The key of a searchable convolution under a choice. A Winograd conv's ``bits`` is its
+    Winograd domain's (``wd_bits`` when set): its product and transforms run at that
+    precision, which decides its kernel (the 8-bit input and output around a 10-bit domain
+    are the small part). The transforms' scales (``transforms``) cost nothing: they fold into
+    the requantization of the Winograd-domain tensors."""
     return OpKey(
         SEARCHABLE_OP,
         spec.in_channels,
@@ -101,7 +105,7 @@ def conv_key(spec: ConvSpec, choice: LayerChoice, batch: int = 1) -> OpKey:
         batch,
         choice.conv,
         None if choice.conv == "normal" else choice.tile,
-        choice.bits,
+        choice.bits if choice.conv == "normal" else choice.domain_bits,
     )
 
 

@@ -81,7 +81,12 @@ def base_config(space: SearchSpace) -> Any:
 def trial_config(space: SearchSpace) -> Any:
     """The training config of one trial: the space's ``trial`` budget."""
     section = {**space.trial, "lr": trial_lr(space)}
-    return _section_config(space, section, warmup_batches=space.trial["warmup_batches"])
+    return _section_config(
+        space,
+        section,
+        warmup_batches=space.trial["warmup_batches"],
+        distill=float(space.trial["distill"]),
+    )
 
 
 def load_space_data(space: SearchSpace) -> DataSplits:

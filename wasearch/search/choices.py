@@ -1,7 +1,9 @@
 """The searched parameters of a space: per-layer choices, grouped into units.
 
 Each searchable layer's options are the product of ``choices`` (conv x tile x bits x
-granularity; a direct convolution has no tile and a per-tensor range), narrowed by
+granularity x transforms x wd_bits; a direct convolution has no tile, a per-tensor range and no
+Winograd domain; a floating-point layer no quantizer options; a ``wd_bits`` equal to the
+layer's bits is the same option as null), narrowed by
 ``choices.layers`` patterns; layers are grouped into units by ``choices.groups`` and then
 ``choices.tie``. A unit offers the options every one of its layers can take. Every tile is
 offered on every layer: a tile larger than a layer's input (F6 on a 4x4 input) computes one
@@ -75,7 +77,7 @@ def build_units(
     per_layer = {n: {k: list(choices[k]) for k in CHOICE_VALUE_KEYS} for n in names}
     overrides = choices["layers"]
     if not isinstance(overrides, Mapping):
-        r.fail("choices.layers", "must map layer patterns to {conv, tile, bits, granularity}")
+        r.fail("choices.layers", f"must map layer patterns to {{{', '.join(CHOICE_VALUE_KEYS)}}}")
     for pattern, values in overrides.items():
         key = f"choices.layers.{pattern}"
         matched = _match(r, key, pattern, names)
@@ -175,32 +177,57 @@ def layer_options(
     large: set[int] = set()
     for conv in values["conv"]:
         if conv == "normal":
-            combos: Iterable[tuple[Any, ...]] = ((None, b, "tensor") for b in values["bits"])
+            combos: Iterable[tuple[Any, ...]] = (
+                (None, b, "tensor", "tensor", None) for b in values["bits"]
+            )
         else:
-            combos = itertools.product(values["tile"], values["bits"], values["granularity"])
-        for tile, bits, gran in combos:
+            combos = itertools.product(
+                values["tile"],
+                values["bits"],
+                values["granularity"],
+                values["transforms"],
+                values["wd_bits"],
+            )
+        for tile, bits, gran, transforms, wd in combos:
             if tile is not None and not tile_fits(tile, spec.height, spec.width):
                 large.add(tile)
-            choice = LayerChoice(conv, tile, bits, gran)
+            choice = normalize_choice(LayerChoice(conv, tile, bits, gran, transforms, wd))
             if choice not in options:
                 options.append(choice)
     return options, large
 
 
-def reference_label(unit: Unit, conv: str, tile: int | None, bits: Any, gran: str) -> str | None:
+def reference_label(
+    unit: Unit,
+    conv: str,
+    tile: int | None,
+    bits: Any,
+    gran: str,
+    transforms: str = "tensor",
+    wd_bits: int | None = None,
+) -> str | None:
     if len(unit.options) == 1:
         return unit.labels[0]
     tiles = [tile] if tile is None else [t for t in (tile, tile - 2, 2) if t >= 2]
     for t in tiles:
-        want = normalize_choice(LayerChoice(conv, t, bits, gran if conv != "normal" else "tensor"))
+        want = normalize_choice(LayerChoice(conv, t, bits, gran, transforms, wd_bits))
         if want in unit.options:
             return want.label
     return None
 
 
 def normalize_choice(choice: LayerChoice) -> LayerChoice:
-    if choice.conv == "normal" and choice.granularity != "tensor":
-        return LayerChoice("normal", None, choice.bits, "tensor")
+    """The canonical form of a choice: a direct conv has a per-tensor range and no Winograd
+    domain; a floating-point layer no quantizer options; ``wd_bits`` equal to ``bits`` is
+    None."""
+    if choice.conv == "normal":
+        return LayerChoice("normal", None, choice.bits)
+    if choice.bits is None:
+        return LayerChoice(choice.conv, choice.tile, None, choice.granularity)
+    if choice.wd_bits == choice.bits:
+        return LayerChoice(
+            choice.conv, choice.tile, choice.bits, choice.granularity, choice.transforms
+        )
     return choice
 
 

@@ -121,6 +121,7 @@ def run_sweep(
             progress=False,
             log=logger.debug,
             extra={"study": study.study_name, "lambda": lam},
+            teacher_from=base,  # trial.distill learns from the shared base, as trials do
         )
         priced = latency_model.price(arch)
         probabilities = [

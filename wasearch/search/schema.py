@@ -20,7 +20,15 @@ from typing import Any
 from ..arch import ArchError, LayerChoice
 from ..cli import UserError
 from ..data import DATASETS
-from ..geometry import BACKBONES, CONV_KINDS, GRANULARITIES, MAX_BITS, MIN_BITS, SPACE_TILES
+from ..geometry import (
+    BACKBONES,
+    CONV_KINDS,
+    GRANULARITIES,
+    MAX_BITS,
+    MIN_BITS,
+    SPACE_TILES,
+    TRANSFORM_SCALES,
+)
 
 __all__ = [
     "CHOICE_VALUE_KEYS",
@@ -84,15 +92,18 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "transform_lr": None,  # Adam lr of flex transforms (None: lr); see docs/fidelity.md
         "max_batches": None,
         "warmup_batches": 10,  # batches that initialize new Winograd-domain quantizer ranges
+        "distill": 0.0,  # weight of distillation from the base (0: off; docs/fidelity.md)
     },
     "choices": {
         "conv": ["normal", "static", "flex"],
         "tile": [2, 4, 6],
         "bits": [8],
         "granularity": ["tap"],  # tensor | tap: Winograd-domain quantizer ranges (see README)
+        "transforms": ["tensor"],  # tensor | tap: the transforms' scales (docs/fidelity.md)
+        "wd_bits": [None],  # Winograd-domain precision; null: the layer's bits
         "tie": "layer",  # layer | block | stage | all: layers that share one choice
         "groups": {},  # name -> [layer patterns]: layers that share one choice
-        "layers": {},  # layer pattern -> {conv/tile/bits/granularity: value or list}
+        "layers": {},  # layer pattern -> {conv/tile/bits/granularity/...: value or list}
     },
     "objectives": {},  # a list; default [accuracy, latency_ms]
     "latency": {},  # the latency model: {kind: analytical, profile: ...} | measured | table
@@ -134,7 +145,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 TOP_KEYS = ("name", "description", "seed", *DEFAULTS)
 SCALAR_TOP = {"name", "description", "seed", "objectives"}
-CHOICE_VALUE_KEYS = ("conv", "tile", "bits", "granularity")
+CHOICE_VALUE_KEYS = ("conv", "tile", "bits", "granularity", "transforms", "wd_bits")
 
 
 def study_name_problem(name: object) -> str | None:
@@ -232,6 +243,9 @@ def check_sections(data: Any, r: Reader, *, require_latency_table: bool = True) 
     if trial["max_batches"] is not None:
         r.integer("trial.max_batches", trial["max_batches"], minimum=1)
     r.integer("trial.warmup_batches", trial["warmup_batches"], minimum=0)
+    r.number("trial.distill", trial["distill"])
+    if not 0 <= trial["distill"] <= 1:
+        r.fail("trial.distill", f"{trial['distill']!r} must be in [0, 1] (0: off)")
 
     choices = sections["choices"]
     for key in CHOICE_VALUE_KEYS:
@@ -458,7 +472,8 @@ class Reader:
             self.fail(key, f"{value!r} must be true or false")
 
     def value_list(self, key: str, value: Any, kind: str) -> list[Any]:
-        """A choice list (conv kinds, tiles, bit-widths or granularities), checked item by item."""
+        """A choice list (conv kinds, tiles, bit-widths, granularities, transform scales or
+        Winograd-domain bit-widths), checked item by item."""
         items = list(value) if isinstance(value, list | tuple) else [value]
         if not items:
             self.fail(key, "must list at least one value")
@@ -469,6 +484,8 @@ class Reader:
                 self.one_of(key, item, SPACE_TILES)
             elif kind == "granularity":
                 self.one_of(key, item, GRANULARITIES)
+            elif kind == "transforms":
+                self.one_of(key, item, TRANSFORM_SCALES)
             elif item is not None and (
                 isinstance(item, bool)
                 or not isinstance(item, int)

@@ -177,18 +177,21 @@ class SearchSpace:
         """The reference architectures that exist in this space, as (name, params).
 
         All normal, uniform static F2/F4 and uniform flex F2/F4 at the reference bit-width (the
-        base's when the space has it, else the first listed) and the first listed granularity.
+        base's when the space has it, else the first listed) and the first listed granularity,
+        transform scales and Winograd-domain bit-width.
         A layer that cannot hold the tile takes the largest smaller tile it offers; a unit with
         a single option keeps it.
         """
         bits_list = self.choices["bits"]
         bits = self.base["bits"] if self.base["bits"] in bits_list else bits_list[0]
         gran = self.choices["granularity"][0]
+        transforms = self.choices["transforms"][0]
+        wd_bits = self.choices["wd_bits"][0]
         out = []
         for name, conv, tile in REFERENCES:
             params = {}
             for unit in self.units:
-                label = reference_label(unit, conv, tile, bits, gran)
+                label = reference_label(unit, conv, tile, bits, gran, transforms, wd_bits)
                 if label is None:
                     break
                 params[unit.name] = label

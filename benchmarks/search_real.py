@@ -208,12 +208,12 @@ def queue_f6_references(space, results_dir: Path) -> list[str]:
     study, _ = _open(space, results_dir)
     have = {t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False)}
     bits = space.base["bits"]
-    gran = space.choices["granularity"][0]
+    first = [space.choices[k][0] for k in ("granularity", "transforms", "wd_bits")]
     queued = []
     for name, conv, tile in F6_REFERENCES:
         if name in have:
             continue
-        params = {u.name: reference_label(u, conv, tile, bits, gran) for u in space.units}
+        params = {u.name: reference_label(u, conv, tile, bits, *first) for u in space.units}
         if None in params.values():
             continue  # the kind is not in the space
         study.enqueue_trial(params, user_attrs=reference_attrs(name))

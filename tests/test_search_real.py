@@ -30,8 +30,8 @@ def test_spaces_load(name, monkeypatch):
     assert space.latency == {"kind": "analytical", "profile": "cortex-a73", "batch": 1}
     assert len(space.units) == 8  # one unit per residual block
     labels = set(space.units[0].labels)
-    assert {"normal/8", "F6-static/8t", "F6-flex/8t"} <= labels
-    assert "F6-static/8t" not in space.units[-1].labels  # layer4's 4x4 inputs
+    assert {"normal/8", "F6-static/8tx", "F6-flex/8tx"} <= labels
+    assert "F6-static/8tx" not in space.units[-1].labels  # layer4's 4x4 inputs
     if "dnas" in name:
         assert space.strategy["name"] == "differentiable" and len(space.strategy["lambdas"]) >= 2
     else:

@@ -21,6 +21,10 @@ Sections, all on the same trained normal 8-bit ResNet-18-like model (the "base")
 5. (``--long-steps N``) A longer budget: static against flex per-tensor with N steps, to see
    whether the gap closes, holds or widens as the budget grows.
 6. (``--full``, or ``--scratch-epochs N``) From scratch: the paper's own protocol.
+7. The fidelity frontier (``frontier.py``): F6 8-bit and F4/F6 at 6 and 4 bits against normal
+   at the same bits, converted and adapted under section 3's budget, for each lever (per-tap
+   power-of-two transform scales, a wider Winograd domain, distillation from the base) alone
+   and combined, with each configuration's numerical error stage by stage.
 
 Default mode: width 0.25, 20,000 training images, 2,000 test images, a short base schedule and a
 short adaptation budget; sized for 2 CPU cores. ``--full``: the paper's setting (width 0.5, all
@@ -31,6 +35,7 @@ measures everything again).
 
     python benchmarks/paper_claims.py                        # miniature, CPU
     python benchmarks/paper_claims.py --full --device cuda   # the paper's setting
+    python benchmarks/paper_claims.py --only frontier --out benchmarks/results/frontier.md
 
 Prints the tables, writes ``benchmarks/results/paper_claims.md`` and ``paper_claims.json``, and
 prints one JSON line last.
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -79,8 +85,24 @@ from wasearch.quant import FakeQuantize
 from wasearch.stats import binomial_se
 from wasearch.winograd import transform_matrices, winograd_conv2d
 
+
+def _load_frontier():
+    """benchmarks/frontier.py (beside this script) as a module."""
+    name = "frontier_for_paper_claims"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("frontier.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+frontier = _load_frontier()
+
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("input", "weight", "transform", "weight_wd", "input_wd", "product", "output")
+SECTIONS = ("error", "conversion", "adaptation", "long", "frontier", "scratch")
 
 
 @dataclass(frozen=True)
@@ -108,6 +130,9 @@ class Setting:
     calib_batches: int  # training batches that set the ranges for the numerical error
     scratch_epochs: int  # 0: no from-scratch section
     seed: int = 0
+    # The fidelity frontier (section 5, frontier.py): (tile, bits) pairs, flattened
+    frontier_cells: tuple[int, ...] = (6, 8, 4, 6, 4, 4, 6, 6, 4, 8)
+    frontier_distill: float = 0.5  # distillation weight of the frontier's distilled rows
 
 
 MINIATURE = Setting(
@@ -175,6 +200,8 @@ class Report:
     adaptation: list[dict] = field(default_factory=list)
     long: list[dict] = field(default_factory=list)
     scratch: list[dict] = field(default_factory=list)
+    frontier: list[dict] = field(default_factory=list)
+    frontier_error: list[dict] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     reused: dict = field(default_factory=dict)  # section -> rows taken from an earlier run
 
@@ -312,6 +339,8 @@ def _steps(config: TrainConfig) -> int:
 # means, so an earlier run's rows stand for this run's only where those agree.
 _PLAN_FIELDS = (
     "name",
+    "frontier_cells",
+    "frontier_distill",
     "adapt_tiles",
     "transform_lr_scales",
     "transform_lr_tiles",
@@ -379,6 +408,10 @@ def _row_key(section: str, default_steps: int):
     ``adapt_steps``)."""
     if section == "conversion":
         return _conversion_key
+    if section == "frontier":
+        return frontier.row_key
+    if section == "frontier_error":
+        return frontier.error_key
     return lambda row: _run_key(row, default_steps)
 
 
@@ -391,8 +424,8 @@ def _merged(report: Report, previous: Report | None, finished: set[str]) -> dict
     old = asdict(previous)
     if "error" not in finished and not state["error"]:
         state.update({key: old[key] for key in _ERROR_FIELDS})
-    for section in ("conversion", "adaptation", "long", "scratch"):
-        if section in finished:
+    for section in ("conversion", "adaptation", "long", "scratch", "frontier", "frontier_error"):
+        if section in finished or section == "frontier_error" and "frontier" in finished:
             continue
         key = _row_key(section, previous.setting["adapt_steps"])
         have = {key(r) for r in state[section]}
@@ -405,7 +438,7 @@ def _reusable(previous: Report | None, section: str) -> dict[tuple, dict]:
         return {}
     rows = getattr(previous, section)
     key = _row_key(section, previous.setting["adapt_steps"])
-    if section == "conversion":
+    if section in ("conversion", "frontier", "frontier_error"):
         return {key(r): r for r in rows}
     return {key(r): {"steps": previous.setting["adapt_steps"], **r} for r in rows}
 
@@ -510,6 +543,23 @@ def capture_inputs(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[st
     return {name: torch.cat(xs) for name, xs in seen.items()}
 
 
+def _error_images(data: DataSplits, setting: Setting, device) -> torch.Tensor:
+    """The first ``error_images`` test images: what the numerical-error tables measure on."""
+    loader = BatchLoader(
+        data.test, batch_size=setting.error_images, mean=data.mean, std=data.std, device=device
+    )
+    return next(iter(loader))[0]
+
+
+def _error_inputs(base: nn.Module, data: DataSplits, setting: Setting, device):
+    """Every searchable conv's input in the base: on ``calib_batches`` training batches (they
+    set the ranges) and on the error images (they measure)."""
+    loader = _loader(data, data.train, setting, train=False, device=device)
+    batches = [x for (x, _), _ in zip(loader, range(setting.calib_batches), strict=False)]
+    test_x = _error_images(data, setting, device)
+    return capture_inputs(base, batches), capture_inputs(base, [test_x])
+
+
 def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
@@ -568,16 +618,7 @@ def numerical_error(
     base: nn.Module, data: DataSplits, setting: Setting, report: Report, device
 ) -> None:
     """Layer by layer, on real activations of the base: quantized WA layer vs float conv."""
-    calib_loader = _loader(data, data.train, setting, train=False, device=device)
-    calib_batches = [
-        x for (x, _), _ in zip(calib_loader, range(setting.calib_batches), strict=False)
-    ]
-    test_loader = BatchLoader(
-        data.test, batch_size=setting.error_images, mean=data.mean, std=data.std, device=device
-    )
-    test_x = next(iter(test_loader))[0]
-    calib = capture_inputs(base, calib_batches)
-    test = capture_inputs(base, [test_x])
+    calib, test = _error_inputs(base, data, setting, device)
     convs = _searchable(base)
     batch = setting.batch_size
     rows: dict[tuple, list[float]] = {}
@@ -786,17 +827,7 @@ def _fine_tune(
     seconds = time.perf_counter() - t0
     model.to(device)
     acc = _test_accuracy(model, data, setting, device)
-    test_x = next(
-        iter(
-            BatchLoader(
-                data.test,
-                batch_size=setting.error_images,
-                mean=data.mean,
-                std=data.std,
-                device=device,
-            )
-        )
-    )[0]
+    test_x = _error_images(data, setting, device)
     errors = _adapted_errors(model, test_x)
     return {
         "config": "normal 8-bit" if choice is None else _label(choice),
@@ -876,6 +907,81 @@ def long_runs(setting: Setting) -> list[tuple[LayerChoice | None, TrainConfig]]:
     return runs
 
 
+def frontier_section(
+    base: nn.Module,
+    base_ckpt: Path,
+    data: DataSplits,
+    setting: Setting,
+    report: Report,
+    device,
+    reuse: dict[tuple, dict],
+    reuse_errors: dict[tuple, dict],
+    save,
+) -> None:
+    """Section 5: F6 and sub-8-bit Winograd, lever by lever (``frontier.py``)."""
+    cells = setting.frontier_cells
+    if len(cells) % 2:
+        raise UserError(f"--frontier-cells: {list(cells)} must be (tile, bits) pairs")
+    pairs = list(zip(cells[::2], cells[1::2], strict=True))
+    for tile, bits in pairs:
+        if tile not in (2, 4, 6) or not 2 <= bits <= 16:
+            raise UserError(f"--frontier-cells: ({tile}, {bits}) is not a tile 2/4/6, bits 2..16")
+    warm = _loader(data, data.train, setting, train=False, device=device)
+
+    def uniform(choice: LayerChoice) -> Arch:
+        return Arch.uniform(
+            choice.conv,
+            choice.tile,
+            choice.bits,
+            granularity=choice.granularity,
+            transforms=choice.transforms,
+            wd_bits=choice.wd_bits,
+            width=setting.width,
+        )
+
+    def convert(choice: LayerChoice) -> float:
+        model = adapted_model(uniform(choice), base_ckpt, warm, setting.warmup_batches)
+        return _test_accuracy(model.to(device), data, setting, device)
+
+    def adapt(lever) -> dict:
+        config = _config(setting, distill=lever.distill)
+        model = build(uniform(lever.choice))
+        t0 = time.perf_counter()
+        fit(model, data, config, device=device, init_from=base_ckpt, progress=False, log=_log)
+        seconds = time.perf_counter() - t0
+        acc = _test_accuracy(model.to(device), data, setting, device)
+        return {"test_acc": acc, "steps": _steps(config), "seconds": seconds}
+
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+
+    def layer_errors(choice: LayerChoice, stages) -> list[float]:
+        if not captured:
+            captured["calib"], captured["test"] = _error_inputs(base, data, setting, device)
+        arch = uniform(choice)  # F6 falls back to F4 where it does not fit
+        errs = []
+        for name, conv in _searchable(base).items():
+            x, xc = captured["test"][name], captured["calib"][name]
+            ref = F.conv2d(x, conv.weight, padding=1)
+            layer = _layer_from_base(conv, arch.choice(name), stages)
+            errs.append(_rel_error(_run_layer(layer, xc, x, setting.batch_size), ref))
+        return errs
+
+    kept = frontier.measure(
+        frontier.plan(setting.frontier_distill, pairs),
+        convert=convert,
+        adapt=adapt,
+        layer_errors=layer_errors,
+        rows=report.frontier,
+        error_rows=report.frontier_error,
+        reuse=reuse,
+        reuse_errors=reuse_errors,
+        save=save,
+        log=_log,
+    )
+    if kept:
+        report.reused["frontier"] = kept
+
+
 def from_scratch(base_ckpt: Path, data: DataSplits, setting: Setting, report: Report, device):
     config = TrainConfig(
         epochs=setting.scratch_epochs,
@@ -940,6 +1046,112 @@ def render(report: Report) -> str:
         "",
         _noise_line(report.base.get("test_acc"), report.data.get("test")),
         "",
+    ]
+    if report.error or report.conversion or report.adaptation:
+        _render_core(report, out)
+    if report.long:
+        out += [
+            "",
+            f"## 5. A longer budget: {s['long_steps']} steps instead of {s['adapt_steps']}",
+            "",
+            "Static against flex (at the weights' lr and at the larger transform lr of section "
+            "4), per-tensor, 8 bits, the same schedule stretched; does the gap close, hold or "
+            "widen as the budget grows? Test accuracy % (standard error); 'flex - static' in "
+            "points (standard error of the difference, the two taken as independent), one per "
+            "flex column.",
+            "",
+        ]
+        lrs = [None, *(scale * s["adapt_lr"] for scale in s["transform_lr_scales"])]
+        # Every per-tensor run by (conv, tile, transform lr, steps): the table's cells.
+        by_run = {
+            (r["conv"], r["tile"], r["transform_lr"], r.get("steps", s["adapt_steps"])): r
+            for r in (*report.adaptation, *report.long)
+            if r["granularity"] == "tensor"
+        }
+        rows = []
+        for tile in s["long_tiles"]:
+            for steps in (s["adapt_steps"], s["long_steps"]):
+                st = by_run.get(("static", tile, None, steps))
+                cells = [by_run.get(("flex", tile, lr, steps)) for lr in lrs]
+                gaps = [
+                    _diff_se(
+                        fl["test_acc"], st["test_acc"], _test_n(report, fl), _test_n(report, st)
+                    )
+                    if st and fl
+                    else "-"
+                    for fl in cells
+                ]
+                rows.append(
+                    (
+                        f"F{tile} 8-bit per-tensor",
+                        steps,
+                        _acc_se(st["test_acc"], _test_n(report, st)) if st else "-",
+                        *(
+                            _acc_se(fl["test_acc"], _test_n(report, fl)) if fl else "-"
+                            for fl in cells
+                        ),
+                        " / ".join(gaps),
+                    )
+                )
+        header = (
+            "configuration",
+            "steps",
+            "static",
+            "flex",
+            *(f"flex, transform lr {lr:g}" for lr in lrs[1:]),
+            "flex - static",
+        )
+        out.append(_md_table(header, rows))
+    if report.scratch:
+        out += ["", f"## 6. From scratch, {s['scratch_epochs']} epochs (the paper's protocol)", ""]
+        out.append(
+            _md_table(
+                ("configuration", "test acc % (SE)"),
+                [
+                    (r["config"], _acc_se(r["test_acc"], _test_n(report, r)))
+                    for r in report.scratch
+                ],
+            )
+        )
+    if report.frontier or report.frontier_error:
+        out += [
+            "",
+            frontier.render(
+                report.frontier,
+                report.frontier_error,
+                report.base.get("test_acc"),
+                s["adapt_steps"],
+                acc=lambda a: _acc_se(a, _test_n(report)),
+                diff=lambda a, b: _diff_se(a, b, _test_n(report), _test_n(report)),
+            ),
+        ]
+    if report.reused:
+        out += [
+            "",
+            "Rows kept from an earlier run with the same base checkpoint and setting (not "
+            "measured again): "
+            + ", ".join(f"{k} {v}" for k, v in report.reused.items())
+            + ". "
+            + (
+                "They were measured on: " + "; ".join(report.machine["earlier_rows"]) + "."
+                if report.machine.get("earlier_rows")
+                else "The machine they were measured on was not recorded."
+            ),
+        ]
+    out += [
+        "",
+        "Seconds per section: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in report.seconds.items())
+        + ".",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _render_core(report: Report, out: list[str]) -> None:
+    """Sections 1-4 (numerical error, conversion, adaptation, diagnostics) into ``out``."""
+    s = report.setting
+    out += [
         "## 1. Numerical error on real activations",
         "",
         f"Relative error ||y - y_ref|| / ||y_ref|| of each searchable layer's output against the "
@@ -1074,12 +1286,6 @@ def render(report: Report) -> str:
         "",
     ]
     main_rows = [r for r in report.adaptation if r["transform_lr"] is None]
-    # Every per-tensor run by (conv, tile, transform lr, steps): the longer-budget table's cells.
-    by_run = {
-        (r["conv"], r["tile"], r["transform_lr"], r.get("steps", s["adapt_steps"])): r
-        for r in (*report.adaptation, *report.long)
-        if r["granularity"] == "tensor"
-    }
     ad = {(r["conv"], r["tile"], r["granularity"]): r for r in main_rows}
     normal = ad.get(("normal", None, None))
     out += [
@@ -1157,85 +1363,6 @@ def render(report: Report) -> str:
             rows,
         )
     )
-    if report.long:
-        out += [
-            "",
-            f"## 5. A longer budget: {s['long_steps']} steps instead of {s['adapt_steps']}",
-            "",
-            "Static against flex (at the weights' lr and at the larger transform lr of section "
-            "4), per-tensor, 8 bits, the same schedule stretched; does the gap close, hold or "
-            "widen as the budget grows? Test accuracy % (standard error); 'flex - static' in "
-            "points (standard error of the difference, the two taken as independent), one per "
-            "flex column.",
-            "",
-        ]
-        lrs = [None, *(scale * s["adapt_lr"] for scale in s["transform_lr_scales"])]
-        rows = []
-        for tile in s["long_tiles"]:
-            for steps in (s["adapt_steps"], s["long_steps"]):
-                st = by_run.get(("static", tile, None, steps))
-                cells = [by_run.get(("flex", tile, lr, steps)) for lr in lrs]
-                gaps = [
-                    _diff_se(
-                        fl["test_acc"], st["test_acc"], _test_n(report, fl), _test_n(report, st)
-                    )
-                    if st and fl
-                    else "-"
-                    for fl in cells
-                ]
-                rows.append(
-                    (
-                        f"F{tile} 8-bit per-tensor",
-                        steps,
-                        _acc_se(st["test_acc"], _test_n(report, st)) if st else "-",
-                        *(
-                            _acc_se(fl["test_acc"], _test_n(report, fl)) if fl else "-"
-                            for fl in cells
-                        ),
-                        " / ".join(gaps),
-                    )
-                )
-        header = (
-            "configuration",
-            "steps",
-            "static",
-            "flex",
-            *(f"flex, transform lr {lr:g}" for lr in lrs[1:]),
-            "flex - static",
-        )
-        out.append(_md_table(header, rows))
-    if report.scratch:
-        out += ["", f"## 6. From scratch, {s['scratch_epochs']} epochs (the paper's protocol)", ""]
-        out.append(
-            _md_table(
-                ("configuration", "test acc % (SE)"),
-                [
-                    (r["config"], _acc_se(r["test_acc"], _test_n(report, r)))
-                    for r in report.scratch
-                ],
-            )
-        )
-    if report.reused:
-        out += [
-            "",
-            "Rows kept from an earlier run with the same base checkpoint and setting (not "
-            "measured again): "
-            + ", ".join(f"{k} {v}" for k, v in report.reused.items())
-            + ". "
-            + (
-                "They were measured on: " + "; ".join(report.machine["earlier_rows"]) + "."
-                if report.machine.get("earlier_rows")
-                else "The machine they were measured on was not recorded."
-            ),
-        ]
-    out += [
-        "",
-        "Seconds per section: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in report.seconds.items())
-        + ".",
-        "",
-    ]
-    return "\n".join(out)
 
 
 def summary(report: Report) -> dict:
@@ -1277,6 +1404,7 @@ def summary(report: Report) -> dict:
         out[f"long_{r['conv']}_F{r['tile']}_{r['steps']}_steps"] = r["test_acc"]
     for r in report.scratch:
         out[f"scratch_{r['conv']}_F{r['tile']}_{r['granularity']}"] = r["test_acc"]
+    out.update(frontier.summary(report.frontier))
     out["seconds"] = round(report.seconds.get("total", 0.0), 1)
     out["cpu_seconds"] = round(report.seconds.get("cpu", 0.0), 1)
     return out
@@ -1329,8 +1457,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip",
         nargs="*",
         default=[],
-        choices=("error", "conversion", "adaptation", "long", "scratch"),
+        choices=SECTIONS,
         help="sections to leave out",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        help="run only these sections (the base is trained or reused either way); with --out "
+        "to a new file, a report of them alone",
     )
     overrides = p.add_argument_group(
         "overrides of the mode's setting (see Setting in this file for what each one does)"
@@ -1392,6 +1527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.render_only:
         return render_only(Path(args.out))
+    if args.only and args.skip:
+        raise UserError("--only and --skip: give one of them")
+    if args.only:
+        args.skip = [name for name in SECTIONS if name not in args.only]
     if args.long_tiles is not None and any(t not in (2, 4, 6) for t in args.long_tiles):
         raise UserError(f"--long-tiles: {args.long_tiles} must be tiles among 2, 4, 6")
     logging.basicConfig(level=logging.WARNING)
@@ -1483,6 +1622,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         ("adaptation", lambda: fine_tune("adaptation", adaptation_runs(setting))),
         ("long", lambda: fine_tune("long", long_runs(setting))),
+        (
+            "frontier",
+            lambda: frontier_section(
+                base,
+                base_ckpt,
+                data,
+                setting,
+                report,
+                device,
+                rows("frontier"),
+                rows("frontier_error"),
+                save,
+            ),
+        ),
         ("scratch", lambda: from_scratch(base_ckpt, data, setting, report, device)),
     )
     for name, run in sections:

@@ -18,7 +18,7 @@ TINY = [
     "--batch-size", "10", "--base-epochs", "1",
     "--adapt-steps", "2", "--adapt-chunks", "1", "--adapt-tiles", "4",
     "--transform-lr-tiles", "4", "--error-images", "10", "--calib-batches", "1",
-    "--warmup-batches", "1", "--device", "cpu",
+    "--warmup-batches", "1", "--device", "cpu", "--frontier-cells", "6", "8",
 ]  # fmt: skip
 
 
@@ -69,6 +69,26 @@ def test_every_section_is_measured_and_rendered(first_run, capsys):
     for heading in ("## 1. Numerical error", "## 2. Conversion", "## 3. Adaptation", "## 4. "):
         assert heading in md
     assert "## 5." not in md  # no --long-steps
+    # The frontier: normal 8-bit plain and distilled, F6 8-bit with each layer lever alone,
+    # both, both distilled; the errors of every distinct configuration, stage by stage.
+    levers = [(r["tile"], r["transforms"], r["wd_bits"], r["distill"]) for r in report["frontier"]]
+    assert levers == [
+        (None, "tensor", None, 0.0),
+        (None, "tensor", None, 0.5),
+        (6, "tensor", None, 0.0),
+        (6, "tap", None, 0.0),
+        (6, "tensor", 10, 0.0),
+        (6, "tap", 10, 0.0),
+        (6, "tap", 10, 0.5),
+    ]
+    assert all(0.0 <= r["converted_acc"] <= 1.0 for r in report["frontier"])
+    errors = {(e["tile"], e["transforms"], e["wd_bits"]): e for e in report["frontier_error"]}
+    assert len(errors) == 5
+    # exact transforms remove the transform stage's error; a wider domain shrinks the product's
+    assert errors[(6, "tap", None)]["transform"] < errors[(6, "tensor", None)]["transform"] / 5
+    assert errors[(6, "tensor", 10)]["product"] < errors[(6, "tensor", None)]["product"]
+    assert "## 7. The fidelity frontier" in md
+    assert "F6 8-bit within 1 point of normal 8-bit: **" in md
     # The machine the rows were measured on (this one: a fresh run), above the tables.
     machine = md.splitlines()[4]
     assert machine.startswith("Machine: cpu: ")
@@ -96,7 +116,8 @@ def test_rerun_keeps_measured_rows_and_adds_the_new_section(first_run, monkeypat
     assert measured == []  # nothing measured again
     assert "adaptation: 6 rows kept" in err
     after = json.loads(out.with_suffix(".json").read_text())
-    assert after["reused"] == {"error": 14, "conversion": 18, "adaptation": 6}
+    assert after["reused"] == {"error": 14, "conversion": 18, "adaptation": 6, "frontier": 7}
+    assert after["frontier"] == before["frontier"]
     for key in ("error", "error_by_stage", "conversion", "adaptation"):
         assert after[key] == before[key]
     assert [(r["config"], r["steps"]) for r in after["long"]] == [
@@ -129,6 +150,31 @@ def test_earlier_rows_stand_only_for_the_same_base_and_setting(first_run, tmp_pa
     bad.write_text("{not json")
     assert pc.previous_results(bad, setting, digest) is None
     assert pc.previous_results(tmp_path / "absent.json", setting, digest) is None
+
+
+def test_only_runs_the_named_sections_into_their_own_report(first_run, tmp_path, capsys):
+    work, _out, args = first_run
+    alone = tmp_path / "frontier.md"
+    argv = [*args[: args.index("--out")], "--out", str(alone), "--only", "frontier"]
+    argv += ["--frontier-cells", "4", "6"]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WASEARCH_CACHE", str(work / "cache"))
+    try:
+        assert pc.main(argv) == 0
+    finally:
+        mp.undo()
+    report = json.loads(alone.with_suffix(".json").read_text())
+    assert report["error"] == report["conversion"] == report["adaptation"] == []
+    assert {(r["tile"], r["bits"]) for r in report["frontier"]} == {(None, 6), (4, 6)}
+    assert {r["wd_bits"] for r in report["frontier"] if r["tile"]} == {None, 8}
+    md = alone.read_text()
+    assert "## 1." not in md and "## 7. The fidelity frontier" in md
+    assert "F4 6-bit within 1 point of normal 6-bit: **" in md
+    capsys.readouterr()
+    with pytest.raises(pc.UserError, match="--only and --skip"):
+        pc.main([*argv, "--skip", "error"])
+    with pytest.raises(pc.UserError, match="--frontier-cells"):
+        pc.main([*argv[:-3], "--frontier-cells", "6"])
 
 
 def test_bad_long_tiles_is_one_user_error(first_run):

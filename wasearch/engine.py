@@ -426,7 +426,6 @@ def fit(
     teacher = _teacher(config, source)
     if teacher is not None:
         extra.setdefault("teacher_from", str(source))
-    if teacher is not None:
         teacher.to(device)
 
     t_start = time.perf_counter()

@@ -38,6 +38,7 @@ __all__ = [
     "check_bits",
     "fake_quantize",
     "fake_quantize_pow2",
+    "pow2_amax",
     "qmax",
 ]
 
@@ -142,10 +143,10 @@ def fake_quantize_pow2(x: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
     """Round ``x`` to a ``bits``-bit grid with one power-of-two scale per index along ``axis``
     (the smallest that holds that slice's largest magnitude, so nothing clips).
 
-    A slice whose entries are dyadic rationals spanning fewer than ``bits - 1`` binary orders
-    is represented exactly: the Cook-Toom transforms of the default points (``0, +-1, +-2,
-    +-1/2``), per tile position, are (every ``A^T`` column and ``B^T`` row of F2, F4 and F6 at
-    8 bits). The gradient passes straight through (nothing is clipped)."""
+    A slice whose entries are all whole multiples of one power of two, at most ``2^(bits-1) -
+    1`` of them, is represented exactly: every ``A^T`` column and ``B^T`` row of the Cook-Toom
+    transforms of F2, F4 and F6 at 8 bits is (default points ``0, +-1, +-2, +-1/2``). The
+    gradient passes straight through (nothing is clipped)."""
     dims = [d for d in range(x.dim()) if d != axis % x.dim()]
     x_amax = x.detach().abs().amax(dim=dims)
     return fake_quantize(x, pow2_amax(x_amax, bits), bits, axis, x_amax=x_amax)

@@ -334,3 +334,20 @@ def test_the_space_offers_the_levers_as_dimensions(tmp_path):
             load_space(path)
         assert str(info.value).startswith(f"{path}: {key}: ")
         assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "label"),
+    [
+        (["--static", "--Q"], "F4-static/8tx"),  # the defaults: per-tap ranges and transforms
+        (["--static", "--Q", "--granularity", "tensor", "--transforms", "tensor"], "F4-static/8"),
+        (["--use_normal_conv", "--Q"], "normal/8"),  # no Winograd domain: nothing per tap
+        (["--static", "--F", "2"], "F2-static/fp"),  # floating point: nothing quantized
+    ],
+)
+def test_train_py_defaults_apply_to_quantized_winograd_layers_only(argv, label):
+    args = train_cli.build_parser().parse_args(argv)
+    train_cli._resolve_classic_flags(args)
+    arch = train_cli._arch_from_args(args)
+    assert {c.label for _, c in arch} == {label}
+    assert arch.default.label == label

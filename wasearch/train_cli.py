@@ -274,8 +274,9 @@ def _arch_from_args(
         conv,
         args.F if conv != "normal" else None,
         bits,
-        granularity=args.granularity or _CLASSIC_DEFAULTS["granularity"],
-        transforms=args.transforms or "tensor",  # None: not quantized, nothing to scale
+        # None: no quantized Winograd domain (normal, or floating point): nothing to scale
+        granularity=args.granularity or "tensor",
+        transforms=args.transforms or "tensor",
         wd_bits=None if args.wd_bits == bits else args.wd_bits,
         width=args.mult,
         input_size=input_size,

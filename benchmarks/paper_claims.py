@@ -907,6 +907,17 @@ def long_runs(setting: Setting) -> list[tuple[LayerChoice | None, TrainConfig]]:
     return runs
 
 
+def _frontier_pairs(cells: tuple[int, ...]) -> list[tuple[int, int]]:
+    """``--frontier-cells`` as (tile, bits) pairs; one :class:`UserError` line if it is not."""
+    if len(cells) % 2:
+        raise UserError(f"--frontier-cells: {list(cells)} must be (tile, bits) pairs")
+    pairs = list(zip(cells[::2], cells[1::2], strict=True))
+    for tile, bits in pairs:
+        if tile not in (2, 4, 6) or not 2 <= bits <= 16:
+            raise UserError(f"--frontier-cells: ({tile}, {bits}) is not a tile 2/4/6, bits 2..16")
+    return pairs
+
+
 def frontier_section(
     base: nn.Module,
     base_ckpt: Path,
@@ -919,13 +930,7 @@ def frontier_section(
     save,
 ) -> None:
     """Section 5: F6 and sub-8-bit Winograd, lever by lever (``frontier.py``)."""
-    cells = setting.frontier_cells
-    if len(cells) % 2:
-        raise UserError(f"--frontier-cells: {list(cells)} must be (tile, bits) pairs")
-    pairs = list(zip(cells[::2], cells[1::2], strict=True))
-    for tile, bits in pairs:
-        if tile not in (2, 4, 6) or not 2 <= bits <= 16:
-            raise UserError(f"--frontier-cells: ({tile}, {bits}) is not a tile 2/4/6, bits 2..16")
+    pairs = _frontier_pairs(setting.frontier_cells)
     warm = _loader(data, data.train, setting, train=False, device=device)
 
     def uniform(choice: LayerChoice) -> Arch:
@@ -1533,6 +1538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.skip = [name for name in SECTIONS if name not in args.only]
     if args.long_tiles is not None and any(t not in (2, 4, 6) for t in args.long_tiles):
         raise UserError(f"--long-tiles: {args.long_tiles} must be tiles among 2, 4, 6")
+    if args.frontier_distill is not None and not 0 < args.frontier_distill <= 1:
+        raise UserError(f"--frontier-distill: {args.frontier_distill} must be in (0, 1]")
+    if args.frontier_cells is not None:
+        _frontier_pairs(tuple(args.frontier_cells))
     logging.basicConfig(level=logging.WARNING)
     setting = FULL if args.full else MINIATURE
     changes = {}

@@ -175,6 +175,10 @@ def test_only_runs_the_named_sections_into_their_own_report(first_run, tmp_path,
         pc.main([*argv, "--skip", "error"])
     with pytest.raises(pc.UserError, match="--frontier-cells"):
         pc.main([*argv[:-3], "--frontier-cells", "6"])
+    with pytest.raises(pc.UserError, match="--frontier-cells: \\(5, 8\\)"):
+        pc.main([*argv[:-3], "--frontier-cells", "5", "8"])
+    with pytest.raises(pc.UserError, match="--frontier-distill: 2.0 must be in"):
+        pc.main([*argv, "--frontier-distill", "2"])
 
 
 def test_bad_long_tiles_is_one_user_error(first_run):

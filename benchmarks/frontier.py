@@ -125,7 +125,7 @@ def measure(
     for lever in levers:
         choice = lever.choice
         ekey = _error_key(choice)
-        if ekey not in {_error_key_row(r) for r in error_rows}:
+        if ekey not in {error_key(r) for r in error_rows}:
             if ekey in reuse_errors:
                 error_rows.append(reuse_errors[ekey])
             else:
@@ -172,24 +172,17 @@ def _error_key(choice: LayerChoice) -> tuple:
     return (choice.tile, choice.bits, choice.transforms, choice.wd_bits)
 
 
-def _error_key_row(row: dict) -> tuple:
-    return (row["tile"], row["bits"], row["transforms"], row["wd_bits"])
-
-
 def row_key(row: dict) -> tuple:
     """A measured row's identity (what :attr:`Lever.key` gives for its lever)."""
-    return (row["tile"], row["bits"], row["transforms"], row["wd_bits"], row["distill"])
+    return _lever_of(row).key()
 
 
 def error_key(row: dict) -> tuple:
-    return _error_key_row(row)
+    """An error row's identity (what ``_error_key`` gives for its choice)."""
+    return (row["tile"], row["bits"], row["transforms"], row["wd_bits"])
 
 
 # -- tables --------------------------------------------------------------------------------------
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
 def _reference(rows: Sequence[dict], bits: int, distill: float) -> dict | None:
     """The normal row at ``bits`` with the same adaptation (distilled or not), else the plain
     one."""
@@ -210,10 +203,12 @@ def render(
     *,
     acc: Callable[[float | None], str],
     diff: Callable[[float, float], str],
+    pct: Callable[[float | None], str],
+    table: Callable[[Sequence[str], Iterable[Sequence[object]]], str],
 ) -> str:
-    """The section's markdown: the accuracy table, the error table and the targets. ``acc``
-    writes an accuracy with its standard error, ``diff`` a difference with its own (the
-    report's formats)."""
+    """The section's markdown: the accuracy table, the error table and the targets, in the
+    report's formats: ``acc`` writes an accuracy with its standard error, ``diff`` a
+    difference with its own, ``pct`` a bare percentage, ``table`` a markdown table."""
     out = [
         "## 7. The fidelity frontier: F6 and sub-8-bit, lever by lever",
         "",
@@ -228,11 +223,11 @@ def render(
         f"{acc(base_acc)}.",
         "",
     ]
-    table = []
+    atable = []
     for row in rows:
         lever = _lever_of(row)
         ref = None if row["tile"] is None else _reference(rows, row["bits"], row["distill"])
-        table.append(
+        atable.append(
             (
                 lever.name,
                 lever.levers,
@@ -243,9 +238,9 @@ def render(
             )
         )
     out.append(
-        _md_table(
+        table(
             ("configuration", "levers", "converted", "adapted", "vs normal (same bits)", "s"),
-            table,
+            atable,
         )
     )
     out += [
@@ -267,9 +262,9 @@ def render(
                 *(f"{row[s]:.2e}" if s in row else "-" for s in ERROR_STAGES),
             )
         )
-    out.append(_md_table(("configuration", "levers", "all stages", *ERROR_STAGES), etable))
+    out.append(table(("configuration", "levers", "all stages", *ERROR_STAGES), etable))
     out += ["", "Targets (the issue's; met or not, as measured here):", ""]
-    out += [f"- {line}" for line in _targets(rows, base_acc, diff)]
+    out += [f"- {line}" for line in _targets(rows, base_acc, diff, pct)]
     return "\n".join(out)
 
 
@@ -279,7 +274,10 @@ def _best(rows: Sequence[dict], tile: int, bits: int) -> dict | None:
 
 
 def _targets(
-    rows: Sequence[dict], base_acc: float | None, diff: Callable[[float, float], str]
+    rows: Sequence[dict],
+    base_acc: float | None,
+    diff: Callable[[float, float], str],
+    pct: Callable[[float | None], str],
 ) -> list[str]:
     lines = []
     for tile, bits, margin in ((6, 8, 0.01), (4, 6, 0.01)):
@@ -295,16 +293,16 @@ def _targets(
         met = "met" if gap >= -margin else "not met"
         lines.append(
             f"F{tile} {bits}-bit within 1 point of normal {bits}-bit: **{met}**; best row "
-            f"({_lever_of(best).levers}) {_pct(best['test_acc'])}% against "
-            f"{_pct(ref['test_acc'])}%, {diff(best['test_acc'], ref['test_acc'])} points"
+            f"({_lever_of(best).levers}) {pct(best['test_acc'])}% against "
+            f"{pct(ref['test_acc'])}%, {diff(best['test_acc'], ref['test_acc'])} points"
         )
     for tile, bits in ((4, 4), (6, 6)):
         best = _best(rows, tile, bits)
         if best is not None:
             ref = _reference(rows, bits, best["distill"])
-            versus = "" if ref is None else f" (normal {bits}-bit {_pct(ref['test_acc'])}%)"
+            versus = "" if ref is None else f" (normal {bits}-bit {pct(ref['test_acc'])}%)"
             lines.append(
-                f"F{tile} {bits}-bit measured: best {_pct(best['test_acc'])}% with "
+                f"F{tile} {bits}-bit measured: best {pct(best['test_acc'])}% with "
                 f"{_lever_of(best).levers}{versus}"
             )
     conv = [r for r in rows if r["tile"] == 6 and r["bits"] == 8]
@@ -314,8 +312,8 @@ def _targets(
         met = "met" if gap >= -0.03 else "not met"
         lines.append(
             f"F6 8-bit converted without training within 3 points of the base: **{met}**; "
-            f"best ({_lever_of(best).levers}) {_pct(best['converted_acc'])}% against "
-            f"{_pct(base_acc)}%"
+            f"best ({_lever_of(best).levers}) {pct(best['converted_acc'])}% against "
+            f"{pct(base_acc)}%"
         )
     return lines
 
@@ -328,9 +326,3 @@ def summary(rows: Sequence[dict]) -> dict:
         key = f"frontier_{name}_{row['bits']}bit"
         out[key] = max(out.get(key, 0.0), row["test_acc"])
     return out
-
-
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)

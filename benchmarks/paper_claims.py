@@ -810,17 +810,7 @@ def _fine_tune(
     epochs_from_scratch: int = 0,
 ) -> dict:
     """Fine-tune (or, with ``epochs_from_scratch``, train) one uniform architecture."""
-    if choice is None:
-        arch = Arch.uniform("normal", None, 8, width=setting.width)
-    else:
-        arch = Arch.uniform(
-            choice.conv,
-            choice.tile,
-            choice.bits,
-            granularity=choice.granularity,
-            width=setting.width,
-        )
-    model = build(arch)
+    model = build(_uniform(choice or LayerChoice("normal", None, 8), setting))
     t0 = time.perf_counter()
     init_from = None if epochs_from_scratch else base_ckpt
     fit(model, data, config, device=device, init_from=init_from, progress=False, log=_log)
@@ -907,6 +897,20 @@ def long_runs(setting: Setting) -> list[tuple[LayerChoice | None, TrainConfig]]:
     return runs
 
 
+def _uniform(choice: LayerChoice, setting: Setting) -> Arch:
+    """Every searchable conv of the setting's network ``choice`` (F6 falls back to F4 where it
+    does not fit, as the paper's uniform networks do)."""
+    return Arch.uniform(
+        choice.conv,
+        choice.tile,
+        choice.bits,
+        granularity=choice.granularity,
+        transforms=choice.transforms,
+        wd_bits=choice.wd_bits,
+        width=setting.width,
+    )
+
+
 def _frontier_pairs(cells: tuple[int, ...]) -> list[tuple[int, int]]:
     """``--frontier-cells`` as (tile, bits) pairs; one :class:`UserError` line if it is not."""
     if len(cells) % 2:
@@ -929,20 +933,12 @@ def frontier_section(
     reuse_errors: dict[tuple, dict],
     save,
 ) -> None:
-    """Section 5: F6 and sub-8-bit Winograd, lever by lever (``frontier.py``)."""
+    """Section 7: F6 and sub-8-bit Winograd, lever by lever (``frontier.py``)."""
     pairs = _frontier_pairs(setting.frontier_cells)
     warm = _loader(data, data.train, setting, train=False, device=device)
 
     def uniform(choice: LayerChoice) -> Arch:
-        return Arch.uniform(
-            choice.conv,
-            choice.tile,
-            choice.bits,
-            granularity=choice.granularity,
-            transforms=choice.transforms,
-            wd_bits=choice.wd_bits,
-            width=setting.width,
-        )
+        return _uniform(choice, setting)
 
     def convert(choice: LayerChoice) -> float:
         model = adapted_model(uniform(choice), base_ckpt, warm, setting.warmup_batches)
@@ -1128,6 +1124,8 @@ def render(report: Report) -> str:
                 s["adapt_steps"],
                 acc=lambda a: _acc_se(a, _test_n(report)),
                 diff=lambda a, b: _diff_se(a, b, _test_n(report), _test_n(report)),
+                pct=_pct,
+                table=_md_table,
             ),
         ]
     if report.reused:

@@ -106,15 +106,19 @@ class LayerChoice:
                 f"{where}: tile={self.tile!r} for a {self.conv} Winograd conv; use an integer "
                 f"in 2..{MAX_TILE} (2, 4, 6 usual)"
             )
-        if self.bits is not None and (
-            isinstance(self.bits, bool)
-            or not isinstance(self.bits, int)
-            or not MIN_BITS <= self.bits <= MAX_BITS
+        for key, value, null in (
+            ("bits", self.bits, "floating point"),
+            ("wd_bits", self.wd_bits, "the layer's bits"),
         ):
-            raise ArchError(
-                f"{where}: bits={self.bits!r} is out of range; use {MIN_BITS}..{MAX_BITS} "
-                "or null for floating point"
-            )
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not MIN_BITS <= value <= MAX_BITS
+            ):
+                raise ArchError(
+                    f"{where}: {key}={value!r} is out of range; use {MIN_BITS}..{MAX_BITS} "
+                    f"or null for {null}"
+                )
         if self.granularity not in GRANULARITIES:
             raise ArchError(
                 f"{where}: granularity={self.granularity!r}; use one of {', '.join(GRANULARITIES)}"
@@ -123,15 +127,6 @@ class LayerChoice:
             raise ArchError(
                 f"{where}: transforms={self.transforms!r}; use one of "
                 f"{', '.join(TRANSFORM_SCALES)}"
-            )
-        if self.wd_bits is not None and (
-            isinstance(self.wd_bits, bool)
-            or not isinstance(self.wd_bits, int)
-            or not MIN_BITS <= self.wd_bits <= MAX_BITS
-        ):
-            raise ArchError(
-                f"{where}: wd_bits={self.wd_bits!r} is out of range; use {MIN_BITS}..{MAX_BITS} "
-                "or null for the layer's bits"
             )
         for key, value, default in (
             ("transforms", self.transforms, "tensor"),

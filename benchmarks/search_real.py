@@ -804,7 +804,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if "base" not in rows:
         t0 = time.perf_counter()
-        base = pretrain(space, RunOptions(results=str(studies), device=device), progress=False)
+        options = RunOptions(results=str(studies), device=device, threads=args.threads)
+        base = pretrain(space, options, progress=False)
         info = json.loads((base.parent / "done.json").read_text())
         _record(results, out, "base", {"path": str(base), **info}, t0)
     base = Path(rows["base"]["path"])

@@ -261,3 +261,17 @@ def test_space_data_is_fitted_to_the_models_input_size(tmp_path):
     data = load_space_data(space)
     assert data.image_size == (40, 40)
     assert data.train.images.shape[-2:] == data.val.images.shape[-2:] == (40, 40)
+
+
+def test_default_threads_reads_the_load_once_per_process(monkeypatch):
+    """The idle cores are judged at the first ask: the process's own later work (a base
+    trained at one load average, then a study) must not halve its threads."""
+    from wasearch.search import base
+
+    loads = iter([0.0, 2.0, 2.0])
+    monkeypatch.setattr(base, "_LOAD_AT_START", None)
+    monkeypatch.setattr(base.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    monkeypatch.setattr(base.os, "cpu_count", lambda: 2)
+    assert base.default_threads() == 2
+    assert base.default_threads() == 2  # the load now reads 2.0: not asked again
+    assert base.default_threads(workers=2) == 1

@@ -264,14 +264,23 @@ def default_threads(workers: int = 1) -> int:
     """Torch threads per worker: the cores not busy with other work (one-minute load average),
     shared among the workers, at least one. Intra-op threads that compete with other processes
     for the same cores wait on each other; on a busy 2-core machine one thread per process is
-    several times faster than two."""
+    several times faster than two.
+
+    The load is read once per process, at the first ask: a later ask would count the process's
+    own work as another's (a benchmark that trains a base and then runs a study would halve its
+    threads for the study)."""
+    global _LOAD_AT_START
+    if _LOAD_AT_START is None:
+        try:
+            _LOAD_AT_START = os.getloadavg()[0]
+        except OSError:
+            _LOAD_AT_START = 0.0
     cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    free = max(1, cores - int(round(busy)))
+    free = max(1, cores - int(round(_LOAD_AT_START)))
     return max(1, free // max(1, workers))
+
+
+_LOAD_AT_START: float | None = None
 
 
 def set_threads(threads: int | None, workers: int = 1) -> int:

@@ -67,3 +67,14 @@ def test_training_step_of_a_mixed_network_on_gpu():
         losses.append(float(loss))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]  # five steps on one batch: the loss falls
+
+
+@pytest.mark.parametrize("gran", ["tensor", "tap"])
+def test_levels_on_gpu_rebuild_the_fused_kernels_values(gran):
+    # The fused kernels return level * scale; the levels kept for the backward must rebuild
+    # those values exactly, or a flex layer's transform gradients would drift on the GPU.
+    torch.manual_seed(4)
+    q = FakeQuantize(8, running=False, granularity=gran, channels=6).cuda()
+    out = q(3 * torch.randn(6, 40, 7, device="cuda"), grid=True)
+    assert out.codes.dtype == torch.int8
+    assert torch.equal(out.codes.to(out.values.dtype) * out.scale, out.values)

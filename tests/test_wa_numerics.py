@@ -16,7 +16,8 @@ import torch
 from reference_wa import reference_forward
 
 from wasearch.layers import WinogradConv2d
-from wasearch.winograd import _transform_2d
+from wasearch.quant import Quantized
+from wasearch.winograd import _transform_2d, winograd_conv2d
 
 
 def _run(layer, forward, batches, train=True):
@@ -126,7 +127,8 @@ def test_clipping_happened_so_the_masks_were_tested():
 
     def hook(name):
         def record(_module, _inputs, output):
-            seen[name] = output
+            # A flex layer in training asks its input quantizer for the grid too.
+            seen[name] = output.values if isinstance(output, Quantized) else output
 
         return record
 
@@ -231,3 +233,88 @@ def test_static_quantized_transforms_are_kept_until_a_buffer_changes():
     other(x).sum().backward()  # and training afterwards works
     flex = WinogradConv2d(4, 4, tile=4, mode="flex", bits=8)
     assert flex.transforms()[0] is not flex.transforms()[0]  # learned: quantized every call
+
+
+def _weighted_backward(y):
+    (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["static", "flex"])
+@pytest.mark.parametrize(
+    "gran, transforms, wd_bits", [("tensor", "tensor", None), ("tap", "tap", 10)]
+)
+@pytest.mark.parametrize("padding", [1, 0])
+def test_tensors_kept_as_levels_give_the_same_outputs_and_gradients(
+    mode, gran, transforms, wd_bits, padding
+):
+    """The layer keeps its quantized tensors for the backward as integer levels; the same
+    pipeline with every stage quantizer behind a plain callable (which keeps floats) must give
+    the same outputs and gradients bit for bit, through steps whose running ranges clip."""
+    torch.manual_seed(3)
+    layer = WinogradConv2d(
+        6,
+        5,
+        tile=4,
+        mode=mode,
+        bits=8,
+        granularity=gran,
+        transforms=transforms,
+        wd_bits=wd_bits,
+        bias=True,
+        padding=padding,
+    ).train()
+    ref = copy.deepcopy(layer)
+    for scale in (1.0, 3.0):
+        x = scale * torch.randn(2, 6, 10, 9)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y = layer(x1)
+        _weighted_backward(y)
+        A_t, G, B_t = ref.transforms()
+        plain = {k: (lambda t, q=q: q(t)) for k, q in ref._stage_quantizers().items()}
+        yr = winograd_conv2d(
+            ref._pad_input(ref.q_input(x2)),
+            ref.q_weight(ref.weight),
+            A_t,
+            G,
+            B_t,
+            bias=ref.bias,
+            quant=plain,
+        )
+        yr = ref.q_output(ref._crop_output(yr))
+        _weighted_backward(yr)
+        assert torch.equal(y, yr)
+        assert torch.equal(x1.grad, x2.grad)
+        for (name, p), q in zip(layer.named_parameters(), ref.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad), name
+            p.grad = q.grad = None
+
+
+@pytest.mark.parametrize("mode, kept", [("static", 1), ("flex", 3)])
+def test_quantized_tensors_are_kept_as_int8_levels(mode, kept):
+    """What autograd keeps of a WA layer: the Winograd-domain input (and, flex, the input tiles
+    and the product) as int8 levels, no float tensor of their size."""
+    torch.manual_seed(0)
+    layer = WinogradConv2d(8, 8, tile=4, mode=mode, bits=8).train()
+    x = torch.randn(2, 8, 16, 16)
+    big = 36 * 8 * 2 * 16  # a Winograd-domain tensor: alpha^2 x channels x tiles
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    sizes = [(t.dtype, t.numel()) for t in saved]
+    assert sum(1 for d, n in sizes if d == torch.int8 and n >= big) == kept, sizes
+    assert not [s for s in sizes if s[0] == torch.float32 and s[1] >= big], sizes
+
+
+@pytest.mark.parametrize("bits, dtype", [(8, torch.int8), (4, torch.int8), (12, torch.int16)])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_levels_rebuild_the_values_exactly(bits, dtype, axis):
+    from wasearch.quant import fake_quantize, quantize
+
+    torch.manual_seed(bits)
+    x = torch.randn(6, 50) * torch.linspace(0.1, 4, 6).view(6, 1)
+    amax = x.abs().amax(1) * 0.7 if axis == 0 else x.abs().max() * 0.7  # some values clip
+    q = quantize(x, amax, bits, axis, codes=True)
+    assert q.codes.dtype == dtype
+    assert int(q.codes.abs().max()) == 2 ** (bits - 1) - 1
+    assert torch.equal(q.codes.to(x.dtype) * q.scale, q.values)
+    assert torch.equal(q.values, fake_quantize(x, amax, bits, axis))

@@ -26,6 +26,8 @@ there.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -35,11 +37,14 @@ __all__ = [
     "MIN_BITS",
     "MAX_BITS",
     "FakeQuantize",
+    "Quantized",
     "check_bits",
+    "code_dtype",
     "fake_quantize",
     "fake_quantize_pow2",
     "pow2_amax",
     "qmax",
+    "quantize",
 ]
 
 _EPS = 1e-12
@@ -62,6 +67,24 @@ def qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
+def code_dtype(bits: int) -> torch.dtype:
+    """The narrowest integer type that holds a ``bits``-bit symmetric grid's levels."""
+    return torch.int8 if bits <= 8 else torch.int16
+
+
+class Quantized(NamedTuple):
+    """A fake-quantized tensor and its grid: ``values == codes * scale``, bit for bit.
+
+    ``codes`` (the integer levels, :func:`code_dtype`) is None unless asked for. A tensor that
+    autograd keeps for the backward pass can be kept as its codes, a quarter of the memory at 8
+    bits, and rebuilt exactly (``codes.to(values.dtype) * scale`` is the forward's own last
+    operation)."""
+
+    values: torch.Tensor
+    codes: torch.Tensor | None
+    scale: torch.Tensor | None
+
+
 class _RoundSTE(torch.autograd.Function):
     """Symmetric rounding to ``[-top, top] * scale`` with a straight-through gradient.
 
@@ -79,22 +102,32 @@ class _RoundSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, scale: torch.Tensor, top: int, may_clip: bool
-    ) -> torch.Tensor:
+        ctx,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        top: int,
+        may_clip: bool,
+        codes: torch.dtype | None = None,
+    ):
         t = x / scale
         ctx.may_clip = may_clip
         if ctx.needs_input_grad[0] and may_clip:
             # round(t) lies in [-top, top] iff |t| < top + 1/2 (top is odd, so the tie at
             # top + 1/2 rounds to the even top + 1, outside).
             ctx.save_for_backward(t.abs().lt_(top + 0.5).to(torch.int8))
-        return t.round_().clamp_(-top, top).mul_(scale)
+        t.round_().clamp_(-top, top)
+        if codes is None:
+            return t.mul_(scale)
+        levels = t.to(codes)  # the levels, before the one multiply that makes the values
+        ctx.mark_non_differentiable(levels)
+        return t.mul_(scale), levels
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, *_codes_grad):
         if not ctx.may_clip:  # nothing was clipped: the gradient passes everywhere
-            return grad, None, None, None
+            return grad, None, None, None, None
         (mask,) = ctx.saved_tensors
-        return mask.to(grad.dtype).mul_(grad), None, None, None
+        return mask.to(grad.dtype).mul_(grad), None, None, None, None
 
 
 def fake_quantize(
@@ -112,24 +145,48 @@ def fake_quantize(
     ``x_amax``, when the caller already knows it, is ``x``'s own largest magnitude (same shape as
     ``amax``): where it lies inside the range nothing can clip and no mask is kept.
     """
+    return quantize(x, amax, bits, axis, x_amax=x_amax).values
+
+
+def quantize(
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    bits: int,
+    axis: int | None = None,
+    *,
+    x_amax: torch.Tensor | None = None,
+    codes: bool = False,
+) -> Quantized:
+    """:func:`fake_quantize` with its grid: the values, their integer levels when ``codes``
+    (:func:`code_dtype` of ``bits``), and the scale, shaped to broadcast against ``x``."""
     top = qmax(bits)
     scale = (amax.detach().clamp_min(_EPS) / top).to(x.dtype)
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
     if x.is_cuda:
         # On CUDA torch's fused kernels are fast: use them.
         scale32 = scale.float()
         if axis is None:
             zero = torch.zeros((), dtype=torch.int32, device=x.device)
-            return torch.fake_quantize_per_tensor_affine(x, scale32.reshape(()), zero, -top, top)
-        zero = torch.zeros(scale32.shape, dtype=torch.int32, device=x.device)
-        return torch.fake_quantize_per_channel_affine(x, scale32, zero, axis, -top, top)
+            y = torch.fake_quantize_per_tensor_affine(x, scale32.reshape(()), zero, -top, top)
+        else:
+            zero = torch.zeros(scale32.shape, dtype=torch.int32, device=x.device)
+            y = torch.fake_quantize_per_channel_affine(x, scale32, zero, axis, -top, top)
+            scale = scale.reshape(shape)
+        # The kernels return (level - 0) * scale: the level is the value over the scale,
+        # to within a rounding of one ulp, which round() removes.
+        levels = torch.round(y.detach() / scale).to(code_dtype(bits)) if codes else None
+        return Quantized(y, levels, scale)
     if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
         scale = scale.reshape(shape)
     may_clip = True
     if x_amax is not None:
         may_clip = bool((x_amax > amax.detach() * ((top + 0.5) / top)).any())
-    return _RoundSTE.apply(x, scale, top, may_clip)
+    if not codes:
+        return Quantized(_RoundSTE.apply(x, scale, top, may_clip), None, scale)
+    y, levels = _RoundSTE.apply(x, scale, top, may_clip, code_dtype(bits))
+    return Quantized(y, levels, scale)
 
 
 def pow2_amax(amax: torch.Tensor, bits: int) -> torch.Tensor:
@@ -241,20 +298,26 @@ class FakeQuantize(nn.Module):
             self.initialized.fill_(False)
             self._initialized_host = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, grid: bool = False) -> torch.Tensor | Quantized:
+        """The fake-quantized ``x`` (folding a training batch into the running range). With
+        ``grid=True``, a :class:`Quantized`: the values, their integer levels and the scale
+        (levels and scale None when ``bits`` is None)."""
         if self.bits is None:
-            return x
+            return Quantized(x, None, None) if grid else x
+        out = self._quantize(x, grid)
+        return out if grid else out.values
+
+    def _quantize(self, x: torch.Tensor, codes: bool) -> Quantized:
         axis = 0 if self.granularity == "tap" else None
         if self.running and not self.training and self.is_initialized:
-            return fake_quantize(
-                x, torch.maximum(self.min_val.abs(), self.max_val.abs()), self.bits, axis
-            )
+            amax = torch.maximum(self.min_val.abs(), self.max_val.abs())
+            return quantize(x, amax, self.bits, axis, codes=codes)
         lo, hi = self._batch_range(x)
         x_amax = torch.maximum(lo.abs(), hi.abs())
         if not self.running or not self.training:
             # Weights (their own range), or evaluation before any training batch (this batch's
             # range, nothing kept).
-            return fake_quantize(x, x_amax, self.bits, axis, x_amax=x_amax)
+            return quantize(x, x_amax, self.bits, axis, x_amax=x_amax, codes=codes)
         self._fold(lo, hi)
         amax = torch.maximum(self.min_val.abs(), self.max_val.abs())
-        return fake_quantize(x, amax, self.bits, axis, x_amax=x_amax)
+        return quantize(x, amax, self.bits, axis, x_amax=x_amax, codes=codes)

@@ -553,7 +553,13 @@ def render(results: Results, summary: dict, points: dict, command: str, figure: 
         f"- Differentiable points on or within 1 SE of the Optuna front: "
         f"{_met(summary['dnas_met'])}: {within}/{len(summary['dnas'])} (point x latency model); "
         f"compute: differentiable {summary['dnas_compute_s'] / 60:.1f} min (supernets and "
-        f"fine-tunes), Optuna {summary['optuna_compute_s'] / 60:.1f} min (all its trials)."
+        f"fine-tunes) for {len({d['lambda'] for d in summary['dnas']})} points, Optuna "
+        f"{summary['optuna_compute_s'] / 60:.1f} min (all its trials): "
+        + (
+            f"{summary['dnas_compute_s'] / summary['optuna_compute_s']:.2f}x Optuna's."
+            if summary["optuna_compute_s"]
+            else "-."
+        )
     )
     noise = "; ".join(
         f"{n}: trial {_pct(v['proxy_spread'], 2)} pt, longer {_pct(v['long_spread'], 2)} pt"
@@ -666,10 +672,16 @@ def write_figure(summary: dict, points: dict, path_stem: Path) -> Path:
     fig.update_layout(width=650 * len(models), height=520, title="cifar10_mini: accuracy-latency")
     if importlib.util.find_spec("kaleido") is not None:
         path = path_stem.with_suffix(".png")
-        fig.write_image(str(path))
-    else:
-        path = path_stem.with_suffix(".html")
-        atomic_write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:  # kaleido drives a Chrome or Chromium; without one, the HTML below
+            fig.write_image(str(tmp), format="png")
+            tmp.replace(path)
+            return path
+        except Exception as err:  # noqa: BLE001
+            tmp.unlink(missing_ok=True)
+            _log(f"warning: no PNG ({str(err).strip().splitlines()[0]}); writing HTML instead")
+    path = path_stem.with_suffix(".html")
+    atomic_write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
     return path
 
 

@@ -91,6 +91,30 @@ def test_tiny_run_records_resumes_and_reports(tiny_cifar, tmp_path, capsys, monk
     assert "resuming: 8 rows" in capsys.readouterr().err
 
 
+def test_figure_falls_back_to_html_when_png_export_fails(tmp_path, monkeypatch, capsys):
+    """kaleido installed but no browser to drive: the run must not end in a traceback after
+    hours of work; it writes the HTML figure and says why, leaving no partial PNG."""
+    import plotly.graph_objects as go
+
+    def fail(*_args, **_kwargs):
+        raise RuntimeError("Kaleido requires Google Chrome to be installed.\nmore")
+
+    real = sr.importlib.util.find_spec
+    monkeypatch.setattr(
+        sr.importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "kaleido" else real(name, *a),
+    )
+    monkeypatch.setattr(go.Figure, "write_image", fail)
+    point = {"latency_ms": {"a73": 1.0}, "val_acc": 0.5, "reference": None, "arch": "a"}
+    points = {"optuna": [{**point, "arch_summary": "normal/8 x16"}], "dnas": []}
+    path = sr.write_figure({"models": ["a73"], "verified": []}, points, tmp_path / "fig")
+    assert path == tmp_path / "fig.html" and path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.html"]
+    err = capsys.readouterr().err
+    assert "no PNG (Kaleido requires Google Chrome to be installed.)" in err
+
+
 def test_missing_data_is_one_line(tmp_path, capsys):
     common = ["--tiny", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "o.json")]
     assert run_main(sr.main, [*common, "--data-dir", str(tmp_path / "missing")]) == 2

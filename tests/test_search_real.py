@@ -51,6 +51,27 @@ def test_front_and_tau():
     assert sr.kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
 
 
+def test_verification_fills_from_the_next_pareto_layers():
+    """A front made only of references (uniform static F4 fastest, all-normal most accurate)
+    must still send sampled architectures to the longer budget: the next Pareto layers'."""
+
+    def pt(n, acc, lat, ref=None):
+        return {"number": n, "arch": f"a{n}", "arch_summary": f"s{n}", "val_acc": acc,
+                "val_se": 0.01, "reference": ref, "latency_ms": {"m": lat}}  # fmt: skip
+
+    pts = [
+        pt(0, 0.70, 4.0, "all-normal"), pt(1, 0.68, 3.0, "static-F4"),
+        pt(2, 0.69, 3.5), pt(3, 0.685, 3.6), pt(4, 0.66, 3.9), pt(5, 0.67, 5.0),
+    ]  # fmt: skip
+    layers = sr.pareto_layers(pts, "m")
+    assert [[p["number"] for p in layer] for layer in layers] == [[1, 2, 0], [3], [4, 5]]
+    chosen = sr.verification_set(pts, sr.Setting(front_max=3), "m")
+    assert [(c["name"], c["pareto_layer"]) for c in chosen] == [
+        ("all-normal", None), ("static-F4", None), ("trial-2", 1), ("trial-3", 2), ("trial-4", 3),
+    ]  # fmt: skip
+    assert len(sr.verification_set(pts, sr.Setting(front_max=1), "m")) == 3
+
+
 def test_tiny_run_records_resumes_and_reports(tiny_cifar, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WASEARCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "o" / "sr.json"

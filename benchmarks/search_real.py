@@ -701,7 +701,8 @@ def write_figure(summary: dict, points: dict, path_stem: Path) -> Path:
             return path
         except Exception as err:  # noqa: BLE001
             tmp.unlink(missing_ok=True)
-            _log(f"warning: no PNG ({str(err).strip().splitlines()[0]}); writing HTML instead")
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            _log(f"warning: no PNG ({why}); writing HTML instead")
     path = path_stem.with_suffix(".html")
     atomic_write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
     return path

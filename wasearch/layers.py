@@ -332,40 +332,8 @@ class WinogradConv2d(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding != (1, 1):  # other zero paddings around the padding-1 pipeline
-            return self._forward_padded(x)
-        A_t, G, B_t = self.transforms()
-        if self.bits is None:
-            return winograd_conv2d(x, self.weight, A_t, G, B_t, bias=self.bias)
-        x, x_grid = self._quantize_input(x)
-        y = winograd_conv2d(
-            x,
-            self.q_weight(self.weight),
-            A_t,
-            G,
-            B_t,
-            bias=self.bias,
-            quant=self._stage_quantizers(),
-            x_grid=x_grid,
-        )
-        return self.q_output(y)
-
-    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
-        """The quantized input and, where learned transforms will keep its tiles for their
-        gradient (flex, training), its grid ``(scale, bits)``: the tiles are kept as levels."""
-        if self.mode != "flex" or not torch.is_grad_enabled():
-            return self.q_input(x), None
-        xq = self.q_input(x, grid=True)
-        return xq.values, (xq.scale, self.bits)
-
-    def _stage_quantizers(self) -> dict[str, FakeQuantize]:
-        return {
-            "weight_wd": self.q_weight_wd,
-            "input_wd": self.q_input_wd,
-            "product": self.q_product,
-        }
-
-    def _forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        # Other zero paddings than 1 pad the padding-1 pipeline's input further or crop its
+        # output; at padding 1 both are no-ops.
         A_t, G, B_t = self.transforms()
         if self.bits is None:
             y = winograd_conv2d(self._pad_input(x), self.weight, A_t, G, B_t, bias=self.bias)
@@ -382,3 +350,18 @@ class WinogradConv2d(nn.Module):
             x_grid=x_grid,
         )
         return self.q_output(self._crop_output(y))
+
+    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """The quantized input and, where learned transforms will keep its tiles for their
+        gradient (flex, training), its grid ``(scale, bits)``: the tiles are kept as levels."""
+        if self.mode != "flex" or not torch.is_grad_enabled():
+            return self.q_input(x), None
+        xq = self.q_input(x, grid=True)
+        return xq.values, (xq.scale, self.bits)
+
+    def _stage_quantizers(self) -> dict[str, FakeQuantize]:
+        return {
+            "weight_wd": self.q_weight_wd,
+            "input_wd": self.q_input_wd,
+            "product": self.q_product,
+        }

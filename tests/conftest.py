@@ -27,6 +27,15 @@ def tiny_cifar(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_data():
+    """64 training and 32 test images of the synthetic set, no validation split: enough for one
+    epoch of a layer-choice test that trains, checkpoints and reloads."""
+    from wasearch.data import load_dataset
+
+    return load_dataset("synthetic", limit_train=64, limit_test=32, val_fraction=0, seed=0)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` skip when CUDA is absent. Nothing deselects ``slow`` tests: the
     README's ``python -m pytest`` runs them (``-m "not slow"`` leaves them out)."""

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from wasearch import train_cli
 from wasearch.arch import Arch, ArchError, LayerChoice
 from wasearch.cli import UserError
-from wasearch.data import load_dataset
 from wasearch.engine import TrainConfig, distillation_loss, fit, load_checkpoint
 from wasearch.latency.ops import conv_key
 from wasearch.layers import WinogradConv2d
@@ -199,11 +198,6 @@ def test_latency_prices_a_winograd_layer_at_its_domain_bits():
         for t, wd in (("tensor", None), ("tap", None), ("tap", 10))
     )
     assert tap == plain < wide
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    return load_dataset("synthetic", limit_train=64, limit_test=32, val_fraction=0, seed=0)
 
 
 def test_lever_arch_trains_checkpoints_and_reloads(tiny_data, tmp_path):

@@ -18,7 +18,6 @@ import torch
 
 from wasearch import train_cli
 from wasearch.arch import Arch, LayerChoice
-from wasearch.data import load_dataset
 from wasearch.engine import TrainConfig, fit, init_from_checkpoint, load_checkpoint
 from wasearch.layers import WinogradConv2d
 from wasearch.models import build
@@ -214,11 +213,6 @@ def test_arch_with_tap_round_trips_through_yaml_and_builds_tap_layers(tmp_path):
     assert modules["layer3.1.conv2"].q_product.min_val.shape == (36,)
     assert modules["layer4.0.conv2"].q_input_wd.min_val.shape == (16,)
     assert "granularity: tap" not in Arch.uniform("static", 4, 8, width=WIDTH).to_yaml()
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    return load_dataset("synthetic", limit_train=64, limit_test=32, val_fraction=0, seed=0)
 
 
 def test_tap_arch_trains_checkpoints_and_reloads(tiny_data, tmp_path):

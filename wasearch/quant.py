@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .geometry import MAX_BITS, MIN_BITS
 
 __all__ = [
@@ -42,9 +43,11 @@ __all__ = [
     "code_dtype",
     "fake_quantize",
     "fake_quantize_pow2",
+    "grid_levels",
     "pow2_amax",
     "qmax",
     "quantize",
+    "rebuild",
 ]
 
 _EPS = 1e-12
@@ -109,9 +112,21 @@ class _RoundSTE(torch.autograd.Function):
         may_clip: bool,
         codes: torch.dtype | None = None,
     ):
-        t = x / scale
         ctx.may_clip = may_clip
-        if ctx.needs_input_grad[0] and may_clip:
+        want_mask = ctx.needs_input_grad[0] and may_clip
+        ext = cpu_kernels.kernels()
+        rows = _fused_scale(x, scale) if ext is not None else None
+        if rows is not None:  # one pass, the same values (csrc/fake_quant.cpp)
+            nbytes = 0 if codes is None else codes.itemsize
+            y, mask, levels = ext.quantize(x, rows, top, True, want_mask, nbytes)
+            if want_mask:
+                ctx.save_for_backward(mask)
+            if codes is None:
+                return y
+            ctx.mark_non_differentiable(levels)
+            return y, levels
+        t = x / scale
+        if want_mask:
             # round(t) lies in [-top, top] iff |t| < top + 1/2 (top is odd, so the tie at
             # top + 1/2 rounds to the even top + 1, outside).
             ctx.save_for_backward(t.abs().lt_(top + 0.5).to(torch.int8))
@@ -127,7 +142,55 @@ class _RoundSTE(torch.autograd.Function):
         if not ctx.may_clip:  # nothing was clipped: the gradient passes everywhere
             return grad, None, None, None, None
         (mask,) = ctx.saved_tensors
+        ext = cpu_kernels.kernels()
+        # The kernel pairs elements in memory order: the mask must be laid out row-major, as
+        # the fused forward makes it (the torch chain's mask keeps a strided input's layout).
+        fused = grad.device.type == "cpu" and grad.dtype == torch.float32
+        if ext is not None and fused and mask.is_contiguous():
+            return ext.masked_grad(grad.contiguous(), mask), None, None, None, None
         return mask.to(grad.dtype).mul_(grad), None, None, None, None
+
+
+def _scale_rows(shape: torch.Size, scale: torch.Tensor) -> torch.Tensor | None:
+    """``scale`` as the fused kernels take it for a tensor of ``shape``: one value, or one per
+    index of dimension 0; None for any other layout."""
+    if scale.dtype != torch.float32:
+        return None
+    if scale.numel() == 1:
+        return scale.reshape(1)
+    if len(shape) and scale.dim() == len(shape) and scale.shape[0] == shape[0] == scale.numel():
+        return scale.reshape(-1).contiguous()
+    return None
+
+
+def _fused_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """The fused kernels' scale vector for ``x`` (contiguous float32 on the CPU), or None where
+    they do not apply and the torch chain runs."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    return _scale_rows(x.shape, scale)
+
+
+def grid_levels(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer levels (:func:`code_dtype`) of an ``x`` that lies on the grid of ``scale``
+    within ``bits`` (``x == levels * scale``, as a quantizer of that scale made it)."""
+    ext = cpu_kernels.kernels()
+    rows = _fused_scale(x, scale) if ext is not None else None
+    if rows is not None:
+        nbytes = code_dtype(bits).itemsize
+        return ext.quantize(x.detach(), rows, qmax(bits), False, False, nbytes)[2]
+    return (x.detach() / scale).round_().to(code_dtype(bits))
+
+
+def rebuild(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A fake-quantized tensor from its integer levels: the quantizer's own last operation
+    (``level * scale``), so the same values bit for bit."""
+    if dtype == torch.float32 and codes.device.type == "cpu" and codes.is_contiguous():
+        ext = cpu_kernels.kernels()
+        rows = _scale_rows(codes.shape, scale) if ext is not None else None
+        if rows is not None:
+            return ext.rebuild(codes, rows)
+    return codes.to(dtype).mul_(scale)
 
 
 def fake_quantize(

@@ -41,8 +41,9 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .geometry import MAX_TILE
-from .quant import FakeQuantize, code_dtype
+from .quant import FakeQuantize, grid_levels, rebuild
 
 __all__ = [
     "DEFAULT_POINTS",
@@ -204,12 +205,6 @@ def tile_counts(height: int, width: int, m: int) -> tuple[int, int]:
     return -(-height // m), -(-width // m)
 
 
-def _rebuild(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A fake-quantized tensor from its integer levels: the forward's own last operation
-    (``level * scale``), so the same values bit for bit."""
-    return codes.to(dtype).mul_(scale)
-
-
 class _Transform2d(torch.autograd.Function):
     """``mat @ X @ mat^T`` of every tile, as two 1-D products, saving only its inputs.
 
@@ -257,7 +252,7 @@ class _Transform2d(torch.autograd.Function):
             grad_tiles = (mat.t() @ grad_rows).reshape(a * a, count)
         if ctx.needs_input_grad[0]:
             if codes is not None:
-                tiles = _rebuild(codes, scale, ctx.dtype)
+                tiles = rebuild(codes, scale, ctx.dtype)
             x = tiles.reshape(a, a * count)
             rows = (mat @ x).reshape(p, a, count)  # recomputed, not saved
             # d mat from the column pass: sum_r g[r] @ rows[r]^T; from the row pass: d rows @ X^T
@@ -295,10 +290,45 @@ class _GridBmm(torch.autograd.Function):
         u, codes, scale = ctx.saved_tensors
         grad_u = grad_v = None
         if ctx.needs_input_grad[0]:
-            grad_u = grad.bmm(_rebuild(codes, scale, ctx.dtype).transpose(1, 2))
+            grad_u = grad.bmm(rebuild(codes, scale, ctx.dtype).transpose(1, 2))
         if ctx.needs_input_grad[1]:
             grad_v = u.transpose(1, 2).bmm(grad)
         return grad_u, grad_v, None, None
+
+
+class _GatherTiles(torch.autograd.Function):
+    """The input tiles by the fused CPU kernel (one pass, position-major) and its gradient
+    (tile values added back to their pixels in F.fold's order: the same sums)."""
+
+    @staticmethod
+    def forward(ctx, ext, x: torch.Tensor, a: int, m: int, th: int, tw: int) -> torch.Tensor:
+        ctx.ext, ctx.geometry, ctx.shape = ext, (a, m, th, tw), x.shape
+        return ext.gather_tiles(x.contiguous(), a, m, th, tw)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n, c, h, w = ctx.shape
+        grad_x = ctx.ext.scatter_tiles(grad.contiguous(), n, c, h, w, *ctx.geometry)
+        return None, grad_x, None, None, None, None
+
+
+def _input_tiles(x: torch.Tensor, a: int, m: int, th: int, tw: int) -> torch.Tensor:
+    """alpha x alpha windows with stride m over ``x`` padded by 1 (the conv's padding) and,
+    bottom/right, up to whole tiles, laid out position-major: ``(a*a, C*N*T)``."""
+    n, c, h, w = x.shape
+    a2, t = a * a, th * tw
+    ext = cpu_kernels.kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if ext is not None:
+        return _GatherTiles.apply(ext, x, a, m, th, tw).reshape(a2, c * n * t)
+    # im2col (F.unfold) is much faster than Tensor.unfold in the backward pass (col2im against
+    # a generic unfold_backward).
+    if th * m == h and tw * m == w:
+        cols = F.unfold(x, a, padding=1, stride=m)
+    else:
+        xp = F.pad(x, (1, tw * m + 1 - w, 1, th * m + 1 - h))
+        cols = F.unfold(xp, a, stride=m)
+    # (N, C*a2, T) -> (a2, C*N*T): position-major, for the transform and the batched product.
+    return cols.view(n, c, a2, t).permute(2, 1, 0, 3).reshape(a2, c * n * t)
 
 
 def _quantize_stage(q, x: torch.Tensor, keep: bool):
@@ -367,21 +397,12 @@ def winograd_conv2d(
     if "weight_wd" in q:
         u = q["weight_wd"](u)
 
-    # Input tiles: alpha x alpha windows with stride m over the input padded by 1 (the conv's
-    # padding) and, bottom/right, up to whole tiles. im2col (F.unfold) is much faster than
-    # Tensor.unfold in the backward pass (col2im against a generic unfold_backward).
-    if th * m == h and tw * m == w:
-        cols = F.unfold(x, a, padding=1, stride=m)
-    else:
-        xp = F.pad(x, (1, tw * m + 1 - w, 1, th * m + 1 - h))
-        cols = F.unfold(xp, a, stride=m)
-    # (N, C*a2, T) -> (a2, C*N*T): position-major, for the transform and the batched product.
-    tiles = cols.view(n, c, a2, t).permute(2, 1, 0, 3).reshape(a2, c * n * t)
+    tiles = _input_tiles(x, a, m, th, tw)  # (a2, C*N*T)
     grad = torch.is_grad_enabled()
     tile_codes = tile_scale = None
     if x_grid is not None and grad and B_t.requires_grad:
         tile_scale, x_bits = x_grid
-        tile_codes = (tiles.detach() / tile_scale).round_().to(code_dtype(x_bits))
+        tile_codes = grid_levels(tiles, tile_scale, x_bits)
     v = _transform_2d(B_t, tiles, tile_codes, tile_scale)  # (a2, C*N*T): B^T d B of every tile
     v = v.reshape(a2, c, n * t)
     v_codes = None

@@ -1,0 +1,224 @@
+// Fused CPU kernels of wasearch's symmetric fake quantizer and of the Winograd layer's tiling
+// (wasearch/cpu_kernels.py builds this file on first use; wasearch/quant.py and
+// wasearch/winograd.py call it).
+//
+// Each kernel is one pass over memory that the torch chain in quant.py makes in three to eight
+// (divide, abs, compare, convert, round, clamp, convert, multiply), and computes the same values
+// bit for bit: the same IEEE operations in the same order (x / s, round half to even, clamp,
+// r * s; the clip mask |x / s| < top + 1/2; the gradient mask * g, a float product, so that a
+// clipped negative gradient gives -0.0 as the torch chain does). Build flags never include
+// -ffast-math, which would turn the division into a reciprocal multiply.
+//
+// Layout: x is contiguous float32 with `rows` scales, one per slice of numel / rows consecutive
+// elements (one scale: per tensor; rows = size of dim 0: per tap / per channel along dim 0).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGrain = 32768;  // torch's own grain for elementwise kernels
+
+// fn(begin, end, scale) over [0, n) in parallel chunks that never cross a row.
+template <typename Fn>
+void for_rows(int64_t n, int64_t inner, const float* scale, const Fn& fn) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t row = i / inner;
+      const int64_t stop = std::min(end, (row + 1) * inner);
+      fn(i, stop, scale[row]);
+      i = stop;
+    }
+  });
+}
+
+template <typename L>
+void quantize_span(const float* __restrict x, float* __restrict y, int8_t* __restrict mask,
+                   L* __restrict levels, int64_t begin, int64_t end, float s, float top) {
+  const float lim = top + 0.5f;
+#pragma omp simd
+  for (int64_t j = begin; j < end; ++j) {
+    const float t = x[j] / s;
+    const float r = std::min(std::max(std::nearbyint(t), -top), top);
+    if (mask) mask[j] = std::fabs(t) < lim ? 1 : 0;
+    if (levels) levels[j] = static_cast<L>(r);
+    if (y) y[j] = r * s;
+  }
+}
+
+void check_layout(const at::Tensor& x, const at::Tensor& scale) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat &&
+                  scale.is_contiguous() && scale.numel() >= 1 && x.numel() % scale.numel() == 0,
+              "scale must be contiguous float32 with a count of elements that divides x's");
+}
+
+}  // namespace
+
+// (values or undefined, mask (int8 0/1) or undefined, levels (int8 / int16) or undefined)
+std::vector<at::Tensor> quantize(const at::Tensor& x, const at::Tensor& scale, int64_t top,
+                                 bool values, bool mask, int64_t level_bytes) {
+  check_layout(x, scale);
+  TORCH_CHECK(level_bytes == 0 || level_bytes == 1 || level_bytes == 2, "level_bytes: 0, 1, 2");
+  const int64_t n = x.numel();
+  const int64_t inner = std::max<int64_t>(n / scale.numel(), 1);
+  at::Tensor y = values ? at::empty_like(x) : at::Tensor();
+  at::Tensor m = mask ? at::empty(x.sizes(), x.options().dtype(at::kChar)) : at::Tensor();
+  at::Tensor lev;
+  if (level_bytes == 1) lev = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  if (level_bytes == 2) lev = at::empty(x.sizes(), x.options().dtype(at::kShort));
+  const float* px = x.data_ptr<float>();
+  float* py = values ? y.data_ptr<float>() : nullptr;
+  int8_t* pm = mask ? m.data_ptr<int8_t>() : nullptr;
+  const float ftop = static_cast<float>(top);
+  if (level_bytes == 2) {
+    int16_t* pl = lev.data_ptr<int16_t>();
+    for_rows(n, inner, scale.data_ptr<float>(), [&](int64_t b, int64_t e, float s) {
+      quantize_span<int16_t>(px, py, pm, pl, b, e, s, ftop);
+    });
+  } else {
+    int8_t* pl = level_bytes == 1 ? lev.data_ptr<int8_t>() : nullptr;
+    for_rows(n, inner, scale.data_ptr<float>(), [&](int64_t b, int64_t e, float s) {
+      quantize_span<int8_t>(px, py, pm, pl, b, e, s, ftop);
+    });
+  }
+  return {y, m, lev};
+}
+
+// mask * grad as float products (the straight-through gradient of a clipping quantizer).
+at::Tensor masked_grad(const at::Tensor& grad, const at::Tensor& mask) {
+  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
+              "grad must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(mask.scalar_type() == at::kChar && mask.is_contiguous() &&
+                  mask.numel() == grad.numel(),
+              "mask must be a contiguous int8 tensor the size of grad");
+  at::Tensor out = at::empty_like(grad);
+  const float* pg = grad.data_ptr<float>();
+  const int8_t* pm = mask.data_ptr<int8_t>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, grad.numel(), kGrain, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t j = begin; j < end; ++j) po[j] = static_cast<float>(pm[j]) * pg[j];
+  });
+  return out;
+}
+
+// levels * scale: a fake-quantized tensor rebuilt from its integer levels.
+at::Tensor rebuild(const at::Tensor& levels, const at::Tensor& scale) {
+  TORCH_CHECK(levels.device().is_cpu() && levels.is_contiguous() &&
+                  (levels.scalar_type() == at::kChar || levels.scalar_type() == at::kShort),
+              "levels must be a contiguous int8 or int16 CPU tensor");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() >= 1 && levels.numel() % scale.numel() == 0,
+              "scale must be contiguous float32 with a count of elements that divides levels'");
+  at::Tensor out = at::empty(levels.sizes(), levels.options().dtype(at::kFloat));
+  const int64_t n = levels.numel();
+  const int64_t inner = std::max<int64_t>(n / scale.numel(), 1);
+  float* po = out.data_ptr<float>();
+  if (levels.scalar_type() == at::kChar) {
+    const int8_t* pl = levels.data_ptr<int8_t>();
+    for_rows(n, inner, scale.data_ptr<float>(), [&](int64_t b, int64_t e, float s) {
+#pragma omp simd
+      for (int64_t j = b; j < e; ++j) po[j] = static_cast<float>(pl[j]) * s;
+    });
+  } else {
+    const int16_t* pl = levels.data_ptr<int16_t>();
+    for_rows(n, inner, scale.data_ptr<float>(), [&](int64_t b, int64_t e, float s) {
+#pragma omp simd
+      for (int64_t j = b; j < e; ++j) po[j] = static_cast<float>(pl[j]) * s;
+    });
+  }
+  return out;
+}
+
+// The input tiles of Winograd F(m x m, 3 x 3): every alpha x alpha window, stride m, of x
+// zero-padded by 1 (and bottom/right up to whole tiles), laid out position-major as
+// (alpha^2, C, N, th * tw): what F.unfold and a permuted copy make, in one pass.
+at::Tensor gather_tiles(const at::Tensor& x, int64_t a, int64_t m, int64_t th, int64_t tw) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.dim() == 4,
+              "x must be a contiguous 4-D float32 CPU tensor");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), T = th * tw;
+  at::Tensor out = at::empty({a * a, C, N, T}, x.options());
+  const float* px = x.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a * a * T, 1));
+  at::parallel_for(0, C * N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p / N, n = p % N;
+      const float* src = px + (n * C + c) * H * W;
+      for (int64_t i = 0; i < a; ++i) {
+        for (int64_t j = 0; j < a; ++j) {
+          float* dst = po + (((i * a + j) * C + c) * N + n) * T;
+          for (int64_t ti = 0; ti < th; ++ti) {
+            const int64_t r = ti * m + i - 1;
+            float* d = dst + ti * tw;
+            if (r < 0 || r >= H) {
+              std::fill(d, d + tw, 0.0f);
+              continue;
+            }
+            const float* row = src + r * W;
+            for (int64_t tj = 0; tj < tw; ++tj) {
+              const int64_t q = tj * m + j - 1;
+              d[tj] = (q >= 0 && q < W) ? row[q] : 0.0f;
+            }
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// The gradient of gather_tiles: each tile value added back to its pixel, in the order of
+// increasing tile position, from zero, as F.fold (col2im) adds them.
+at::Tensor scatter_tiles(const at::Tensor& g, int64_t N, int64_t C, int64_t H, int64_t W,
+                         int64_t a, int64_t m, int64_t th, int64_t tw) {
+  const int64_t T = th * tw;
+  TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == at::kFloat && g.is_contiguous() &&
+                  g.numel() == a * a * C * N * T,
+              "g must be a contiguous float32 CPU tensor of (alpha^2, C, N, tiles) values");
+  at::Tensor out = at::empty({N, C, H, W}, g.options());
+  const float* pg = g.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a * a * T, 1));
+  at::parallel_for(0, C * N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p / N, n = p % N;
+      float* dst = po + (n * C + c) * H * W;
+      std::fill(dst, dst + H * W, 0.0f);
+      for (int64_t i = 0; i < a; ++i) {
+        for (int64_t j = 0; j < a; ++j) {
+          const float* src = pg + (((i * a + j) * C + c) * N + n) * T;
+          for (int64_t ti = 0; ti < th; ++ti) {
+            const int64_t r = ti * m + i - 1;
+            if (r < 0 || r >= H) continue;
+            float* row = dst + r * W;
+            const float* s = src + ti * tw;
+            for (int64_t tj = 0; tj < tw; ++tj) {
+              const int64_t q = tj * m + j - 1;
+              if (q >= 0 && q < W) row[q] += s[tj];
+            }
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gather_tiles", &gather_tiles, "Winograd input tiles, position-major");
+  m.def("scatter_tiles", &scatter_tiles, "the gradient of gather_tiles");
+  m.def("quantize", &quantize, "fake-quantize: values, clip mask, integer levels");
+  m.def("masked_grad", &masked_grad, "mask * grad");
+  m.def("rebuild", &rebuild, "levels * scale");
+}

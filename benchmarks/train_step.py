@@ -4,8 +4,10 @@
 The network is the paper's ResNet-18-like (``--width``, 32x32), or any shipped space's model
 (``--space spaces/X.yaml``: its model reference, input size and classes). Each configuration
 runs in a fresh subprocess so that its peak memory (peak RSS on the CPU,
-``torch.cuda.max_memory_allocated`` on CUDA) is its own. Prints the machine, a table, then one
-JSON line.
+``torch.cuda.max_memory_allocated`` on CUDA) is its own; the processes step in interleaved
+rounds (each configuration once per round, the order rotating), and a configuration's time
+against normal 8-bit is the median of its per-round ratios, so that a shared machine's slow
+minutes fall on every configuration alike. Prints the machine, a table, then one JSON line.
 
     python benchmarks/train_step.py                      # width 0.5, batch 32, CPU
     python benchmarks/train_step.py --steps 10 --configs normal8 flex4
@@ -58,16 +60,17 @@ def _network(space_path: str | None, width: float) -> dict:
     return net
 
 
-def _child(
+def _serve(
     name: str,
     width: float,
     batch: int,
-    steps: int,
     warmup: int,
     device: str,
     threads: int | None,
     space: str | None = None,
-) -> dict:
+) -> None:
+    """One configuration's process: build, warm up, then time one training step per ``step``
+    line read from stdin (one JSON line back each), and at ``end`` report peak memory."""
     import torch
 
     if threads:
@@ -84,32 +87,83 @@ def _child(
     size = arch.input_size
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, arch.num_classes, (batch,), device=device)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        if device.startswith("cuda"):
+    cuda = device.startswith("cuda")
+
+    def step() -> float:
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        print(json.dumps({"step_s": step()}), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
-    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    return {
-        "step_s": statistics.median(times),
-        "step_min_s": min(times),
-        "images_per_s": batch / statistics.median(times),
-        "peak_rss_mib": peak,
-        "rss_before_steps_mib": rss_before,
-        "gpu_peak_mib": gpu_peak,
-    }
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    print(
+        json.dumps(
+            {"peak_rss_mib": peak, "rss_before_steps_mib": rss_before, "gpu_peak_mib": gpu_peak}
+        ),
+        flush=True,
+    )
+
+
+class _Child:
+    """A configuration's serving process, spoken to one JSON line at a time."""
+
+    def __init__(self, name: str, cmd: list[str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise SystemExit(f"train_step: the {self.name} process ended early (exit {code})")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> dict:
+        out = self.ask("end")
+        self.proc.wait()
+        return out
+
+
+def interleave(children: list[_Child], rounds: int) -> dict[str, list[float]]:
+    """Step times per configuration over ``rounds`` rounds; every round steps each
+    configuration once, in an order that rotates by one each round, so that a slow minute of a
+    shared machine falls on all of them alike and the ratios are taken within a round."""
+    times: dict[str, list[float]] = {c.name: [] for c in children}
+    for r in range(rounds):
+        k = r % len(children)
+        for child in children[k:] + children[:k]:
+            times[child.name].append(child.ask("step")["step_s"])
+    return times
+
+
+def paired_ratio(times: list[float], base: list[float]) -> dict:
+    """Median of the per-round ratios ``times[i] / base[i]``, with their 25th and 75th
+    percentiles (the spread a reader can expect from run to run on this machine)."""
+    ratios = sorted(t / b for t, b in zip(times, base, strict=True))
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"median": statistics.median(ratios), "q25": q[0], "q75": q[-1]}
 
 
 def main() -> int:
@@ -117,7 +171,7 @@ def main() -> int:
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=7, help="timed steps (median reported)")
+    p.add_argument("--steps", type=int, default=9, help="interleaved rounds (one step each)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
@@ -125,18 +179,18 @@ def main() -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        res = _child(
+        _serve(
             args.child,
             args.width,
             args.batch,
-            args.steps,
             args.warmup,
             args.device,
             args.threads,
             args.space,
         )
-        print(json.dumps(res))
         return 0
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be at least 1 and --warmup at least 0")
 
     import torch
 
@@ -151,32 +205,52 @@ def main() -> int:
     )
     print(f"# {network}, batch {args.batch}, device {args.device}")
     print(f"# machine: {machine_line(args.device, threads=args.threads)}")
+    print(
+        f"# {args.steps} interleaved rounds after {args.warmup} warm-up steps; each "
+        "configuration in its own process; x time: median of per-round ratios [25th-75th]"
+    )
+    configs = list(dict.fromkeys(args.configs))
+    children = []
+    try:
+        for name in configs:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--width",
+                str(args.width),
+                "--batch",
+                str(args.batch),
+                "--warmup",
+                str(args.warmup),
+                "--device",
+                args.device,
+            ]
+            cmd += ["--threads", str(args.threads)] if args.threads else []
+            cmd += ["--space", args.space] if args.space else []
+            children.append(_Child(name, cmd))
+            children[-1].read()  # ready: warmed up, before the next one starts
+        times = interleave(children, args.steps)
+        memory = {c.name: c.close() for c in children}
+    finally:
+        for c in children:
+            if c.proc.poll() is None:
+                c.proc.kill()
     results = {}
-    for name in args.configs:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            name,
-            "--width",
-            str(args.width),
-            "--batch",
-            str(args.batch),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--device",
-            args.device,
-        ]
-        cmd += ["--threads", str(args.threads)] if args.threads else []
-        cmd += ["--space", args.space] if args.space else []
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in configs:
+        t = times[name]
+        results[name] = {
+            "step_s": statistics.median(t),
+            "step_min_s": min(t),
+            "step_times_s": t,
+            "images_per_s": args.batch / statistics.median(t),
+            **memory[name],
+        }
     base = results.get("normal8")
     header = (
         f"{'config':18s} {'step s':>8s} {'img/s':>8s} {'peak MiB':>9s} {'x time':>7s} "
-        f"{'x mem':>6s}"
+        f"{'[25th-75th]':>12s} {'x mem':>6s}"
     )
     print(header)
     print("-" * len(header))
@@ -184,12 +258,18 @@ def main() -> int:
         mem = r["gpu_peak_mib"] if r["gpu_peak_mib"] is not None else r["peak_rss_mib"]
         if base:
             base_mem = base["gpu_peak_mib"] or base["peak_rss_mib"]
-            r["time_vs_normal8"] = r["step_s"] / base["step_s"]
+            ratio = paired_ratio(r["step_times_s"], base["step_times_s"])
+            r["time_vs_normal8"] = ratio["median"]
+            r["time_vs_normal8_q25_q75"] = [ratio["q25"], ratio["q75"]]
             r["mem_vs_normal8"] = mem / base_mem
-            ratio = f"{r['time_vs_normal8']:7.2f} {r['mem_vs_normal8']:6.2f}"
+            spread = f"[{ratio['q25']:.2f}-{ratio['q75']:.2f}]"
+            ratio_text = f"{r['time_vs_normal8']:7.2f} {spread:>12s} {r['mem_vs_normal8']:6.2f}"
         else:
-            ratio = ""
-        print(f"{LABELS[name]:18s} {r['step_s']:8.3f} {r['images_per_s']:8.1f} {mem:9.0f} {ratio}")
+            ratio_text = ""
+        print(
+            f"{LABELS[name]:18s} {r['step_s']:8.3f} {r['images_per_s']:8.1f} {mem:9.0f} "
+            f"{ratio_text}"
+        )
     if os.getloadavg()[0] > 1.5 or load > 1.5:
         print("# note: other work shared the cores during this run (load average > 1.5)")
     summary = {
@@ -197,6 +277,8 @@ def main() -> int:
         "width": args.width,
         "batch": args.batch,
         "device": args.device,
+        "rounds": args.steps,
+        "warmup": args.warmup,
         "load_avg_start": load,
         "space": args.space,
         "machine": machine_line(args.device, threads=args.threads),

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -170,3 +171,55 @@ def test_gpu_check_without_cuda_exits_2_in_one_line(tmp_path):
     lines = (got.stdout + got.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu_check: no CUDA: ")
     assert not Path(tmp_path / "out").exists()  # nothing written
+
+
+# -- benchmarks/train_step.py ---------------------------------------------------------------
+
+
+def test_train_step_interleaves_configurations_and_pairs_their_ratios():
+    """A tiny run end to end: the machine above the table, every configuration stepped once
+    per round in a rotating order, and ratios taken within rounds."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "train_step.py"),
+            "--configs", "normal8", "static4",
+            "--width", "0.125", "--batch", "2", "--steps", "3", "--warmup", "1",
+            "--threads", "1",
+        ],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    _text, got = _machine_first(out, threads=1)
+    summary = got["summary"]
+    assert summary["rounds"] == 3
+    res = summary["results"]
+    assert set(res) == {"normal8", "static4"}
+    assert all(len(r["step_times_s"]) == 3 for r in res.values())
+    ratios = sorted(
+        s / b
+        for s, b in zip(
+            res["static4"]["step_times_s"], res["normal8"]["step_times_s"], strict=True
+        )
+    )
+    assert res["static4"]["time_vs_normal8"] == pytest.approx(ratios[1])  # median of three
+    assert res["normal8"]["time_vs_normal8"] == 1.0
+    assert all(r["peak_rss_mib"] > r["rss_before_steps_mib"] * 0.5 for r in res.values())
+
+
+def test_train_step_rotates_the_order_of_each_round():
+    train_step = load_benchmark("train_step")
+    order = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def ask(self, command):
+            order.append(self.name)
+            return {"step_s": 1.0}
+
+    times = train_step.interleave([Fake("a"), Fake("b"), Fake("c")], 3)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert times == {"a": [1.0] * 3, "b": [1.0] * 3, "c": [1.0] * 3}
+    ratio = train_step.paired_ratio([2.0, 3.0, 9.0], [1.0, 1.0, 1.0])
+    assert ratio == {"median": 3.0, "q25": 2.5, "q75": 6.0}

@@ -204,7 +204,8 @@ def main() -> int:
         f"ResNet-18-like width {args.width}, 32x32" if args.space is None else f"{args.space}"
     )
     print(f"# {network}, batch {args.batch}, device {args.device}")
-    print(f"# machine: {machine_line(args.device, threads=args.threads)}")
+    machine = machine_line(args.device, threads=args.threads)
+    print(f"# machine: {machine}")
     print(
         f"# {args.steps} interleaved rounds after {args.warmup} warm-up steps; each "
         "configuration in its own process; x time: median of per-round ratios [25th-75th]"
@@ -281,7 +282,7 @@ def main() -> int:
         "warmup": args.warmup,
         "load_avg_start": load,
         "space": args.space,
-        "machine": machine_line(args.device, threads=args.threads),
+        "machine": machine,
         "results": results,
     }
     print(json.dumps(summary))

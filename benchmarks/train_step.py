@@ -43,6 +43,15 @@ LABELS = {
 }
 
 
+#: Suffix of a configuration run with the fused CPU kernels off (``--torch-ops``).
+TORCH_OPS = "/torch-ops"
+
+
+def _label(name: str) -> str:
+    base = name.removesuffix(TORCH_OPS)
+    return LABELS[base] + (" (torch ops)" if base != name else "")
+
+
 def _network(space_path: str | None, width: float) -> dict:
     """The keyword arguments of ``Arch.uniform`` for the network measured."""
     if space_path is None:
@@ -124,9 +133,11 @@ def _serve(
 class _Child:
     """A configuration's serving process, spoken to one JSON line at a time."""
 
-    def __init__(self, name: str, cmd: list[str]) -> None:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         self.name = name
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
 
     def read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -176,6 +187,12 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
     p.add_argument("--space", help="measure this space's model (default: the paper's network)")
+    p.add_argument(
+        "--torch-ops",
+        action="store_true",
+        help="also run every configuration with the fused CPU kernels off "
+        "(WASEARCH_FUSED_KERNELS=0), interleaved in the same rounds: before and after",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -211,6 +228,8 @@ def main() -> int:
         "configuration in its own process; x time: median of per-round ratios [25th-75th]"
     )
     configs = list(dict.fromkeys(args.configs))
+    if args.torch_ops:
+        configs += [f"{name}{TORCH_OPS}" for name in configs]
     children = []
     try:
         for name in configs:
@@ -218,7 +237,7 @@ def main() -> int:
                 sys.executable,
                 __file__,
                 "--child",
-                name,
+                name.removesuffix(TORCH_OPS),
                 "--width",
                 str(args.width),
                 "--batch",
@@ -230,7 +249,10 @@ def main() -> int:
             ]
             cmd += ["--threads", str(args.threads)] if args.threads else []
             cmd += ["--space", args.space] if args.space else []
-            children.append(_Child(name, cmd))
+            env = None
+            if name.endswith(TORCH_OPS):
+                env = {**os.environ, "WASEARCH_FUSED_KERNELS": "0"}
+            children.append(_Child(name, cmd, env))
             children[-1].read()  # ready: warmed up, before the next one starts
         times = interleave(children, args.steps)
         memory = {c.name: c.close() for c in children}
@@ -250,7 +272,7 @@ def main() -> int:
         }
     base = results.get("normal8")
     header = (
-        f"{'config':18s} {'step s':>8s} {'img/s':>8s} {'peak MiB':>9s} {'x time':>7s} "
+        f"{'config':30s} {'step s':>8s} {'img/s':>8s} {'peak MiB':>9s} {'x time':>7s} "
         f"{'[25th-75th]':>12s} {'x mem':>6s}"
     )
     print(header)
@@ -268,7 +290,7 @@ def main() -> int:
         else:
             ratio_text = ""
         print(
-            f"{LABELS[name]:18s} {r['step_s']:8.3f} {r['images_per_s']:8.1f} {mem:9.0f} "
+            f"{_label(name):30s} {r['step_s']:8.3f} {r['images_per_s']:8.1f} {mem:9.0f} "
             f"{ratio_text}"
         )
     if os.getloadavg()[0] > 1.5 or load > 1.5:

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--transforms",
-        choices=("auto", "kron", "separable"),
+        choices=("auto", "fused", "kron", "separable"),
         default="auto",
         help="2-D transform form of the deploy kernel (default: auto)",
     )

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wasearch import Arch, LayerChoice, build
+from wasearch import Arch, LayerChoice, build, cpu_kernels
 from wasearch.deploy import (
     DirectConv,
     WinogradConv,
@@ -247,7 +247,9 @@ def test_fastest_forms_are_picked_per_layer_and_change_no_output() -> None:
     winograd = {n for n, c in arch if c.conv != "normal"}  # by layer name, as kernels
     assert set(deployed.forms) == winograd  # the default forms
     assert len(winograd) == sum(isinstance(m, WinogradConv) for m in deployed.modules())
-    assert deployed.forms["layer1.0.conv1"] == ("kron", 256)  # F2: Kronecker by default
+    # The fused kernels where they are built; else F2's default is the Kronecker form.
+    default = "fused" if cpu_kernels.available() else "kron"
+    assert deployed.forms["layer1.0.conv1"] == (default, 256)
     with torch.no_grad():
         before = deployed(x)
 
@@ -271,3 +273,39 @@ def test_fastest_forms_are_picked_per_layer_and_change_no_output() -> None:
     assert all(f in WinogradConv.FORMS for f in timed.forms.values())
     with pytest.raises(ValueError, match="form"):
         kernels[0].set_form("kron", 64)
+
+
+@pytest.mark.parametrize("tile", [2, 4, 6])
+@pytest.mark.parametrize("bits", [None, 8])
+def test_the_fused_form_computes_what_the_torch_forms_do(tile, bits):
+    """The compiled kernels' tiles, transforms and untiling (one pass each way) against the
+    separable torch form: any size (partial tiles), with and without bias, float32 and the
+    int8 product; and both against conv2d in float32."""
+    if not cpu_kernels.available():
+        pytest.skip("the compiled CPU kernels could not be built here")
+    if bits == 8 and not int8_available():
+        pytest.skip("no int8 kernel here")
+    torch.manual_seed(tile)
+    for bias in (None, torch.randn(7)):
+        w = torch.randn(7, 5, 3, 3)
+        A_t, G, B_t = transform_matrices(tile)
+        mod = WinogradConv(w, bias, A_t, G, B_t, bits=bits)
+        x = torch.randn(3, 5, 13, 10).relu()
+        mod.set_form("separable", None)
+        ref = mod(x)
+        mod.set_form("fused", 256)
+        assert mod.form == ("fused", 256)
+        got = mod(x)
+        assert got.shape == ref.shape == (3, 7, 13, 10)
+        if bits is None:
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got, F.conv2d(x, w, bias, padding=1), rtol=1e-3, atol=1e-3)
+            # One image per group: every group writes its own images of the output.
+            xc = x.contiguous(memory_format=torch.channels_last)
+            one = winograd_deploy_conv2d(
+                xc, mod.u_t, mod.A_t, mod.B_t, bias=mod.bias, chunk_tiles=1, fused=True
+            )
+            torch.testing.assert_close(one, got, rtol=1e-4, atol=1e-4)  # GEMM sizes differ
+        else:  # the same int8 product on (nearly) the same Winograd-domain input
+            err = (got - ref).abs().max() / ref.abs().max()
+            assert err < 0.02

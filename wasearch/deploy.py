@@ -335,8 +335,8 @@ def pick_fastest_forms(
     timer: Callable[[nn.Module, torch.Tensor], float] = _time_kernel,
 ) -> dict[str, tuple[str, int | None]]:
     """Time every Winograd kernel of ``deployed`` in each of its forms
-    (:data:`WinogradConv.FORMS`: Kronecker or separable transforms, the batch in groups or
-    whole) on the input it receives when ``deployed`` runs ``x``, and keep the fastest, in
+    (:data:`WinogradConv.FORMS`: fused, Kronecker or separable transforms, the batch in groups
+    or whole) on the input it receives when ``deployed`` runs ``x``, and keep the fastest, in
     place. Every form computes the same convolution (equal up to float rounding), so the
     network's outputs do not change. Returns ``{module path: (transform, chunk_tiles)}``.
     ``timer(module, input)`` returns seconds (default: the median of 15 calls)."""

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .winograd import tile_counts
 
 __all__ = [
@@ -247,6 +248,7 @@ def winograd_deploy_conv2d(
     kron_b: torch.Tensor | None = None,
     product: Any = None,
     chunk_tiles: int | None = CHUNK_TILES,
+    fused: bool = False,
 ) -> torch.Tensor:
     """3x3, stride-1, padding-1 convolution as Winograd F(m x m, 3 x 3), weights pre-transformed.
 
@@ -262,6 +264,10 @@ def winograd_deploy_conv2d(
         chunk_tiles: run the pipeline on groups of whole images holding at least this many tiles,
             so that the Winograd-domain tensors of a group stay in cache between the stages
             (None: all images at once).
+        fused: on the CPU in float32, where wasearch's compiled kernels are built
+            (:mod:`wasearch.cpu_kernels`), gather and transform the tiles in one pass and
+            transform, untile and add the bias in another (the 2-D transforms' sums in their
+            own order: equal up to float rounding); else ignored.
 
     Returns (N, K, H, W) in channels-last memory format (a cropped view when H or W is not a
     multiple of m).
@@ -272,6 +278,28 @@ def winograd_deploy_conv2d(
     th, tw = tile_counts(h, w, m)
     per_image = th * tw
     step = n if not chunk_tiles else min(n, max(1, -(-chunk_tiles // per_image)))
+
+    ext = None
+    if fused and x.device.type == "cpu" and x.dtype == torch.float32:
+        ext = cpu_kernels.kernels()
+    if ext is not None:
+        xn = x.permute(0, 2, 3, 1).contiguous()  # a view of channels-last data: no copy
+        k = u_t.shape[2] if product is None else None
+        out = None
+        for i in range(0, n, step):
+            nb = min(step, n - i)
+            v = ext.winograd_input(xn, B_t.contiguous(), m, th, tw, i, nb)
+            mprod = (torch.bmm(v, u_t) if product is None else product(v)).contiguous()
+            if out is None:
+                k = mprod.shape[2]
+                out = torch.empty((n, th * m, tw * m, k), dtype=x.dtype, device=x.device)
+            empty = torch.empty(0, dtype=x.dtype)
+            ext.winograd_output(
+                mprod, A_t.contiguous(), empty if bias is None else bias, out, th, tw, i
+            )
+        if th * m != h or tw * m != w:
+            out = out[:, :h, :w]
+        return out.permute(0, 3, 1, 2)
 
     # Tiles: alpha x alpha windows, stride m, of the input padded by 1 (the conv's padding) and
     # bottom/right up to whole tiles; gathered from NHWC so each copy moves C contiguous values.
@@ -329,8 +357,11 @@ class WinogradConv(nn.Module):
         bits: None (float32) or 8 (the Winograd-domain product on oneDNN's int8 kernel).
         act_amax: the range of the Winograd-domain input ``B^T d B`` for 8-bit: a number, or one
             per tile position (alpha^2,); None: measured per call.
-        transform: ``"auto"`` (two GEMMs per 2-D transform from F4 up, Kronecker below),
-            ``"kron"`` or ``"separable"``.
+        transform: ``"auto"`` (``"fused"`` where wasearch's compiled CPU kernels are built,
+            else two GEMMs per 2-D transform from F4 up and Kronecker below), ``"fused"``
+            (tiles gathered and transformed in one pass, the output transformed and untiled in
+            another: :func:`winograd_deploy_conv2d`'s ``fused``; on CUDA, or where the kernels
+            are not built, it runs as ``"separable"``), ``"kron"`` or ``"separable"``.
     """
 
     def __init__(
@@ -348,8 +379,14 @@ class WinogradConv(nn.Module):
         super().__init__()
         if bits not in (None, 8):
             raise ValueError(f"bits={bits!r}: WinogradConv runs float32 (None) or 8-bit")
-        if transform not in ("auto", "kron", "separable"):
-            raise ValueError(f"transform={transform!r}; use 'auto', 'kron' or 'separable'")
+        if transform not in ("auto", "fused", "kron", "separable"):
+            raise ValueError(
+                f"transform={transform!r}; use 'auto', 'fused', 'kron' or 'separable'"
+            )
+        if transform == "auto" and cpu_kernels.kernels() is not None:
+            transform = "fused"
+        #: Whether the fused CPU kernels run the transforms (see ``transform``).
+        self.fused = transform == "fused"
         k, c = weight.shape[:2]
         m, a = A_t.shape
         self.in_channels, self.out_channels, self.tile, self.bits = c, k, m, bits
@@ -379,10 +416,13 @@ class WinogradConv(nn.Module):
         self.register_buffer("qu", qu)
         self.packed = _qprepack(qu, scales, 1.0, 128, 0, a * a)
 
-    #: The forms :meth:`set_form` takes: 2-D transforms as one Kronecker GEMM or two 1-D
+    #: The forms :meth:`set_form` takes: 2-D transforms fused with the tiling (compiled CPU
+    #: kernels), as one Kronecker GEMM or as two 1-D
     #: GEMMs, the batch in groups of about ``CHUNK_TILES`` tiles or whole. Every form computes
     #: the same convolution with the same transforms and products (equal up to float rounding).
     FORMS = (
+        ("fused", CHUNK_TILES),
+        ("fused", None),
         ("kron", CHUNK_TILES),
         ("separable", CHUNK_TILES),
         ("kron", None),
@@ -392,21 +432,27 @@ class WinogradConv(nn.Module):
     @property
     def form(self) -> tuple[str, int | None]:
         """``(transform, chunk_tiles)``: how this kernel runs now (one of :data:`FORMS`)."""
-        return ("kron" if self.kron_a is not None else "separable", self.chunk_tiles)
+        return (self._transform_name(), self.chunk_tiles)
+
+    def _transform_name(self) -> str:
+        if getattr(self, "fused", False):
+            return "fused"
+        return "kron" if self.kron_a is not None else "separable"
 
     def set_form(self, transform: str, chunk_tiles: int | None) -> None:
-        """Run as ``transform`` (``"kron"`` or ``"separable"``) in groups of ``chunk_tiles``
-        tiles (None: the whole batch); see :data:`FORMS`."""
+        """Run as ``transform`` (``"fused"``, ``"kron"`` or ``"separable"``) in groups of
+        ``chunk_tiles`` tiles (None: the whole batch); see :data:`FORMS`."""
         if (transform, chunk_tiles) not in self.FORMS:
             raise ValueError(f"form ({transform!r}, {chunk_tiles!r}); use one of {self.FORMS}")
         kron = transform == "kron"
         self.kron_a = torch.kron(self.A_t, self.A_t) if kron else None
         self.kron_b = torch.kron(self.B_t, self.B_t) if kron else None
         self.chunk_tiles = chunk_tiles
+        self.fused = transform == "fused"
 
     def extra_repr(self) -> str:
         kind = "float32" if self.bits is None else "int8 product (oneDNN)"
-        form = "kron" if self.kron_a is not None else "separable"
+        form = self._transform_name()
         return (
             f"{self.in_channels}, {self.out_channels}, F({self.tile}x{self.tile}, 3x3), "
             f"{kind}, {form} transforms"
@@ -442,6 +488,7 @@ class WinogradConv(nn.Module):
             kron_b=self.kron_b,
             product=None if self.bits is None else self._int8_product,
             chunk_tiles=getattr(self, "chunk_tiles", CHUNK_TILES),
+            fused=getattr(self, "fused", False),
         )
 
 

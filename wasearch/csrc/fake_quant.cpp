@@ -215,7 +215,135 @@ at::Tensor scatter_tiles(const at::Tensor& g, int64_t N, int64_t C, int64_t H, i
   return out;
 }
 
+// Deploy Winograd F(m x m, 3 x 3), float32, channels-last: B^T d B of every input tile, read
+// straight from x (N, H, W, C) with the conv's zero padding of 1 (and bottom/right up to whole
+// tiles), for images n0 .. n0 + nb; returns v (alpha^2, nb * th * tw, C). One pass where the
+// torch form pads, gathers and applies two GEMMs; the sums are the same up to float rounding.
+at::Tensor winograd_input(const at::Tensor& x, const at::Tensor& bt, int64_t m, int64_t th,
+                          int64_t tw, int64_t n0, int64_t nb) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.dim() == 4,
+              "x must be a contiguous (N, H, W, C) float32 CPU tensor");
+  TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.is_contiguous() && bt.dim() == 2 &&
+                  bt.size(0) == bt.size(1),
+              "B_t must be a contiguous square float32 matrix");
+  const int64_t H = x.size(1), W = x.size(2), C = x.size(3), a = bt.size(0), T = th * tw;
+  const int64_t NT = nb * T;
+  at::Tensor v = at::empty({a * a, NT, C}, x.options());
+  const float* px = x.data_ptr<float>();
+  const float* B = bt.data_ptr<float>();
+  float* pv = v.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a * a * C, 1));
+  at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> d(a * a * C), rows(a * a * C);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n = n0 + tile / T, ti = (tile % T) / tw, tj = tile % tw;
+      for (int64_t i = 0; i < a; ++i) {
+        const int64_t r = ti * m + i - 1;
+        for (int64_t j = 0; j < a; ++j) {
+          const int64_t q = tj * m + j - 1;
+          float* dst = d.data() + (i * a + j) * C;
+          if (r < 0 || r >= H || q < 0 || q >= W) {
+            std::fill(dst, dst + C, 0.0f);
+          } else {
+            std::copy_n(px + ((n * H + r) * W + q) * C, C, dst);
+          }
+        }
+      }
+      // rows[p][j] = sum_i B[p][i] d[i][j], then v[p][q] = sum_j B[q][j] rows[p][j]
+      for (int64_t p = 0; p < a; ++p) {
+        for (int64_t j = 0; j < a; ++j) {
+          float* o = rows.data() + (p * a + j) * C;
+          std::fill(o, o + C, 0.0f);
+          for (int64_t i = 0; i < a; ++i) {
+            const float b = B[p * a + i];
+            if (b == 0.0f) continue;
+            const float* src = d.data() + (i * a + j) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] += b * src[c];
+          }
+        }
+        for (int64_t q = 0; q < a; ++q) {
+          float* o = pv + ((p * a + q) * NT + tile) * C;
+          std::fill(o, o + C, 0.0f);
+          for (int64_t j = 0; j < a; ++j) {
+            const float b = B[q * a + j];
+            if (b == 0.0f) continue;
+            const float* src = rows.data() + (p * a + j) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] += b * src[c];
+          }
+        }
+      }
+    }
+  });
+  return v;
+}
+
+// A^T M A of every tile of mprod (alpha^2, nb * th * tw, K), plus bias, written into out
+// (N, th * m, tw * m, K) at images n0 .. n0 + nb: the output transform and the untiling in one
+// pass.
+void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::Tensor& bias,
+                     at::Tensor& out, int64_t th, int64_t tw, int64_t n0) {
+  TORCH_CHECK(mprod.device().is_cpu() && mprod.scalar_type() == at::kFloat &&
+                  mprod.is_contiguous() && mprod.dim() == 3,
+              "mprod must be a contiguous (alpha^2, tiles, K) float32 CPU tensor");
+  TORCH_CHECK(at_.scalar_type() == at::kFloat && at_.is_contiguous() && at_.dim() == 2,
+              "A_t must be a contiguous float32 matrix");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 4,
+              "out must be a contiguous (N, H, W, K) float32 tensor");
+  const int64_t m = at_.size(0), a = at_.size(1), NT = mprod.size(1), K = mprod.size(2);
+  const int64_t T = th * tw, Ho = out.size(1), Wo = out.size(2);
+  TORCH_CHECK(mprod.size(0) == a * a && out.size(3) == K && Ho == th * m && Wo == tw * m,
+              "shapes of mprod, A_t and out disagree");
+  const bool has_bias = bias.defined() && bias.numel() > 0;  // empty: no bias
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == K &&
+                            bias.is_contiguous()),
+              "bias must be K contiguous float32 values");
+  const float* pm = mprod.data_ptr<float>();
+  const float* A = at_.data_ptr<float>();
+  const float* pb = has_bias ? bias.data_ptr<float>() : nullptr;
+  float* po = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a * a * K, 1));
+  at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows(m * a * K);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n = n0 + tile / T, ti = (tile % T) / tw, tj = tile % tw;
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t j = 0; j < a; ++j) {
+          float* o = rows.data() + (r * a + j) * K;
+          std::fill(o, o + K, 0.0f);
+          for (int64_t i = 0; i < a; ++i) {
+            const float w = A[r * a + i];
+            if (w == 0.0f) continue;
+            const float* src = pm + ((i * a + j) * NT + tile) * K;
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) o[k] += w * src[k];
+          }
+        }
+        for (int64_t s2 = 0; s2 < m; ++s2) {
+          float* o = po + ((n * Ho + ti * m + r) * Wo + tj * m + s2) * K;
+          if (has_bias) {
+            std::copy_n(pb, K, o);
+          } else {
+            std::fill(o, o + K, 0.0f);
+          }
+          for (int64_t j = 0; j < a; ++j) {
+            const float w = A[s2 * a + j];
+            if (w == 0.0f) continue;
+            const float* src = rows.data() + (r * a + j) * K;
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) o[k] += w * src[k];
+          }
+        }
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("winograd_input", &winograd_input, "deploy Winograd: input tiles transformed, NHWC");
+  m.def("winograd_output", &winograd_output, "deploy Winograd: output transform and untiling");
   m.def("gather_tiles", &gather_tiles, "Winograd input tiles, position-major");
   m.def("scatter_tiles", &scatter_tiles, "the gradient of gather_tiles");
   m.def("quantize", &quantize, "fake-quantize: values, clip mask, integer levels");

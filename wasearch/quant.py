@@ -114,9 +114,9 @@ class _RoundSTE(torch.autograd.Function):
     ):
         ctx.may_clip = may_clip
         want_mask = ctx.needs_input_grad[0] and may_clip
-        ext = cpu_kernels.kernels()
-        rows = _fused_scale(x, scale) if ext is not None else None
-        if rows is not None:  # one pass, the same values (csrc/fake_quant.cpp)
+        rows = _fused_scale(x, scale)  # applicability first: CUDA never builds the CPU kernels
+        ext = cpu_kernels.kernels() if rows is not None else None
+        if ext is not None:  # one pass, the same values (csrc/fake_quant.cpp)
             nbytes = 0 if codes is None else codes.itemsize
             y, mask, levels = ext.quantize(x, rows, top, True, want_mask, nbytes)
             if want_mask:
@@ -174,9 +174,9 @@ def _fused_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
 def grid_levels(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """The integer levels (:func:`code_dtype`) of an ``x`` that lies on the grid of ``scale``
     within ``bits`` (``x == levels * scale``, as a quantizer of that scale made it)."""
-    ext = cpu_kernels.kernels()
-    rows = _fused_scale(x, scale) if ext is not None else None
-    if rows is not None:
+    rows = _fused_scale(x, scale)
+    ext = cpu_kernels.kernels() if rows is not None else None
+    if ext is not None:
         nbytes = code_dtype(bits).itemsize
         return ext.quantize(x.detach(), rows, qmax(bits), False, False, nbytes)[2]
     return (x.detach() / scale).round_().to(code_dtype(bits))
@@ -186,9 +186,9 @@ def rebuild(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
     """A fake-quantized tensor from its integer levels: the quantizer's own last operation
     (``level * scale``), so the same values bit for bit."""
     if dtype == torch.float32 and codes.device.type == "cpu" and codes.is_contiguous():
-        ext = cpu_kernels.kernels()
-        rows = _scale_rows(codes.shape, scale) if ext is not None else None
-        if rows is not None:
+        rows = _scale_rows(codes.shape, scale)
+        ext = cpu_kernels.kernels() if rows is not None else None
+        if ext is not None:
             return ext.rebuild(codes, rows)
     return codes.to(dtype).mul_(scale)
 

@@ -284,19 +284,17 @@ def winograd_deploy_conv2d(
         ext = cpu_kernels.kernels()
     if ext is not None:
         xn = x.permute(0, 2, 3, 1).contiguous()  # a view of channels-last data: no copy
-        k = u_t.shape[2] if product is None else None
+        b_t, a_t = B_t.contiguous(), A_t.contiguous()
+        no_bias = torch.empty(0, dtype=x.dtype)  # the kernel's "no bias"
         out = None
         for i in range(0, n, step):
             nb = min(step, n - i)
-            v = ext.winograd_input(xn, B_t.contiguous(), m, th, tw, i, nb)
+            v = ext.winograd_input(xn, b_t, m, th, tw, i, nb)
             mprod = (torch.bmm(v, u_t) if product is None else product(v)).contiguous()
-            if out is None:
+            if out is None:  # K is known once the product has run (the int8 one says it)
                 k = mprod.shape[2]
                 out = torch.empty((n, th * m, tw * m, k), dtype=x.dtype, device=x.device)
-            empty = torch.empty(0, dtype=x.dtype)
-            ext.winograd_output(
-                mprod, A_t.contiguous(), empty if bias is None else bias, out, th, tw, i
-            )
+            ext.winograd_output(mprod, a_t, no_bias if bias is None else bias, out, th, tw, i)
         if th * m != h or tw * m != w:
             out = out[:, :h, :w]
         return out.permute(0, 3, 1, 2)

@@ -53,6 +53,20 @@ void quantize_span(const float* __restrict x, float* __restrict y, int8_t* __res
   }
 }
 
+// o[k] += sum_i w[i] * src[i * stride + k] for k < len, i < count, in order of increasing i;
+// zero weights are skipped (the Cook-Toom transforms are sparse). One row of a small matrix
+// applied to `count` vectors of `len` contiguous values (channels).
+void add_weighted(float* __restrict o, int64_t len, const float* w, int64_t count,
+                  const float* src, int64_t stride) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float wi = w[i];
+    if (wi == 0.0f) continue;
+    const float* __restrict s = src + i * stride;
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) o[k] += wi * s[k];
+  }
+}
+
 void check_layout(const at::Tensor& x, const at::Tensor& scale) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "x must be a contiguous float32 CPU tensor");
@@ -255,24 +269,12 @@ at::Tensor winograd_input(const at::Tensor& x, const at::Tensor& bt, int64_t m, 
         for (int64_t j = 0; j < a; ++j) {
           float* o = rows.data() + (p * a + j) * C;
           std::fill(o, o + C, 0.0f);
-          for (int64_t i = 0; i < a; ++i) {
-            const float b = B[p * a + i];
-            if (b == 0.0f) continue;
-            const float* src = d.data() + (i * a + j) * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) o[c] += b * src[c];
-          }
+          add_weighted(o, C, B + p * a, a, d.data() + j * C, a * C);
         }
         for (int64_t q = 0; q < a; ++q) {
           float* o = pv + ((p * a + q) * NT + tile) * C;
           std::fill(o, o + C, 0.0f);
-          for (int64_t j = 0; j < a; ++j) {
-            const float b = B[q * a + j];
-            if (b == 0.0f) continue;
-            const float* src = rows.data() + (p * a + j) * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) o[c] += b * src[c];
-          }
+          add_weighted(o, C, B + q * a, a, rows.data() + p * a * C, C);
         }
       }
     }
@@ -313,13 +315,7 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
         for (int64_t j = 0; j < a; ++j) {
           float* o = rows.data() + (r * a + j) * K;
           std::fill(o, o + K, 0.0f);
-          for (int64_t i = 0; i < a; ++i) {
-            const float w = A[r * a + i];
-            if (w == 0.0f) continue;
-            const float* src = pm + ((i * a + j) * NT + tile) * K;
-#pragma omp simd
-            for (int64_t k = 0; k < K; ++k) o[k] += w * src[k];
-          }
+          add_weighted(o, K, A + r * a, a, pm + (j * NT + tile) * K, a * NT * K);
         }
         for (int64_t s2 = 0; s2 < m; ++s2) {
           float* o = po + ((n * Ho + ti * m + r) * Wo + tj * m + s2) * K;
@@ -328,13 +324,7 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
           } else {
             std::fill(o, o + K, 0.0f);
           }
-          for (int64_t j = 0; j < a; ++j) {
-            const float w = A[s2 * a + j];
-            if (w == 0.0f) continue;
-            const float* src = rows.data() + (r * a + j) * K;
-#pragma omp simd
-            for (int64_t k = 0; k < K; ++k) o[k] += w * src[k];
-          }
+          add_weighted(o, K, A + s2 * a, a, rows.data() + r * a * K, K);
         }
       }
     }

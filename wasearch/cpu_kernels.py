@@ -1,11 +1,15 @@
-"""Fused CPU kernels of the fake quantizer, compiled on first use.
+"""Fused CPU kernels of the fake quantizer and the Winograd-aware layer, compiled on first use.
 
 The quantizer's torch chain (``quant._RoundSTE``) passes over a tensor three to eight times
 (divide, abs, compare, convert, round, clamp, convert, multiply); the Winograd-aware layer
 quantizes tensors 2-4x the size of its activations, so on a CPU whose memory is the bottleneck
 those passes were most of a training step. ``csrc/fake_quant.cpp`` does each job in one pass and
 computes the same values bit for bit (tests/test_cpu_kernels.py compares the two on ties, clips,
-every bit-width and both granularities).
+every bit-width and both granularities). The layer's input tiles are gathered and scattered
+the same way, bit for bit. Its 2-D transforms (``transform2d``: ``mat X mat^T`` of every tile,
+and the gradients) are the one exception: one pass instead of the GEMMs' four to six, the same
+sums in another order, so equal up to float rounding (``disabled("transforms")`` turns them off
+alone).
 
 It is built with torch's own extension builder (``torch.utils.cpp_extension.load``: a C++
 compiler and ninja, a dependency of this package) the first time a CPU quantizer runs in a
@@ -30,7 +34,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["available", "disabled", "kernels"]
+__all__ = ["PARTS", "available", "disabled", "kernels"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "fake_quant.cpp"
 _FLAGS = {
@@ -70,10 +74,20 @@ def _build() -> ModuleType:
     return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, verbose=False)
 
 
-def kernels() -> ModuleType | None:
+#: The kernels that can be switched off on their own (:func:`disabled`): ``"transforms"``, the
+#: Winograd-aware layer's 2-D transforms, which change float rounding (the others compute the
+#: torch chain's values bit for bit).
+PARTS = ("transforms",)
+
+
+def kernels(part: str | None = None) -> ModuleType | None:
     """The compiled module, or None where the kernels are off or could not be built (then
-    the caller runs the torch chain). Built at most once per process."""
+    the caller runs the torch chain). ``part`` names a kernel of :data:`PARTS` that the
+    caller is about to use, so that :func:`disabled` can switch it off alone. Built at most
+    once per process."""
     if getattr(_off, "depth", 0) or os.environ.get("WASEARCH_FUSED_KERNELS", "1") == "0":
+        return None
+    if part is not None and part in getattr(_off, "parts", ()):
         return None
     if _state["tried"]:
         return _state["module"]  # type: ignore[return-value]
@@ -101,8 +115,20 @@ def available() -> bool:
 
 
 @contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Run the torch chain instead of the fused kernels inside this block (this thread)."""
+def disabled(*parts: str) -> Iterator[None]:
+    """Run the torch operations instead of the fused kernels inside this block (this thread):
+    all of them, or only the ``parts`` named (of :data:`PARTS`)."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown kernel part(s) {sorted(unknown)}; known: {list(PARTS)}")
+    if parts:
+        before = getattr(_off, "parts", frozenset())
+        _off.parts = before | frozenset(parts)
+        try:
+            yield
+        finally:
+            _off.parts = before
+        return
     _off.depth = getattr(_off, "depth", 0) + 1
     try:
         yield

@@ -213,6 +213,11 @@ class _Transform2d(torch.autograd.Function):
     small product) instead, so a flex layer keeps no more than a static one. Tiles that lie on
     a quantization grid (``codes``, ``scale``: ``tiles == codes * scale``) are kept as their
     integer levels, a quarter of the memory at 8 bits, and rebuilt exactly for the backward.
+
+    On the CPU in float32, where the fused kernels are built, both passes run as one kernel each
+    (``cpu_kernels``: ``transform2d`` and its backward, which reads the levels directly): the
+    same sums up to float rounding, in one pass over memory instead of the GEMMs' four to six,
+    and a learned ``mat``'s gradient summed in a fixed order, the same for any thread count.
     """
 
     @staticmethod
@@ -225,11 +230,15 @@ class _Transform2d(torch.autograd.Function):
     ) -> torch.Tensor:
         p, a = mat.shape
         count = tiles.shape[1]
-        rows = mat @ tiles.reshape(a, a * count)  # along the tile's rows: (p, a*count)
-        # Along its columns: one small product per row, as bmm with ``mat`` expanded (no copy).
-        # torch.matmul's broadcasting here copies the operand transposed, and its backward did.
-        out = torch.bmm(mat.expand(p, p, a), rows.reshape(p, a, count))
         ctx.dtype = tiles.dtype
+        ctx.ext = ext = _fused_transforms(mat, tiles)
+        if ext is not None:
+            out = ext.transform2d(mat.contiguous(), tiles.contiguous())
+        else:
+            rows = mat @ tiles.reshape(a, a * count)  # along the tile's rows: (p, a*count)
+            # Along its columns: one small product per row, as bmm with ``mat`` expanded (no
+            # copy). torch.matmul's broadcasting copies the operand transposed, and its backward.
+            out = torch.bmm(mat.expand(p, p, a), rows.reshape(p, a, count))
         if not ctx.needs_input_grad[0]:
             ctx.save_for_backward(mat, None, None, None)
         elif codes is not None:
@@ -243,6 +252,18 @@ class _Transform2d(torch.autograd.Function):
         mat, tiles, codes, scale = ctx.saved_tensors
         p, a = mat.shape
         count = grad.shape[1]
+        if ctx.ext is not None:
+            need_mat, need_tiles = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            none = grad.new_empty(0)  # the kernel's "not given"
+            kept, kept_scale = none, none
+            if need_mat:  # the tiles as kept: float values, or levels and their scale
+                kept = (tiles if codes is None else codes).contiguous()
+                if codes is not None:
+                    kept_scale = scale.reshape(-1).to(torch.float32).contiguous()
+            grad_tiles, grad_mat = ctx.ext.transform2d_backward(
+                mat.contiguous(), kept, kept_scale, grad.contiguous(), need_tiles, need_mat
+            )
+            return grad_mat, grad_tiles, None, None
         g = grad.reshape(p, p, count)
         # out[r, s] = sum_j mat[s, j] rows[r, j]  =>  d rows[r] = mat^T @ g[r]
         grad_rows = torch.bmm(mat.t().expand(p, a, p), g).reshape(p, a * count)
@@ -258,6 +279,17 @@ class _Transform2d(torch.autograd.Function):
             # d mat from the column pass: sum_r g[r] @ rows[r]^T; from the row pass: d rows @ X^T
             grad_mat = torch.bmm(g, rows.transpose(1, 2)).sum(0) + grad_rows @ x.t()
         return grad_mat, grad_tiles, None, None
+
+
+def _fused_transforms(mat: torch.Tensor, tiles: torch.Tensor):
+    """The compiled kernels where they serve this transform (float32 CPU tensors, a matrix of
+    the Winograd layers' shapes), else None."""
+    if mat.device.type != "cpu" or tiles.dtype != torch.float32 or mat.dtype != torch.float32:
+        return None
+    ext = cpu_kernels.kernels("transforms")
+    if ext is None or not ext.transform2d_supports(*mat.shape):
+        return None
+    return ext
 
 
 def _transform_2d(

@@ -331,6 +331,339 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
   });
 }
 
+// ---- The training layer's 2-D transforms: mat X mat^T of every tile, tiles position-major ----
+//
+// tiles (a*a, count): row i*a+j holds element (i, j) of every tile; out (p*p, count). The torch
+// form computes it as two GEMMs (mat along the tiles' rows, then along their columns) with an
+// intermediate as large as the tiles; here kV tiles at a time are held in vector registers and
+// a small stack buffer: one pass over memory. Every output is the same sum as the GEMMs' up to
+// float rounding, in a fixed order (increasing i, then j).
+//
+// The backward is one pass too: the tiles' gradient mat^T G mat and, for a learned mat, its
+// gradient (column pass: sum_r G[r] rows[r]^T; row pass: d rows X^T), accumulated per chunk of
+// kTileChunk tiles in kV lanes, the lanes then added in order, and the chunks summed in double
+// in order: the same result for any number of threads.
+
+namespace {
+
+// Tiles per vector: one register's worth of floats (the blocks below are straight-line code of
+// some thousand vector operations; twice the width on AVX2 doubles the code and the build time).
+#if defined(__AVX512F__)
+constexpr int64_t kV = 16;
+#else
+constexpr int64_t kV = 8;
+#endif
+constexpr int64_t kTileChunk = 512;  // tiles per unit of parallel work and of partial sums
+constexpr int64_t kMaxAlpha = 8;
+typedef float vf __attribute__((vector_size(kV * sizeof(float))));
+
+// kV values from p, or the first n of them and zeros.
+inline vf load_n(const float* p, int64_t n) {
+  vf v = {};
+  if (n >= kV) {
+    __builtin_memcpy(&v, p, sizeof v);
+  } else {
+    for (int64_t k = 0; k < n; ++k) v[k] = p[k];
+  }
+  return v;
+}
+
+inline void store_n(float* p, vf v, int64_t n) {
+  if (n >= kV) {
+    __builtin_memcpy(p, &v, sizeof v);
+  } else {
+    for (int64_t k = 0; k < n; ++k) p[k] = v[k];
+  }
+}
+
+// The tiles' values for kV tiles from c0 (n of them valid): from the float32 tensor, or integer
+// levels times their scale (one, or one per row).
+struct TileRows {
+  const float* values = nullptr;
+  const int8_t* l8 = nullptr;
+  const int16_t* l16 = nullptr;
+  const float* scale = nullptr;
+  int64_t scales = 1, rows = 0, count = 0;
+
+  vf load(int64_t r, int64_t c0, int64_t n) const {
+    if (values) return load_n(values + r * count + c0, n);
+    const float s = scale[scales == 1 ? 0 : r];
+    float buf[kV] = {};
+    if (l8) {
+      const int8_t* src = l8 + r * count + c0;
+      for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<float>(src[k]) * s;
+    } else {
+      const int16_t* src = l16 + r * count + c0;
+      for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<float>(src[k]) * s;
+    }
+    return load_n(buf, kV);
+  }
+};
+
+// Rows [0, rows) of kV tiles from c0 into v, and back: one out-of-line copy shared by every
+// shape, so that the templates below hold only arithmetic.
+__attribute__((noinline)) void load_block(const TileRows& x, int rows, int64_t c0, int64_t n,
+                                          vf* v) {
+  for (int q = 0; q < rows; ++q) v[q] = x.load(q, c0, n);
+}
+
+__attribute__((noinline)) void store_block(float* base, int rows, int64_t count, int64_t c0,
+                                           int64_t n, const vf* v) {
+  for (int q = 0; q < rows; ++q) store_n(base + q * count + c0, v[q], n);
+}
+
+TileRows tile_rows(const at::Tensor& tiles, const at::Tensor& scale) {
+  TORCH_CHECK(tiles.device().is_cpu() && tiles.is_contiguous() && tiles.dim() == 2,
+              "tiles must be a contiguous 2-D CPU tensor");
+  TileRows t;
+  t.rows = tiles.size(0);
+  t.count = tiles.size(1);
+  if (tiles.scalar_type() == at::kFloat) {
+    t.values = tiles.data_ptr<float>();
+    return t;
+  }
+  TORCH_CHECK(tiles.scalar_type() == at::kChar || tiles.scalar_type() == at::kShort,
+              "tiles must be float32, or int8 / int16 levels with their scale");
+  TORCH_CHECK(scale.defined() && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  (scale.numel() == 1 || scale.numel() == t.rows),
+              "scale must be one float32 value or one per row of the levels");
+  t.scale = scale.data_ptr<float>();
+  t.scales = scale.numel();
+  if (tiles.scalar_type() == at::kChar) {
+    t.l8 = tiles.data_ptr<int8_t>();
+  } else {
+    t.l16 = tiles.data_ptr<int16_t>();
+  }
+  return t;
+}
+
+void check_mat(const at::Tensor& mat) {
+  TORCH_CHECK(mat.device().is_cpu() && mat.scalar_type() == at::kFloat && mat.is_contiguous() &&
+                  mat.dim() == 2 && mat.size(0) <= kMaxAlpha && mat.size(1) <= kMaxAlpha,
+              "mat must be a contiguous float32 CPU matrix of at most 8 x 8");
+}
+
+// The sum of a vector's lanes, in order.
+inline float lane_sum(vf v) {
+  float t = 0.0f;
+  for (int64_t l = 0; l < kV; ++l) t += v[l];
+  return t;
+}
+
+// One block of kV tiles, forward: o[r*P+s] = sum_j M[s][j] sum_i M[r][i] x[i*A+j].
+template <int A, int P>
+inline void forward_block(const float* M, const vf* __restrict x, vf* __restrict o) {
+  vf rows[P * A];
+  #pragma GCC unroll 64
+  for (int r = 0; r < P; ++r) {  // rows[r][j] = sum_i M[r][i] x[i][j]
+    vf acc[A] = {};
+    #pragma GCC unroll 64
+    for (int i = 0; i < A; ++i) {
+      const float w = M[r * A + i];
+      #pragma GCC unroll 64
+      for (int j = 0; j < A; ++j) acc[j] += w * x[i * A + j];
+    }
+    #pragma GCC unroll 64
+    for (int j = 0; j < A; ++j) rows[r * A + j] = acc[j];
+  }
+  #pragma GCC unroll 64
+  for (int r = 0; r < P; ++r) {  // o[r][s] = sum_j M[s][j] rows[r][j]
+    vf acc[P] = {};
+    #pragma GCC unroll 64
+    for (int j = 0; j < A; ++j) {
+      #pragma GCC unroll 64
+      for (int s = 0; s < P; ++s) acc[s] += M[s * A + j] * rows[r * A + j];
+    }
+    #pragma GCC unroll 64
+    for (int s = 0; s < P; ++s) o[r * P + s] = acc[s];
+  }
+}
+
+template <int A, int P>
+void transform2d_impl(const float* M, const TileRows& x, float* po, int64_t count) {
+  const int64_t chunks = (count + kTileChunk - 1) / kTileChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    vf xv[A * A], ov[P * P];
+    for (int64_t c0 = begin * kTileChunk; c0 < std::min(end * kTileChunk, count); c0 += kV) {
+      const int64_t n = std::min(kV, count - c0);
+      load_block(x, A * A, c0, n, xv);
+      forward_block<A, P>(M, xv, ov);
+      store_block(po, P * P, count, c0, n, ov);
+    }
+  });
+}
+
+template <int A, int P>
+void transform2d_backward_impl(const float* M, const TileRows& x, const float* pg, float* pgt,
+                               float* partial, int64_t count, bool need_mat) {
+  const int64_t chunks = (count + kTileChunk - 1) / kTileChunk;
+  TileRows g;
+  g.values = pg;
+  g.rows = P * P;
+  g.count = count;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    vf gv[P * P], grows[P * A], tv[A * A], xv[A * A], rows[P * A], dm[P * A];
+    for (int64_t ch = begin; ch < end; ++ch) {
+      #pragma GCC unroll 64
+      for (int e = 0; e < P * A; ++e) dm[e] = vf{};
+      const int64_t stop = std::min((ch + 1) * kTileChunk, count);
+      for (int64_t c0 = ch * kTileChunk; c0 < stop; c0 += kV) {
+        const int64_t n = std::min(kV, count - c0);
+        load_block(g, P * P, c0, n, gv);
+        #pragma GCC unroll 64
+        for (int r = 0; r < P; ++r) {  // d rows[r][j] = sum_s M[s][j] G[r][s]
+          vf acc[A] = {};
+          #pragma GCC unroll 64
+          for (int s = 0; s < P; ++s) {
+            #pragma GCC unroll 64
+            for (int j = 0; j < A; ++j) acc[j] += M[s * A + j] * gv[r * P + s];
+          }
+          #pragma GCC unroll 64
+          for (int j = 0; j < A; ++j) grows[r * A + j] = acc[j];
+        }
+        if (pgt) {  // d X[i][j] = sum_r M[r][i] d rows[r][j]
+          #pragma GCC unroll 64
+          for (int i = 0; i < A; ++i) {
+            vf acc[A] = {};
+            #pragma GCC unroll 64
+            for (int r = 0; r < P; ++r) {
+              const float w = M[r * A + i];
+              #pragma GCC unroll 64
+              for (int j = 0; j < A; ++j) acc[j] += w * grows[r * A + j];
+            }
+            #pragma GCC unroll 64
+            for (int j = 0; j < A; ++j) tv[i * A + j] = acc[j];
+          }
+          store_block(pgt, A * A, count, c0, n, tv);
+        }
+        if (!need_mat) continue;
+        load_block(x, A * A, c0, n, xv);
+        #pragma GCC unroll 64
+        for (int r = 0; r < P; ++r) {  // rows, recomputed
+          vf acc[A] = {};
+          #pragma GCC unroll 64
+          for (int i = 0; i < A; ++i) {
+            const float w = M[r * A + i];
+            #pragma GCC unroll 64
+            for (int j = 0; j < A; ++j) acc[j] += w * xv[i * A + j];
+          }
+          #pragma GCC unroll 64
+          for (int j = 0; j < A; ++j) rows[r * A + j] = acc[j];
+        }
+        #pragma GCC unroll 64
+        for (int r = 0; r < P; ++r) {  // column pass: d M[s][j] += G[r][s] rows[r][j]
+          #pragma GCC unroll 64
+          for (int s = 0; s < P; ++s) {
+            #pragma GCC unroll 64
+            for (int j = 0; j < A; ++j) dm[s * A + j] += gv[r * P + s] * rows[r * A + j];
+          }
+        }
+        #pragma GCC unroll 64
+        for (int r = 0; r < P; ++r) {  // row pass: d M[r][i] += d rows[r][j] X[i][j]
+          #pragma GCC unroll 64
+          for (int i = 0; i < A; ++i) {
+            vf t = dm[r * A + i];
+            #pragma GCC unroll 64
+            for (int j = 0; j < A; ++j) t += grows[r * A + j] * xv[i * A + j];
+            dm[r * A + i] = t;
+          }
+        }
+      }
+      if (need_mat) {
+        #pragma GCC unroll 64
+        for (int e = 0; e < P * A; ++e) partial[ch * P * A + e] = lane_sum(dm[e]);
+      }
+    }
+  });
+}
+
+// Calls f.template operator()<A, P>() for the shapes the Winograd layers of the search space
+// use: alpha 4, 6, 8 (F2, F4, F6) and p = alpha (B^T) or alpha - 2 (A^T). False for any other
+// shape (the torch form serves it). Each shape is some thousand lines of straight-line code.
+template <typename F>
+bool dispatch_shape(int64_t p, int64_t a, const F& f) {
+#define WASEARCH_T2D(A_)                      \
+  case A_:                                    \
+    if (p == A_) {                            \
+      f.template operator()<A_, A_>();        \
+      return true;                            \
+    }                                         \
+    if (p == A_ - 2) {                        \
+      f.template operator()<A_, A_ - 2>();    \
+      return true;                            \
+    }                                         \
+    return false;
+  switch (a) {
+    WASEARCH_T2D(4)
+    WASEARCH_T2D(6)
+    WASEARCH_T2D(8)
+    default:
+      return false;
+  }
+#undef WASEARCH_T2D
+}
+
+}  // namespace
+
+// Whether transform2d serves a (p, a) matrix.
+bool transform2d_supports(int64_t p, int64_t a) {
+  return dispatch_shape(p, a, [] <int A, int P>() {});
+}
+
+at::Tensor transform2d(const at::Tensor& mat, const at::Tensor& tiles) {
+  check_mat(mat);
+  TORCH_CHECK(tiles.scalar_type() == at::kFloat, "tiles must be float32");
+  const TileRows x = tile_rows(tiles, at::Tensor());
+  const int64_t p = mat.size(0), a = mat.size(1), count = x.count;
+  TORCH_CHECK(x.rows == a * a, "tiles must have alpha^2 rows");
+  at::Tensor out = at::empty({p * p, count}, tiles.options());
+  const float* M = mat.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const bool ok =
+      dispatch_shape(p, a, [&] <int A, int P>() { transform2d_impl<A, P>(M, x, po, count); });
+  TORCH_CHECK(ok, "transform2d: unsupported matrix shape");
+  return out;
+}
+
+// The gradients of transform2d: {d tiles (a*a, count) or undefined, d mat (p, a) or
+// undefined}. For d mat, tiles may be the integer levels the forward kept, with their scale.
+std::vector<at::Tensor> transform2d_backward(const at::Tensor& mat, const at::Tensor& tiles,
+                                             const at::Tensor& scale, const at::Tensor& grad,
+                                             bool need_tiles, bool need_mat) {
+  check_mat(mat);
+  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kFloat &&
+                  grad.is_contiguous() && grad.dim() == 2,
+              "grad must be a contiguous 2-D float32 CPU tensor");
+  const int64_t p = mat.size(0), a = mat.size(1), count = grad.size(1);
+  TORCH_CHECK(grad.size(0) == p * p, "grad must have p^2 rows");
+  TileRows x;
+  if (need_mat) {
+    x = tile_rows(tiles, scale);
+    TORCH_CHECK(x.rows == a * a && x.count == count, "tiles and grad disagree in shape");
+  }
+  const float* M = mat.data_ptr<float>();
+  const float* pg = grad.data_ptr<float>();
+  at::Tensor gt = need_tiles ? at::empty({a * a, count}, grad.options()) : at::Tensor();
+  float* pgt = need_tiles ? gt.data_ptr<float>() : nullptr;
+  const int64_t chunks = (count + kTileChunk - 1) / kTileChunk;
+  std::vector<float> partial(need_mat ? chunks * p * a : 0, 0.0f);
+  const bool ok = dispatch_shape(p, a, [&] <int A, int P>() {
+    transform2d_backward_impl<A, P>(M, x, pg, pgt, partial.data(), count, need_mat);
+  });
+  TORCH_CHECK(ok, "transform2d_backward: unsupported matrix shape");
+  at::Tensor gm;
+  if (need_mat) {
+    gm = at::empty({p, a}, mat.options());
+    float* pm = gm.data_ptr<float>();
+    for (int64_t e = 0; e < p * a; ++e) {
+      double total = 0.0;
+      for (int64_t ch = 0; ch < chunks; ++ch) total += partial[ch * p * a + e];
+      pm[e] = static_cast<float>(total);
+    }
+  }
+  return {gt, gm};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("winograd_input", &winograd_input, "deploy Winograd: input tiles transformed, NHWC");
   m.def("winograd_output", &winograd_output, "deploy Winograd: output transform and untiling");
@@ -339,4 +672,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize", &quantize, "fake-quantize: values, clip mask, integer levels");
   m.def("masked_grad", &masked_grad, "mask * grad");
   m.def("rebuild", &rebuild, "levels * scale");
+  m.def("transform2d_supports", &transform2d_supports, "whether transform2d serves (p, a)");
+  m.def("transform2d", &transform2d, "mat X mat^T of every tile, position-major");
+  m.def("transform2d_backward", &transform2d_backward, "the gradients of transform2d");
 }

@@ -1,10 +1,13 @@
 """The fused CPU quantizer (wasearch/csrc/fake_quant.cpp) computes what the torch chain does,
 bit for bit: values, integer levels, clip masks and gradients, on rounding ties, clipped values,
 every bit-width, both granularities and strided inputs; and where it cannot be built, the
-chain runs after one warning that says why."""
+chain runs after one warning that says why. The Winograd-aware layer's fused 2-D transforms
+compute the same sums as the GEMMs up to float rounding: checked against float64, on every
+shape the layers use, partial blocks, kept levels, and any thread count giving the same bits."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import warnings
@@ -15,6 +18,7 @@ import torch
 from wasearch import cpu_kernels
 from wasearch.layers import WinogradConv2d
 from wasearch.quant import fake_quantize, grid_levels, qmax, quantize, rebuild
+from wasearch.winograd import _fused_transforms, _transform_2d
 
 HAS_TOOLCHAIN = shutil.which("c++") is not None and importlib.util.find_spec("ninja") is not None
 
@@ -119,11 +123,8 @@ def test_a_training_step_of_a_wa_layer_is_the_same(fused, mode, tile, gran, bits
         layer = WinogradConv2d(8, 6, tile, mode=mode, bits=bits, granularity=gran)
         x = torch.randn(3, 8, 11, 9, requires_grad=True)
         for _ in range(2):  # the second step runs with a running range already folded
-            if off:
-                with cpu_kernels.disabled():
-                    y = layer(x)
-                    y.square().sum().backward()
-            else:
+            # The transforms' kernel sums in another order (tested below): off in both runs.
+            with cpu_kernels.disabled() if off else cpu_kernels.disabled("transforms"):
                 y = layer(x)
                 y.square().sum().backward()
         grads = [p.grad for p in layer.parameters()] + [x.grad]
@@ -163,3 +164,138 @@ def test_switched_off_by_the_environment_and_by_the_context(monkeypatch):
         with cpu_kernels.disabled():
             assert cpu_kernels.kernels() is None
         assert cpu_kernels.kernels() is None
+
+
+# ---- the 2-D transforms ----
+
+# (p, alpha) of B^T (p = alpha) and A^T (p = alpha - 2) for F2, F4, F6.
+SHAPES = [(a - d, a) for a in (4, 6, 8) for d in (0, 2)]
+# Partial vectors (8 tiles on AVX2, 16 on AVX-512) and partial chunks (512 tiles).
+COUNTS = [1, 7, 8, 9, 15, 16, 17, 511, 512, 513, 1500]
+
+
+def _reference(mat, tiles, grad):
+    """Output and gradients (tiles, mat) of kron(mat, mat) @ tiles in float64."""
+    m = mat.double().requires_grad_(True)
+    t = tiles.double().requires_grad_(True)
+    out = torch.kron(m, m) @ t
+    out.backward(grad.double())
+    return out.detach(), t.grad, m.grad
+
+
+def _fused(mat, tiles, grad):
+    m = mat.clone().requires_grad_(True)
+    t = tiles.clone().requires_grad_(True)
+    out = _transform_2d(m, t)
+    out.backward(grad)
+    return out.detach(), t.grad, m.grad
+
+
+def _close(a, ref, rel=2e-6):
+    """float32 against float64: within a few float32 roundings of the largest term."""
+    err = (a.double() - ref).abs().max().item()
+    assert err <= rel * max(ref.abs().max().item(), 1e-30) * 8, err
+
+
+@pytest.mark.parametrize("p,a", SHAPES)
+def test_transforms_match_float64(fused, p, a):
+    assert fused.transform2d_supports(p, a)
+    g = torch.Generator().manual_seed(p * 10 + a)
+    for count in COUNTS:
+        mat = torch.randn(p, a, generator=g)
+        tiles = torch.randn(a * a, count, generator=g)
+        grad = torch.randn(p * p, count, generator=g)
+        assert _fused_transforms(mat, tiles) is fused
+        out, d_tiles, d_mat = _fused(mat, tiles, grad)
+        ref_out, ref_tiles, ref_mat = _reference(mat, tiles, grad)
+        _close(out, ref_out)
+        _close(d_tiles, ref_tiles)
+        # d mat sums count * alpha^2 products: float32 rounding grows with the sum
+        _close(d_mat, ref_mat, rel=2e-6 * max(1.0, count / 512))
+
+
+def test_transforms_are_what_the_layer_runs(fused, monkeypatch):
+    calls = []
+    for name in ("transform2d", "transform2d_backward"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    layer = WinogradConv2d(4, 4, 4, mode="flex", bits=8)
+    layer(torch.randn(2, 4, 9, 9)).sum().backward()
+    # B^T and A^T, forward and backward
+    assert calls.count("transform2d") == 2 and calls.count("transform2d_backward") == 2
+    calls.clear()
+    with cpu_kernels.disabled("transforms"):
+        layer(torch.randn(2, 4, 9, 9)).sum().backward()
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "dtype,per_row", [(torch.int8, False), (torch.int8, True), (torch.int16, True)]
+)
+def test_transform_gradient_reads_kept_levels_exactly(fused, dtype, per_row):
+    """The backward given the levels the forward kept equals the backward given their values."""
+    p, a, count = 6, 6, 777
+    top = 127 if dtype == torch.int8 else 2047
+    levels = torch.randint(-top, top + 1, (a * a, count), dtype=dtype)
+    scale = torch.rand(a * a) + 0.01 if per_row else torch.tensor([0.013])
+    values = levels.float() * (scale.view(-1, 1) if per_row else scale)
+    mat, grad = torch.randn(p, a), torch.randn(p * p, count)
+    none = torch.empty(0)
+    _, from_levels = fused.transform2d_backward(mat, levels, scale, grad, False, True)
+    _, from_values = fused.transform2d_backward(mat, values, none, grad, False, True)
+    assert torch.equal(bits_of(from_levels), bits_of(from_values))
+
+
+def test_transforms_give_the_same_bits_on_any_thread_count(fused):
+    mat, tiles, grad = torch.randn(6, 6), torch.randn(36, 20000), torch.randn(36, 20000)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(_fused(mat, tiles, grad))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other, strict=True):
+            assert torch.equal(bits_of(x), bits_of(y))
+
+
+def test_transform_shapes_outside_the_kernels_take_torch(fused):
+    # An odd tile (F3: alpha 5) and p = alpha - 3, which no layer has.
+    assert not fused.transform2d_supports(5, 5) and not fused.transform2d_supports(3, 5)
+    mat, tiles = torch.randn(3, 6), torch.randn(36, 40)
+    assert not fused.transform2d_supports(3, 6)
+    assert _fused_transforms(mat, tiles) is None
+    assert _fused_transforms(mat.double(), tiles.double()) is None
+    torch.testing.assert_close(_transform_2d(mat, tiles), torch.kron(mat, mat) @ tiles)
+    with pytest.raises(RuntimeError, match="unsupported matrix shape"):
+        fused.transform2d(mat, tiles)
+
+
+@pytest.mark.parametrize(
+    "mode,tile,gran", [("flex", 4, "tap"), ("static", 6, "tensor"), ("flex", 2, "tensor")]
+)
+def test_a_training_step_with_fused_transforms_differs_only_by_rounding(fused, mode, tile, gran):
+    def run(off: bool):
+        torch.manual_seed(0)
+        layer = WinogradConv2d(8, 6, tile, mode=mode, bits=8, granularity=gran)
+        x = torch.randn(4, 8, 16, 13, requires_grad=True)
+        with cpu_kernels.disabled("transforms") if off else contextlib.nullcontext():
+            y = layer(x)
+            y.square().sum().backward()
+        return y.detach(), [p.grad for p in layer.parameters()] + [x.grad]
+
+    (y0, g0), (y1, g1) = run(True), run(False)
+    step = y0.abs().max() / 127
+    diff = (y1 - y0).abs()
+    assert (diff > 1e-3 * step).float().mean() < 0.01  # almost every value identical
+    assert diff.max() <= 2 * step + 1e-6  # the rest: a flip to a neighbouring level
+    for a, b in zip(g0, g1, strict=True):
+        assert (a - b).abs().max() <= 0.02 * a.abs().max()
+
+
+def test_disabling_an_unknown_part_is_an_error():
+    with pytest.raises(ValueError, match="unknown kernel part"):
+        with cpu_kernels.disabled("tranforms"):
+            pass

@@ -168,8 +168,8 @@ def test_switched_off_by_the_environment_and_by_the_context(monkeypatch):
 
 # ---- the 2-D transforms ----
 
-# (p, alpha) of B^T (p = alpha) and A^T (p = alpha - 2) for F2, F4, F6.
-SHAPES = [(a - d, a) for a in (4, 6, 8) for d in (0, 2)]
+# (p, a) of B^T (p = alpha) and A^T (p = alpha - 2) for F2, F4, F6, and of G (p = alpha, a = 3).
+SHAPES = [(a - d, a) for a in (4, 6, 8) for d in (0, 2)] + [(a, 3) for a in (4, 6, 8)]
 # Partial vectors (8 tiles on AVX2, 16 on AVX-512) and partial chunks (512 tiles).
 COUNTS = [1, 7, 8, 9, 15, 16, 17, 511, 512, 513, 1500]
 
@@ -221,8 +221,8 @@ def test_transforms_are_what_the_layer_runs(fused, monkeypatch):
         monkeypatch.setattr(fused, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     layer = WinogradConv2d(4, 4, 4, mode="flex", bits=8)
     layer(torch.randn(2, 4, 9, 9)).sum().backward()
-    # B^T and A^T, forward and backward
-    assert calls.count("transform2d") == 2 and calls.count("transform2d_backward") == 2
+    # G, B^T and A^T, forward and backward
+    assert calls.count("transform2d") == 3 and calls.count("transform2d_backward") == 3
     calls.clear()
     with cpu_kernels.disabled("transforms"):
         layer(torch.randn(2, 4, 9, 9)).sum().backward()
@@ -259,6 +259,38 @@ def test_transforms_give_the_same_bits_on_any_thread_count(fused):
     for other in runs[1:]:
         for x, y in zip(runs[0], other, strict=True):
             assert torch.equal(bits_of(x), bits_of(y))
+
+
+@pytest.mark.parametrize("m,h,w", [(4, 16, 16), (4, 13, 10), (2, 7, 9), (6, 11, 12)])
+def test_the_output_transform_untiles_in_place_of_a_permuted_copy(fused, m, h, w):
+    """With ``untile``, the output transform writes N x K x H x W (overhanging tile outputs
+    dropped) and reads its gradient so: the same bits as the position-major kernel followed by
+    the torch untiling, and the gradient as that of the position-major kernel given the
+    gradient tiled, zeros where the tiles overhang."""
+    a, n, k = m + 2, 3, 5
+    th, tw = -(-h // m), -(-w // m)
+    count = k * n * th * tw
+    g = torch.Generator().manual_seed(m * 100 + h)
+    mat, tiles = torch.randn(m, a, generator=g), torch.randn(a * a, count, generator=g)
+    geometry = [n, k, h, w, th, tw]
+    flat = fused.transform2d(mat, tiles)
+    full = flat.reshape(m, m, k, n, th, tw).permute(3, 2, 4, 0, 5, 1)
+    full = full.reshape(n, k, th * m, tw * m)
+    y = fused.transform2d(mat, tiles, geometry)
+    assert y.shape == (n, k, h, w)
+    assert torch.equal(bits_of(y), bits_of(full[:, :, :h, :w].contiguous()))
+
+    grad = torch.randn(n, k, h, w, generator=g)
+    padded = torch.zeros(n, k, th * m, tw * m)
+    padded[:, :, :h, :w] = grad
+    tiled = padded.reshape(n, k, th, m, tw, m).permute(3, 5, 1, 0, 2, 4).reshape(m * m, count)
+    none = torch.empty(0)
+    got = fused.transform2d_backward(mat, tiles, none, grad, True, True, geometry)
+    want = fused.transform2d_backward(mat, tiles, none, tiled.contiguous(), True, True)
+    for x, ref in zip(got, want, strict=True):
+        assert torch.equal(bits_of(x), bits_of(ref))
+    with pytest.raises(RuntimeError, match="untile geometry"):
+        fused.transform2d(mat, tiles, [n, k, h, w, th, tw + 1])
 
 
 def test_transform_shapes_outside_the_kernels_take_torch(fused):

@@ -218,6 +218,9 @@ class _Transform2d(torch.autograd.Function):
     (``cpu_kernels``: ``transform2d`` and its backward, which reads the levels directly): the
     same sums up to float rounding, in one pass over memory instead of the GEMMs' four to six,
     and a learned ``mat``'s gradient summed in a fixed order, the same for any thread count.
+    There, ``untile`` (``(N, K, H, W, th, tw)``, for the output transform ``A^T``) makes the
+    kernel write the layer's ``N x K x H x W`` output directly (and read its gradient so)
+    instead of position-major tiles that a permuted copy would then untile.
     """
 
     @staticmethod
@@ -227,24 +230,26 @@ class _Transform2d(torch.autograd.Function):
         tiles: torch.Tensor,
         codes: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
+        untile: tuple[int, int, int, int, int, int] | None = None,
     ) -> torch.Tensor:
         p, a = mat.shape
         count = tiles.shape[1]
         ctx.dtype = tiles.dtype
         ctx.ext = ext = _fused_transforms(mat, tiles)
+        ctx.untile = list(untile or ())
         if ext is not None:
-            out = ext.transform2d(mat.contiguous(), tiles.contiguous())
+            out = ext.transform2d(mat.contiguous(), tiles.contiguous(), ctx.untile)
+            if untile:
+                ctx.save_for_backward(*_transform_saves(ctx, mat, tiles, codes, scale))
+                return out
+        elif untile:
+            raise RuntimeError("untile needs the fused CPU kernels")
         else:
             rows = mat @ tiles.reshape(a, a * count)  # along the tile's rows: (p, a*count)
             # Along its columns: one small product per row, as bmm with ``mat`` expanded (no
             # copy). torch.matmul's broadcasting copies the operand transposed, and its backward.
             out = torch.bmm(mat.expand(p, p, a), rows.reshape(p, a, count))
-        if not ctx.needs_input_grad[0]:
-            ctx.save_for_backward(mat, None, None, None)
-        elif codes is not None:
-            ctx.save_for_backward(mat, None, codes, scale)
-        else:
-            ctx.save_for_backward(mat, tiles, None, None)
+        ctx.save_for_backward(*_transform_saves(ctx, mat, tiles, codes, scale))
         return out.reshape(p * p, count)
 
     @staticmethod
@@ -261,9 +266,15 @@ class _Transform2d(torch.autograd.Function):
                 if codes is not None:
                     kept_scale = scale.reshape(-1).to(torch.float32).contiguous()
             grad_tiles, grad_mat = ctx.ext.transform2d_backward(
-                mat.contiguous(), kept, kept_scale, grad.contiguous(), need_tiles, need_mat
+                mat.contiguous(),
+                kept,
+                kept_scale,
+                grad.contiguous(),
+                need_tiles,
+                need_mat,
+                ctx.untile,
             )
-            return grad_mat, grad_tiles, None, None
+            return grad_mat, grad_tiles, None, None, None
         g = grad.reshape(p, p, count)
         # out[r, s] = sum_j mat[s, j] rows[r, j]  =>  d rows[r] = mat^T @ g[r]
         grad_rows = torch.bmm(mat.t().expand(p, a, p), g).reshape(p, a * count)
@@ -278,7 +289,17 @@ class _Transform2d(torch.autograd.Function):
             rows = (mat @ x).reshape(p, a, count)  # recomputed, not saved
             # d mat from the column pass: sum_r g[r] @ rows[r]^T; from the row pass: d rows @ X^T
             grad_mat = torch.bmm(g, rows.transpose(1, 2)).sum(0) + grad_rows @ x.t()
-        return grad_mat, grad_tiles, None, None
+        return grad_mat, grad_tiles, None, None, None
+
+
+def _transform_saves(ctx, mat, tiles, codes, scale) -> tuple:
+    """What :class:`_Transform2d`'s backward needs: the tiles (or their levels) only for a
+    learned ``mat``'s gradient."""
+    if not ctx.needs_input_grad[0]:
+        return mat, None, None, None
+    if codes is not None:
+        return mat, None, codes, scale
+    return mat, tiles, None, None
 
 
 def _fused_transforms(mat: torch.Tensor, tiles: torch.Tensor):
@@ -393,7 +414,8 @@ def winograd_conv2d(
     axis (``B^T d B`` as ``B^T`` along rows, then along columns, on tiles laid out
     position-major): a Kronecker matrix ``kron(B^T, B^T)`` acting on flattened tiles does
     alpha times more multiply-adds (alpha^2 against 2 alpha per value) and measured about twice
-    as slow. The weights' transform, small, stays one product with ``kron(G, G)``. The
+    as slow. The weights' transform, small, is one product with ``kron(G, G)``, or the fused
+    CPU kernel of the activations' transforms where that runs (equal up to rounding). The
     Winograd-domain product is a batched matrix multiply over the alpha^2 tile positions,
     ``(a2, K, C) @ (a2, C, N*T)``, never a broadcast over output channels.
 
@@ -422,9 +444,15 @@ def winograd_conv2d(
     t = th * tw
     a2 = a * a
 
-    # Weights to the Winograd domain: U = G g G^T for every (k, c), as kron(G, G) @ vec(g).
-    kg = torch.kron(G, G)  # (a2, 9)
-    u = kg @ weight.reshape(k * c, 9).t()  # (a2, K*C)
+    # Weights to the Winograd domain: U = G g G^T for every (k, c), (a2, K*C). With the fused
+    # CPU kernels, as the activations' transforms (one pass); else as kron(G, G) @ vec(g), one
+    # GEMM whose inner dimension is 9 (on the CPU, MKL ran it and its backward at 1-3 GFLOP/s:
+    # 10 % of a flex F4 training step).
+    w_tiles = weight.reshape(k * c, 9).t()  # (9, K*C): position-major
+    if _fused_transforms(G, w_tiles) is not None:
+        u = _transform_2d(G, w_tiles.contiguous())
+    else:
+        u = torch.kron(G, G) @ w_tiles
     u = u.reshape(a2, k, c)
     if "weight_wd" in q:
         u = q["weight_wd"](u)
@@ -452,10 +480,14 @@ def winograd_conv2d(
         m_codes = m_codes.reshape(a2, k * n * t)
         m_scale = m_scale.reshape(-1, 1) if m_scale.dim() else m_scale
 
-    y = _transform_2d(A_t, mprod.reshape(a2, k * n * t), m_codes, m_scale)  # A^T M A: (m2, KNT)
-    y = y.reshape(m, m, k, n, th, tw).permute(3, 2, 4, 0, 5, 1).reshape(n, k, th * m, tw * m)
-    if th * m != h or tw * m != w:
-        y = y[:, :, :h, :w]
+    mprod = mprod.reshape(a2, k * n * t)
+    if _fused_transforms(A_t, mprod) is not None:  # A^T M A, written as N x K x H x W
+        y = _Transform2d.apply(A_t, mprod, m_codes, m_scale, (n, k, h, w, th, tw))
+    else:
+        y = _transform_2d(A_t, mprod, m_codes, m_scale)  # A^T M A: (m2, KNT)
+        y = y.reshape(m, m, k, n, th, tw).permute(3, 2, 4, 0, 5, 1).reshape(n, k, th * m, tw * m)
+        if th * m != h or tw * m != w:
+            y = y[:, :, :h, :w]
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
     return y

@@ -412,6 +412,65 @@ __attribute__((noinline)) void store_block(float* base, int rows, int64_t count,
   for (int q = 0; q < rows; ++q) store_n(base + q * count + c0, v[q], n);
 }
 
+// The layer's output as an N x K x H x W tensor instead of position-major (p = m): tile column
+// c = ((k * N + n) * th + ti) * tw + tj holds output pixels (ti*m + r, tj*m + s), those inside
+// H x W (the last tiles may overhang; their extra outputs are dropped, their gradient is 0).
+struct Untile {
+  int64_t n = 0, k = 0, h = 0, w = 0, th = 0, tw = 0, m = 0;  // m == 0: position-major
+
+  // Per lane of the block from c0: the offset of its tile's first pixel and its first row and
+  // column.
+  void lanes(int64_t c0, int64_t nl, int64_t* off, int64_t* y0, int64_t* x0) const {
+    for (int64_t l = 0; l < nl; ++l) {
+      const int64_t c = c0 + l, tj = c % tw, rest = c / tw, ti = rest % th, img = rest / th;
+      const int64_t kk = img / n, nn = img % n;
+      y0[l] = ti * m;
+      x0[l] = tj * m;
+      off[l] = ((nn * k + kk) * h + y0[l]) * w + x0[l];
+    }
+  }
+};
+
+__attribute__((noinline)) void store_untiled(float* y, const Untile& u, int64_t c0, int64_t n,
+                                             const vf* v) {
+  int64_t off[kV], y0[kV], x0[kV];
+  u.lanes(c0, n, off, y0, x0);
+  for (int64_t r = 0; r < u.m; ++r) {
+    for (int64_t s = 0; s < u.m; ++s) {
+      const vf q = v[r * u.m + s];
+      for (int64_t l = 0; l < n; ++l) {
+        if (y0[l] + r < u.h && x0[l] + s < u.w) y[off[l] + r * u.w + s] = q[l];
+      }
+    }
+  }
+}
+
+__attribute__((noinline)) void load_untiled(const float* y, const Untile& u, int64_t c0,
+                                            int64_t n, vf* v) {
+  int64_t off[kV], y0[kV], x0[kV];
+  u.lanes(c0, n, off, y0, x0);
+  for (int64_t r = 0; r < u.m; ++r) {
+    for (int64_t s = 0; s < u.m; ++s) {
+      vf q = {};
+      for (int64_t l = 0; l < n; ++l) {
+        if (y0[l] + r < u.h && x0[l] + s < u.w) q[l] = y[off[l] + r * u.w + s];
+      }
+      v[r * u.m + s] = q;
+    }
+  }
+}
+
+Untile untile_of(const std::vector<int64_t>& g, int64_t p, int64_t count) {
+  Untile u;
+  if (g.empty()) return u;
+  TORCH_CHECK(g.size() == 6, "untile must be (N, K, H, W, th, tw)");
+  u.n = g[0], u.k = g[1], u.h = g[2], u.w = g[3], u.th = g[4], u.tw = g[5], u.m = p;
+  TORCH_CHECK(u.n > 0 && u.k > 0 && u.h > 0 && u.w > 0 && u.th * p >= u.h && u.tw * p >= u.w &&
+                  u.n * u.k * u.th * u.tw == count,
+              "untile geometry does not match the tiles");
+  return u;
+}
+
 TileRows tile_rows(const at::Tensor& tiles, const at::Tensor& scale) {
   TORCH_CHECK(tiles.device().is_cpu() && tiles.is_contiguous() && tiles.dim() == 2,
               "tiles must be a contiguous 2-D CPU tensor");
@@ -480,7 +539,8 @@ inline void forward_block(const float* M, const vf* __restrict x, vf* __restrict
 }
 
 template <int A, int P>
-void transform2d_impl(const float* M, const TileRows& x, float* po, int64_t count) {
+void transform2d_impl(const float* M, const TileRows& x, float* po, int64_t count,
+                      const Untile& u) {
   const int64_t chunks = (count + kTileChunk - 1) / kTileChunk;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     vf xv[A * A], ov[P * P];
@@ -488,14 +548,18 @@ void transform2d_impl(const float* M, const TileRows& x, float* po, int64_t coun
       const int64_t n = std::min(kV, count - c0);
       load_block(x, A * A, c0, n, xv);
       forward_block<A, P>(M, xv, ov);
-      store_block(po, P * P, count, c0, n, ov);
+      if (u.m) {
+        store_untiled(po, u, c0, n, ov);
+      } else {
+        store_block(po, P * P, count, c0, n, ov);
+      }
     }
   });
 }
 
 template <int A, int P>
 void transform2d_backward_impl(const float* M, const TileRows& x, const float* pg, float* pgt,
-                               float* partial, int64_t count, bool need_mat) {
+                               float* partial, int64_t count, bool need_mat, const Untile& u) {
   const int64_t chunks = (count + kTileChunk - 1) / kTileChunk;
   TileRows g;
   g.values = pg;
@@ -509,7 +573,11 @@ void transform2d_backward_impl(const float* M, const TileRows& x, const float* p
       const int64_t stop = std::min((ch + 1) * kTileChunk, count);
       for (int64_t c0 = ch * kTileChunk; c0 < stop; c0 += kV) {
         const int64_t n = std::min(kV, count - c0);
-        load_block(g, P * P, c0, n, gv);
+        if (u.m) {
+          load_untiled(pg, u, c0, n, gv);
+        } else {
+          load_block(g, P * P, c0, n, gv);
+        }
         #pragma GCC unroll 64
         for (int r = 0; r < P; ++r) {  // d rows[r][j] = sum_s M[s][j] G[r][s]
           vf acc[A] = {};
@@ -550,23 +618,29 @@ void transform2d_backward_impl(const float* M, const TileRows& x, const float* p
           #pragma GCC unroll 64
           for (int j = 0; j < A; ++j) rows[r * A + j] = acc[j];
         }
+        // d M, one row q at a time in registers (loaded and stored once per block): the column
+        // pass, d M[q][j] += sum_r G[r][q] rows[r][j], and the row pass, d M[q][i] += sum_j
+        // d rows[q][j] X[i][j].
         #pragma GCC unroll 64
-        for (int r = 0; r < P; ++r) {  // column pass: d M[s][j] += G[r][s] rows[r][j]
+        for (int q = 0; q < P; ++q) {
+          vf acc[A];
           #pragma GCC unroll 64
-          for (int s = 0; s < P; ++s) {
+          for (int j = 0; j < A; ++j) acc[j] = dm[q * A + j];
+          #pragma GCC unroll 64
+          for (int r = 0; r < P; ++r) {
+            const vf g = gv[r * P + q];
             #pragma GCC unroll 64
-            for (int j = 0; j < A; ++j) dm[s * A + j] += gv[r * P + s] * rows[r * A + j];
+            for (int j = 0; j < A; ++j) acc[j] += g * rows[r * A + j];
           }
-        }
-        #pragma GCC unroll 64
-        for (int r = 0; r < P; ++r) {  // row pass: d M[r][i] += d rows[r][j] X[i][j]
           #pragma GCC unroll 64
           for (int i = 0; i < A; ++i) {
-            vf t = dm[r * A + i];
+            vf t = acc[i];
             #pragma GCC unroll 64
-            for (int j = 0; j < A; ++j) t += grows[r * A + j] * xv[i * A + j];
-            dm[r * A + i] = t;
+            for (int j = 0; j < A; ++j) t += grows[q * A + j] * xv[i * A + j];
+            acc[i] = t;
           }
+          #pragma GCC unroll 64
+          for (int j = 0; j < A; ++j) dm[q * A + j] = acc[j];
         }
       }
       if (need_mat) {
@@ -578,8 +652,9 @@ void transform2d_backward_impl(const float* M, const TileRows& x, const float* p
 }
 
 // Calls f.template operator()<A, P>() for the shapes the Winograd layers of the search space
-// use: alpha 4, 6, 8 (F2, F4, F6) and p = alpha (B^T) or alpha - 2 (A^T). False for any other
-// shape (the torch form serves it). Each shape is some thousand lines of straight-line code.
+// use: alpha 4, 6, 8 (F2, F4, F6) and p = alpha (B^T) or alpha - 2 (A^T), and G (p = alpha,
+// a = 3). False for any other shape (the torch form serves it). Each shape is some thousand
+// lines of straight-line code.
 template <typename F>
 bool dispatch_shape(int64_t p, int64_t a, const F& f) {
 #define WASEARCH_T2D(A_)                      \
@@ -594,6 +669,20 @@ bool dispatch_shape(int64_t p, int64_t a, const F& f) {
     }                                         \
     return false;
   switch (a) {
+    case 3:  // G: the weights' 3 x 3 kernels to alpha x alpha
+      if (p == 4) {
+        f.template operator()<3, 4>();
+        return true;
+      }
+      if (p == 6) {
+        f.template operator()<3, 6>();
+        return true;
+      }
+      if (p == 8) {
+        f.template operator()<3, 8>();
+        return true;
+      }
+      return false;
     WASEARCH_T2D(4)
     WASEARCH_T2D(6)
     WASEARCH_T2D(8)
@@ -610,32 +699,49 @@ bool transform2d_supports(int64_t p, int64_t a) {
   return dispatch_shape(p, a, [] <int A, int P>() {});
 }
 
-at::Tensor transform2d(const at::Tensor& mat, const at::Tensor& tiles) {
+// untile: empty, or (N, K, H, W, th, tw) to return the N x K x H x W output of the layer (p = m)
+// instead of the position-major (p*p, count).
+at::Tensor transform2d(const at::Tensor& mat, const at::Tensor& tiles,
+                       const std::vector<int64_t>& untile) {
   check_mat(mat);
   TORCH_CHECK(tiles.scalar_type() == at::kFloat, "tiles must be float32");
   const TileRows x = tile_rows(tiles, at::Tensor());
   const int64_t p = mat.size(0), a = mat.size(1), count = x.count;
   TORCH_CHECK(x.rows == a * a, "tiles must have alpha^2 rows");
-  at::Tensor out = at::empty({p * p, count}, tiles.options());
+  const Untile u = untile_of(untile, p, count);
+  at::Tensor out = u.m ? at::empty({u.n, u.k, u.h, u.w}, tiles.options())
+                       : at::empty({p * p, count}, tiles.options());
   const float* M = mat.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  const bool ok =
-      dispatch_shape(p, a, [&] <int A, int P>() { transform2d_impl<A, P>(M, x, po, count); });
+  const bool ok = dispatch_shape(
+      p, a, [&] <int A, int P>() { transform2d_impl<A, P>(M, x, po, count, u); });
   TORCH_CHECK(ok, "transform2d: unsupported matrix shape");
   return out;
 }
 
 // The gradients of transform2d: {d tiles (a*a, count) or undefined, d mat (p, a) or
 // undefined}. For d mat, tiles may be the integer levels the forward kept, with their scale.
+// grad is (p*p, count), or with untile (as the forward's) N x K x H x W.
 std::vector<at::Tensor> transform2d_backward(const at::Tensor& mat, const at::Tensor& tiles,
                                              const at::Tensor& scale, const at::Tensor& grad,
-                                             bool need_tiles, bool need_mat) {
+                                             bool need_tiles, bool need_mat,
+                                             const std::vector<int64_t>& untile) {
   check_mat(mat);
-  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kFloat &&
-                  grad.is_contiguous() && grad.dim() == 2,
-              "grad must be a contiguous 2-D float32 CPU tensor");
-  const int64_t p = mat.size(0), a = mat.size(1), count = grad.size(1);
-  TORCH_CHECK(grad.size(0) == p * p, "grad must have p^2 rows");
+  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
+              "grad must be a contiguous float32 CPU tensor");
+  const int64_t p = mat.size(0), a = mat.size(1);
+  int64_t count = 0;
+  if (untile.empty()) {
+    TORCH_CHECK(grad.dim() == 2 && grad.size(0) == p * p, "grad must be (p^2, count)");
+    count = grad.size(1);
+  } else {
+    TORCH_CHECK(untile.size() == 6, "untile must be (N, K, H, W, th, tw)");
+    count = untile[0] * untile[1] * untile[4] * untile[5];
+  }
+  const Untile u = untile_of(untile, p, count);
+  TORCH_CHECK(!u.m || (grad.dim() == 4 && grad.size(0) == u.n && grad.size(1) == u.k &&
+                       grad.size(2) == u.h && grad.size(3) == u.w),
+              "grad must be N x K x H x W as untile says");
   TileRows x;
   if (need_mat) {
     x = tile_rows(tiles, scale);
@@ -648,7 +754,7 @@ std::vector<at::Tensor> transform2d_backward(const at::Tensor& mat, const at::Te
   const int64_t chunks = (count + kTileChunk - 1) / kTileChunk;
   std::vector<float> partial(need_mat ? chunks * p * a : 0, 0.0f);
   const bool ok = dispatch_shape(p, a, [&] <int A, int P>() {
-    transform2d_backward_impl<A, P>(M, x, pg, pgt, partial.data(), count, need_mat);
+    transform2d_backward_impl<A, P>(M, x, pg, pgt, partial.data(), count, need_mat, u);
   });
   TORCH_CHECK(ok, "transform2d_backward: unsupported matrix shape");
   at::Tensor gm;
@@ -673,6 +779,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_grad", &masked_grad, "mask * grad");
   m.def("rebuild", &rebuild, "levels * scale");
   m.def("transform2d_supports", &transform2d_supports, "whether transform2d serves (p, a)");
-  m.def("transform2d", &transform2d, "mat X mat^T of every tile, position-major");
-  m.def("transform2d_backward", &transform2d_backward, "the gradients of transform2d");
+  m.def("transform2d", &transform2d, "mat X mat^T of every tile, position-major or untiled",
+        pybind11::arg("mat"), pybind11::arg("tiles"),
+        pybind11::arg("untile") = std::vector<int64_t>{});
+  m.def("transform2d_backward", &transform2d_backward, "the gradients of transform2d",
+        pybind11::arg("mat"), pybind11::arg("tiles"), pybind11::arg("scale"),
+        pybind11::arg("grad"), pybind11::arg("need_tiles"), pybind11::arg("need_mat"),
+        pybind11::arg("untile") = std::vector<int64_t>{});
 }

@@ -293,8 +293,12 @@ def main() -> int:
             f"{_label(name):30s} {r['step_s']:8.3f} {r['images_per_s']:8.1f} {mem:9.0f} "
             f"{ratio_text}"
         )
-    if os.getloadavg()[0] > 1.5 or load > 1.5:
-        print("# note: other work shared the cores during this run (load average > 1.5)")
+    # The load at the end counts this run's own threads (one configuration steps at a time).
+    own = args.threads or torch.get_num_threads()
+    load_end = os.getloadavg()[0]
+    print(f"# load average {load:.2f} at the start, {load_end:.2f} at the end ({own} own threads)")
+    if load > 1.5 or load_end > own + 1.0:
+        print("# note: other work shared the cores during this run")
     summary = {
         "benchmark": "train_step",
         "width": args.width,
@@ -303,6 +307,7 @@ def main() -> int:
         "rounds": args.steps,
         "warmup": args.warmup,
         "load_avg_start": load,
+        "load_avg_end": load_end,
         "space": args.space,
         "machine": machine,
         "results": results,

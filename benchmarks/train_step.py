@@ -45,11 +45,27 @@ LABELS = {
 
 #: Suffix of a configuration run with the fused CPU kernels off (``--torch-ops``).
 TORCH_OPS = "/torch-ops"
+#: Suffix of a configuration run without huge pages for large tensors (``--no-thp``).
+NO_THP = "/no-thp"
+#: Each variant's suffix: its label and what it changes in the child's environment. The base
+#: environment is what ``train.py`` runs with (``wasearch.cli.script_environment``).
+VARIANTS = {
+    TORCH_OPS: (" (torch ops)", {"WASEARCH_FUSED_KERNELS": "0"}),
+    NO_THP: (" (no huge pages)", {"THP_MEM_ALLOC_ENABLE": "0"}),
+}
+
+
+def _split(name: str) -> tuple[str, str]:
+    """``(configuration, variant suffix or "")`` of a measured name."""
+    for suffix in VARIANTS:
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), suffix
+    return name, ""
 
 
 def _label(name: str) -> str:
-    base = name.removesuffix(TORCH_OPS)
-    return LABELS[base] + (" (torch ops)" if base != name else "")
+    base, variant = _split(name)
+    return LABELS[base] + (VARIANTS[variant][0] if variant else "")
 
 
 def _network(space_path: str | None, width: float) -> dict:
@@ -122,9 +138,15 @@ def _serve(
         print(json.dumps({"step_s": step()}), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    env = {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "WASEARCH_FUSED_KERNELS")}
     print(
         json.dumps(
-            {"peak_rss_mib": peak, "rss_before_steps_mib": rss_before, "gpu_peak_mib": gpu_peak}
+            {
+                "peak_rss_mib": peak,
+                "rss_before_steps_mib": rss_before,
+                "gpu_peak_mib": gpu_peak,
+                "env": env,
+            }
         ),
         flush=True,
     )
@@ -193,6 +215,12 @@ def main() -> int:
         help="also run every configuration with the fused CPU kernels off "
         "(WASEARCH_FUSED_KERNELS=0), interleaved in the same rounds: before and after",
     )
+    p.add_argument(
+        "--no-thp",
+        action="store_true",
+        help="also run every configuration without huge pages for large tensors "
+        "(THP_MEM_ALLOC_ENABLE=0; train.py turns them on), in the same rounds",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -209,6 +237,11 @@ def main() -> int:
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
 
+    from wasearch.cli import script_environment
+
+    base_env = dict(os.environ)
+    script_environment(base_env)  # the children run as train.py does
+
     import torch
 
     if args.threads:
@@ -223,13 +256,18 @@ def main() -> int:
     print(f"# {network}, batch {args.batch}, device {args.device}")
     machine = machine_line(args.device, threads=args.threads)
     print(f"# machine: {machine}")
+    thp = base_env.get("THP_MEM_ALLOC_ENABLE")
+    print(f"# THP_MEM_ALLOC_ENABLE={thp} (huge pages for tensors of 2 MiB and more)")
     print(
         f"# {args.steps} interleaved rounds after {args.warmup} warm-up steps; each "
         "configuration in its own process; x time: median of per-round ratios [25th-75th]"
     )
     configs = list(dict.fromkeys(args.configs))
+    plain = list(configs)
     if args.torch_ops:
-        configs += [f"{name}{TORCH_OPS}" for name in configs]
+        configs += [f"{name}{TORCH_OPS}" for name in plain]
+    if args.no_thp:
+        configs += [f"{name}{NO_THP}" for name in plain]
     children = []
     try:
         for name in configs:
@@ -237,7 +275,7 @@ def main() -> int:
                 sys.executable,
                 __file__,
                 "--child",
-                name.removesuffix(TORCH_OPS),
+                _split(name)[0],
                 "--width",
                 str(args.width),
                 "--batch",
@@ -249,9 +287,8 @@ def main() -> int:
             ]
             cmd += ["--threads", str(args.threads)] if args.threads else []
             cmd += ["--space", args.space] if args.space else []
-            env = None
-            if name.endswith(TORCH_OPS):
-                env = {**os.environ, "WASEARCH_FUSED_KERNELS": "0"}
+            variant = _split(name)[1]
+            env = {**base_env, **(VARIANTS[variant][1] if variant else {})}
             children.append(_Child(name, cmd, env))
             children[-1].read()  # ready: warmed up, before the next one starts
         times = interleave(children, args.steps)
@@ -308,6 +345,7 @@ def main() -> int:
         "warmup": args.warmup,
         "load_avg_start": load,
         "load_avg_end": load_end,
+        "thp_mem_alloc_enable": thp,
         "space": args.space,
         "machine": machine,
         "results": results,

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from wasearch.cli import run_main, script_environment
+from wasearch.cli import run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,5 +32,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    script_environment()  # before torch loads (huge pages for large tensors; README "Speed")
     sys.exit(run_main(main))

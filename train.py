@@ -7,12 +7,8 @@
 
 import sys
 
-from wasearch.cli import run_main, script_environment
-
-if __name__ == "__main__":
-    script_environment()  # before torch loads (huge pages for large tensors; README "Speed")
-
-from wasearch.train_cli import build_parser, main  # noqa: E402
+from wasearch.cli import run_main
+from wasearch.train_cli import build_parser, main
 
 __all__ = ["build_parser", "main"]
 

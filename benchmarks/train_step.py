@@ -45,13 +45,13 @@ LABELS = {
 
 #: Suffix of a configuration run with the fused CPU kernels off (``--torch-ops``).
 TORCH_OPS = "/torch-ops"
-#: Suffix of a configuration run without huge pages for large tensors (``--no-thp``).
-NO_THP = "/no-thp"
-#: Each variant's suffix: its label and what it changes in the child's environment. The base
-#: environment is what ``train.py`` runs with (``wasearch.cli.script_environment``).
+#: Suffix of a configuration run with large tensors on transparent huge pages (``--thp``).
+THP = "/thp"
+#: Each variant's suffix: its label and what it changes in the child's environment (the rest
+#: is this process's environment).
 VARIANTS = {
     TORCH_OPS: (" (torch ops)", {"WASEARCH_FUSED_KERNELS": "0"}),
-    NO_THP: (" (no huge pages)", {"THP_MEM_ALLOC_ENABLE": "0"}),
+    THP: (" (huge pages)", {"THP_MEM_ALLOC_ENABLE": "1"}),
 }
 
 
@@ -216,10 +216,10 @@ def main() -> int:
         "(WASEARCH_FUSED_KERNELS=0), interleaved in the same rounds: before and after",
     )
     p.add_argument(
-        "--no-thp",
+        "--thp",
         action="store_true",
-        help="also run every configuration without huge pages for large tensors "
-        "(THP_MEM_ALLOC_ENABLE=0; train.py turns them on), in the same rounds",
+        help="also run every configuration with torch's CPU tensors of 2 MiB and more on "
+        "transparent huge pages (THP_MEM_ALLOC_ENABLE=1), in the same rounds",
     )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -237,10 +237,7 @@ def main() -> int:
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
 
-    from wasearch.cli import script_environment
-
     base_env = dict(os.environ)
-    script_environment(base_env)  # the children run as train.py does
 
     import torch
 
@@ -257,7 +254,7 @@ def main() -> int:
     machine = machine_line(args.device, threads=args.threads)
     print(f"# machine: {machine}")
     thp = base_env.get("THP_MEM_ALLOC_ENABLE")
-    print(f"# THP_MEM_ALLOC_ENABLE={thp} (huge pages for tensors of 2 MiB and more)")
+    print(f"# THP_MEM_ALLOC_ENABLE={thp or 'unset'} (huge pages for tensors of 2 MiB and more)")
     print(
         f"# {args.steps} interleaved rounds after {args.warmup} warm-up steps; each "
         "configuration in its own process; x time: median of per-round ratios [25th-75th]"
@@ -266,8 +263,8 @@ def main() -> int:
     plain = list(configs)
     if args.torch_ops:
         configs += [f"{name}{TORCH_OPS}" for name in plain]
-    if args.no_thp:
-        configs += [f"{name}{NO_THP}" for name in plain]
+    if args.thp:
+        configs += [f"{name}{THP}" for name in plain]
     children = []
     try:
         for name in configs:

@@ -207,8 +207,8 @@ def test_train_step_interleaves_configurations_and_pairs_their_ratios():
 
 
 def test_train_step_variants_change_only_their_environment(monkeypatch):
-    """The children run as train.py does (huge pages on unless the user says otherwise);
-    ``--no-thp`` and ``--torch-ops`` add each configuration with its one setting changed."""
+    """``--thp`` and ``--torch-ops`` add each configuration with its one setting changed; the
+    children report the settings they ran with."""
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     monkeypatch.delenv("WASEARCH_FUSED_KERNELS", raising=False)
     out = subprocess.run(
@@ -217,29 +217,18 @@ def test_train_step_variants_change_only_their_environment(monkeypatch):
             str(ROOT / "benchmarks" / "train_step.py"),
             "--configs", "normal8",
             "--width", "0.125", "--batch", "2", "--steps", "1", "--warmup", "0",
-            "--threads", "1", "--no-thp", "--torch-ops",
+            "--threads", "1", "--thp", "--torch-ops",
         ],
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout  # fmt: skip
-    assert "# THP_MEM_ALLOC_ENABLE=1" in out
+    assert "# THP_MEM_ALLOC_ENABLE=unset" in out
     res = json.loads(out.strip().splitlines()[-1])["results"]
     assert {name: r["env"] for name, r in res.items()} == {
-        "normal8": {"THP_MEM_ALLOC_ENABLE": "1", "WASEARCH_FUSED_KERNELS": None},
-        "normal8/torch-ops": {"THP_MEM_ALLOC_ENABLE": "1", "WASEARCH_FUSED_KERNELS": "0"},
-        "normal8/no-thp": {"THP_MEM_ALLOC_ENABLE": "0", "WASEARCH_FUSED_KERNELS": None},
+        "normal8": {"THP_MEM_ALLOC_ENABLE": None, "WASEARCH_FUSED_KERNELS": None},
+        "normal8/torch-ops": {"THP_MEM_ALLOC_ENABLE": None, "WASEARCH_FUSED_KERNELS": "0"},
+        "normal8/thp": {"THP_MEM_ALLOC_ENABLE": "1", "WASEARCH_FUSED_KERNELS": None},
     }
-    assert "normal 8-bit (no huge pages)" in out
-
-
-def test_script_environment_sets_defaults_and_keeps_the_users():
-    from wasearch.cli import SCRIPT_ENV, script_environment
-
-    env: dict[str, str] = {}
-    script_environment(env)
-    assert env == SCRIPT_ENV and env["THP_MEM_ALLOC_ENABLE"] == "1"
-    mine = {"THP_MEM_ALLOC_ENABLE": "0"}
-    script_environment(mine)
-    assert mine == {"THP_MEM_ALLOC_ENABLE": "0"}
+    assert "normal 8-bit (huge pages)" in out
 
 
 def test_train_step_rotates_the_order_of_each_round():

@@ -4,35 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 
-__all__ = [
-    "SCRIPT_ENV",
-    "UserError",
-    "nonnegative_float",
-    "positive_float",
-    "positive_int",
-    "run_main",
-    "script_environment",
-]
-
-#: What ``train.py`` and ``search.py`` set in the environment before torch loads, unless the
-#: user set it: ``THP_MEM_ALLOC_ENABLE=1`` makes torch place CPU tensors of 2 MiB and more on
-#: transparent huge pages. A fresh large tensor is otherwise faulted in 4 KiB at a time: on
-#: this project's machines a batched product into a new 32 MiB tensor took 32 ms against 15 ms
-#: into an old one, and a training step allocates many (README, "Speed and memory"). Where
-#: the kernel offers no huge pages, torch warns once and allocates as before.
-SCRIPT_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
-
-
-def script_environment(environ: MutableMapping[str, str] | None = None) -> None:
-    """Set :data:`SCRIPT_ENV`'s defaults where the user has not (call before importing torch,
-    which reads them once; child processes inherit them)."""
-    env = os.environ if environ is None else environ
-    for key, value in SCRIPT_ENV.items():
-        env.setdefault(key, value)
+__all__ = ["UserError", "nonnegative_float", "positive_float", "positive_int", "run_main"]
 
 
 class UserError(Exception):

@@ -239,9 +239,6 @@ class _Transform2d(torch.autograd.Function):
         ctx.untile = list(untile or ())
         if ext is not None:
             out = ext.transform2d(mat.contiguous(), tiles.contiguous(), ctx.untile)
-            if untile:
-                ctx.save_for_backward(*_transform_saves(ctx, mat, tiles, codes, scale))
-                return out
         elif untile:
             raise RuntimeError("untile needs the fused CPU kernels")
         else:
@@ -250,13 +247,11 @@ class _Transform2d(torch.autograd.Function):
             # copy). torch.matmul's broadcasting copies the operand transposed, and its backward.
             out = torch.bmm(mat.expand(p, p, a), rows.reshape(p, a, count))
         ctx.save_for_backward(*_transform_saves(ctx, mat, tiles, codes, scale))
-        return out.reshape(p * p, count)
+        return out if untile else out.reshape(p * p, count)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         mat, tiles, codes, scale = ctx.saved_tensors
-        p, a = mat.shape
-        count = grad.shape[1]
         if ctx.ext is not None:
             need_mat, need_tiles = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             none = grad.new_empty(0)  # the kernel's "not given"
@@ -275,6 +270,8 @@ class _Transform2d(torch.autograd.Function):
                 ctx.untile,
             )
             return grad_mat, grad_tiles, None, None, None
+        p, a = mat.shape
+        count = grad.shape[1]
         g = grad.reshape(p, p, count)
         # out[r, s] = sum_j mat[s, j] rows[r, j]  =>  d rows[r] = mat^T @ g[r]
         grad_rows = torch.bmm(mat.t().expand(p, a, p), g).reshape(p, a * count)

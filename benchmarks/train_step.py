@@ -63,6 +63,13 @@ def _split(name: str) -> tuple[str, str]:
     return name, ""
 
 
+def child_env(name: str, base: dict[str, str]) -> dict[str, str]:
+    """The environment a measured name's process runs with: ``base`` with its variant's one
+    change."""
+    variant = _split(name)[1]
+    return {**base, **(VARIANTS[variant][1] if variant else {})}
+
+
 def _label(name: str) -> str:
     base, variant = _split(name)
     return LABELS[base] + (VARIANTS[variant][0] if variant else "")
@@ -284,9 +291,7 @@ def main() -> int:
             ]
             cmd += ["--threads", str(args.threads)] if args.threads else []
             cmd += ["--space", args.space] if args.space else []
-            variant = _split(name)[1]
-            env = {**base_env, **(VARIANTS[variant][1] if variant else {})}
-            children.append(_Child(name, cmd, env))
+            children.append(_Child(name, cmd, child_env(name, base_env)))
             children[-1].read()  # ready: warmed up, before the next one starts
         times = interleave(children, args.steps)
         memory = {c.name: c.close() for c in children}

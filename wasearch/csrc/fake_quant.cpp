@@ -509,12 +509,12 @@ inline float lane_sum(vf v) {
   return t;
 }
 
-// One block of kV tiles, forward: o[r*P+s] = sum_j M[s][j] sum_i M[r][i] x[i*A+j].
+// The row pass of one block of kV tiles: rows[r][j] = sum_i M[r][i] x[i][j] (the forward's
+// first half; the backward recomputes it).
 template <int A, int P>
-inline void forward_block(const float* M, const vf* __restrict x, vf* __restrict o) {
-  vf rows[P * A];
+inline void row_pass(const float* M, const vf* __restrict x, vf* __restrict rows) {
   #pragma GCC unroll 64
-  for (int r = 0; r < P; ++r) {  // rows[r][j] = sum_i M[r][i] x[i][j]
+  for (int r = 0; r < P; ++r) {
     vf acc[A] = {};
     #pragma GCC unroll 64
     for (int i = 0; i < A; ++i) {
@@ -525,6 +525,13 @@ inline void forward_block(const float* M, const vf* __restrict x, vf* __restrict
     #pragma GCC unroll 64
     for (int j = 0; j < A; ++j) rows[r * A + j] = acc[j];
   }
+}
+
+// One block of kV tiles, forward: o[r*P+s] = sum_j M[s][j] sum_i M[r][i] x[i*A+j].
+template <int A, int P>
+inline void forward_block(const float* M, const vf* __restrict x, vf* __restrict o) {
+  vf rows[P * A];
+  row_pass<A, P>(M, x, rows);
   #pragma GCC unroll 64
   for (int r = 0; r < P; ++r) {  // o[r][s] = sum_j M[s][j] rows[r][j]
     vf acc[P] = {};
@@ -606,18 +613,7 @@ void transform2d_backward_impl(const float* M, const TileRows& x, const float* p
         }
         if (!need_mat) continue;
         load_block(x, A * A, c0, n, xv);
-        #pragma GCC unroll 64
-        for (int r = 0; r < P; ++r) {  // rows, recomputed
-          vf acc[A] = {};
-          #pragma GCC unroll 64
-          for (int i = 0; i < A; ++i) {
-            const float w = M[r * A + i];
-            #pragma GCC unroll 64
-            for (int j = 0; j < A; ++j) acc[j] += w * xv[i * A + j];
-          }
-          #pragma GCC unroll 64
-          for (int j = 0; j < A; ++j) rows[r * A + j] = acc[j];
-        }
+        row_pass<A, P>(M, xv, rows);  // recomputed, not kept
         // d M, one row q at a time in registers (loaded and stored once per block): the column
         // pass, d M[q][j] += sum_r G[r][q] rows[r][j], and the row pass, d M[q][i] += sum_j
         // d rows[q][j] X[i][j].

@@ -216,17 +216,18 @@ def test_transforms_match_float64(fused, p, a):
 
 def test_transforms_are_what_the_layer_runs(fused, monkeypatch):
     calls = []
-    for name in ("transform2d", "transform2d_backward"):
+    names = ("transform2d", "transform2d_backward", "gather_tiles", "scatter_tiles")
+    for name in names:
         real = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     layer = WinogradConv2d(4, 4, 4, mode="flex", bits=8)
-    layer(torch.randn(2, 4, 9, 9)).sum().backward()
-    # G, B^T and A^T, forward and backward
-    assert calls.count("transform2d") == 3 and calls.count("transform2d_backward") == 3
+    layer(torch.randn(2, 4, 9, 9, requires_grad=True)).sum().backward()
+    # G, B^T (reading the input's tiles in place: no gather) and A^T, forward and backward
+    assert sorted(calls) == ["transform2d"] * 3 + ["transform2d_backward"] * 3
     calls.clear()
     with cpu_kernels.disabled("transforms"):
-        layer(torch.randn(2, 4, 9, 9)).sum().backward()
-    assert calls == []
+        layer(torch.randn(2, 4, 9, 9, requires_grad=True)).sum().backward()
+    assert calls == ["gather_tiles", "scatter_tiles"]
 
 
 @pytest.mark.parametrize(
@@ -291,6 +292,79 @@ def test_the_output_transform_untiles_in_place_of_a_permuted_copy(fused, m, h, w
         assert torch.equal(bits_of(x), bits_of(ref))
     with pytest.raises(RuntimeError, match="untile geometry"):
         fused.transform2d(mat, tiles, [n, k, h, w, th, tw + 1])
+
+
+# (m, N, C, H, W): crops, planes of one tile (many to a chunk), and planes of more tiles than a
+# chunk (F2 at 50 x 50: 625) so that a chunk is one plane.
+WINDOWS = [(2, 2, 3, 7, 5), (4, 3, 2, 9, 12), (6, 1, 5, 13, 6), (4, 5, 7, 1, 1), (2, 1, 2, 50, 50)]
+
+
+def _reference_window(mat, x, grad, m):
+    """Output and gradients (x, mat) of B^T d B over the layer's tiles of x, in float64."""
+    a = m + 2
+    n, c, h, w = x.shape
+    th, tw = -(-h // m), -(-w // m)
+    xd = x.double().requires_grad_(True)
+    md = mat.double().requires_grad_(True)
+    padded = torch.nn.functional.pad(xd, (1, tw * m + 1 - w, 1, th * m + 1 - h))
+    cols = torch.nn.functional.unfold(padded, a, stride=m)  # (N, C*a2, T)
+    tiles = cols.view(n, c, a * a, th * tw).permute(2, 1, 0, 3).reshape(a * a, -1)
+    out = torch.kron(md, md) @ tiles
+    out.backward(grad.double())
+    return out.detach(), xd.grad, md.grad
+
+
+@pytest.mark.parametrize("m,n,c,h,w", WINDOWS)
+def test_the_input_transform_reads_its_tiles_in_place(fused, m, n, c, h, w):
+    """With ``window``, B^T reads the layer's input itself: the same output bits as gathering
+    its tiles first, the input's gradient and the matrix's within float rounding of float64,
+    the same from the input's levels as from its values, on any thread count."""
+    a = m + 2
+    th, tw = -(-h // m), -(-w // m)
+    geometry = [n, c, h, w, th, tw]
+    g = torch.Generator().manual_seed(m * 1000 + h * 10 + w)
+    mat = torch.randn(a, a, generator=g)
+    levels = torch.randint(-127, 128, (n, c, h, w), dtype=torch.int8, generator=g)
+    scale = torch.tensor([0.037])
+    x = levels.float() * scale
+    tiles = fused.gather_tiles(x, a, m, th, tw).reshape(a * a, -1)
+    out = fused.transform2d(mat, x, [], geometry)
+    assert torch.equal(bits_of(out), bits_of(fused.transform2d(mat, tiles)))
+
+    grad = torch.randn(a * a, tiles.shape[1], generator=g)
+    none = torch.empty(0)
+    ref_out, ref_x, ref_mat = _reference_window(mat, x, grad, m)
+    _close(out, ref_out)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(fused.transform2d_backward(mat, x, none, grad, True, True, [], geometry))
+    finally:
+        torch.set_num_threads(before)
+    d_x, d_mat = runs[0]
+    assert d_x.shape == x.shape
+    _close(d_x, ref_x)
+    _close(d_mat, ref_mat, rel=2e-6 * max(1.0, tiles.shape[1] / 512))
+    for other in runs[1:]:
+        for got, want in zip(other, runs[0], strict=True):
+            assert torch.equal(bits_of(got), bits_of(want))
+    for kept in (levels, levels.to(torch.int16)):
+        _, from_levels = fused.transform2d_backward(
+            mat, kept, scale, grad, False, True, [], geometry
+        )
+        assert torch.equal(bits_of(from_levels), bits_of(d_mat))
+
+
+def test_an_input_window_that_does_not_fit_its_tiles_is_refused(fused):
+    x, mat = torch.randn(2, 3, 9, 9), torch.randn(6, 6)
+    with pytest.raises(RuntimeError, match="must just cover"):
+        fused.transform2d(mat, x, [], [2, 3, 9, 9, 2, 2])  # 2 tiles of 4 miss the last row
+    with pytest.raises(RuntimeError, match="as window says"):
+        fused.transform2d(mat, x, [], [2, 3, 8, 9, 2, 3])
+    with pytest.raises(RuntimeError, match="exclude each other"):
+        fused.transform2d(mat, x, [2, 3, 9, 9, 3, 3], [2, 3, 9, 9, 3, 3])
 
 
 def test_transform_shapes_outside_the_kernels_take_torch(fused):

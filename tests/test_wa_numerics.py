@@ -9,6 +9,7 @@ value sits on a rounding boundary.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -292,17 +293,32 @@ def test_tensors_kept_as_levels_give_the_same_outputs_and_gradients(
 @pytest.mark.parametrize("mode, kept", [("static", 1), ("flex", 3)])
 def test_quantized_tensors_are_kept_as_int8_levels(mode, kept):
     """What autograd keeps of a WA layer: the Winograd-domain input (and, flex, the input tiles
-    and the product) as int8 levels, no float tensor of their size."""
+    and the product) as int8 levels, no float tensor of their size. Where the fused transforms
+    read the input's tiles in place, a flex layer keeps the input's own levels instead of its
+    tiles' (2.25x as many at F4)."""
+    from wasearch import cpu_kernels
+
     torch.manual_seed(0)
     layer = WinogradConv2d(8, 8, tile=4, mode=mode, bits=8).train()
     x = torch.randn(2, 8, 16, 16)
     big = 36 * 8 * 2 * 16  # a Winograd-domain tensor: alpha^2 x channels x tiles
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        layer(x)
-    sizes = [(t.dtype, t.numel()) for t in saved]
-    assert sum(1 for d, n in sizes if d == torch.int8 and n >= big) == kept, sizes
-    assert not [s for s in sizes if s[0] == torch.float32 and s[1] >= big], sizes
+    in_place = cpu_kernels.kernels("transforms") is not None
+    for off in (False, True):
+        saved: list[torch.Tensor] = []
+        with cpu_kernels.disabled("transforms") if off else contextlib.nullcontext():
+            with torch.autograd.graph.saved_tensors_hooks(
+                lambda t, keep=saved.append: keep(t) or t, lambda t: t
+            ):
+                layer(x)
+        int8 = [t.numel() for t in saved if t.dtype == torch.int8]
+        levels = sorted(n for n in int8 if n >= x.numel())
+        assert len(levels) == kept, levels
+        # The Winograd-domain input and (flex) the product: Winograd-domain sized.
+        assert all(n >= big for n in levels[-2 if mode == "flex" else -1 :]), levels
+        if mode == "flex":  # the input's levels, or its tiles'
+            assert levels[0] == (x.numel() if in_place and not off else big), levels
+        float_sizes = [t.numel() for t in saved if t.dtype == torch.float32]
+        assert not [n for n in float_sizes if n >= big], float_sizes
 
 
 @pytest.mark.parametrize("bits, dtype", [(8, torch.int8), (4, torch.int8), (12, torch.int16)])

@@ -9,7 +9,8 @@ every bit-width and both granularities). The layer's input tiles are gathered an
 the same way, bit for bit. Its 2-D transforms (``transform2d``: ``mat X mat^T`` of every tile,
 and the gradients) are the one exception: one pass instead of the GEMMs' four to six, the same
 sums in another order, so equal up to float rounding (``disabled("transforms")`` turns them off
-alone).
+alone). Where they run, the input transform reads its tiles from the layer's input in place and
+adds their gradient back into the input's, so that the gather and scatter kernels are not used.
 
 It is built with torch's own extension builder (``torch.utils.cpp_extension.load``: a C++
 compiler and ninja, a dependency of this package) the first time a CPU quantizer runs in a

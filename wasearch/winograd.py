@@ -220,7 +220,12 @@ class _Transform2d(torch.autograd.Function):
     and a learned ``mat``'s gradient summed in a fixed order, the same for any thread count.
     There, ``untile`` (``(N, K, H, W, th, tw)``, for the output transform ``A^T``) makes the
     kernel write the layer's ``N x K x H x W`` output directly (and read its gradient so)
-    instead of position-major tiles that a permuted copy would then untile.
+    instead of position-major tiles that a permuted copy would then untile; ``window``
+    (``(N, C, H, W, th, tw)``, for the input transform ``B^T``) makes ``tiles`` the layer's
+    input itself, its tiles read in place (the same values as :func:`_input_tiles`, so the same
+    output bit for bit) and its gradient added back into ``N x C x H x W``: no tile tensor, nor
+    its gradient, is ever written. The input's grid then keeps the input's levels (a quarter to
+    a sixteenth of the tiles' count: F6 to F2) for the learned ``mat``'s gradient.
     """
 
     @staticmethod
@@ -231,23 +236,25 @@ class _Transform2d(torch.autograd.Function):
         codes: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
         untile: tuple[int, int, int, int, int, int] | None = None,
+        window: tuple[int, int, int, int, int, int] | None = None,
     ) -> torch.Tensor:
         p, a = mat.shape
-        count = tiles.shape[1]
         ctx.dtype = tiles.dtype
         ctx.ext = ext = _fused_transforms(mat, tiles)
-        ctx.untile = list(untile or ())
+        ctx.untile, ctx.window = list(untile or ()), list(window or ())
         if ext is not None:
-            out = ext.transform2d(mat.contiguous(), tiles.contiguous(), ctx.untile)
-        elif untile:
-            raise RuntimeError("untile needs the fused CPU kernels")
-        else:
-            rows = mat @ tiles.reshape(a, a * count)  # along the tile's rows: (p, a*count)
-            # Along its columns: one small product per row, as bmm with ``mat`` expanded (no
-            # copy). torch.matmul's broadcasting copies the operand transposed, and its backward.
-            out = torch.bmm(mat.expand(p, p, a), rows.reshape(p, a, count))
+            out = ext.transform2d(mat.contiguous(), tiles.contiguous(), ctx.untile, ctx.window)
+            ctx.save_for_backward(*_transform_saves(ctx, mat, tiles, codes, scale))
+            return out
+        if untile or window:
+            raise RuntimeError("untile and window need the fused CPU kernels")
+        count = tiles.shape[1]
+        rows = mat @ tiles.reshape(a, a * count)  # along the tile's rows: (p, a*count)
+        # Along its columns: one small product per row, as bmm with ``mat`` expanded (no copy).
+        # torch.matmul's broadcasting copies the operand transposed, and its backward.
+        out = torch.bmm(mat.expand(p, p, a), rows.reshape(p, a, count))
         ctx.save_for_backward(*_transform_saves(ctx, mat, tiles, codes, scale))
-        return out if untile else out.reshape(p * p, count)
+        return out.reshape(p * p, count)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -268,8 +275,9 @@ class _Transform2d(torch.autograd.Function):
                 need_tiles,
                 need_mat,
                 ctx.untile,
+                ctx.window,
             )
-            return grad_mat, grad_tiles, None, None, None
+            return grad_mat, grad_tiles, None, None, None, None
         p, a = mat.shape
         count = grad.shape[1]
         g = grad.reshape(p, p, count)
@@ -286,7 +294,7 @@ class _Transform2d(torch.autograd.Function):
             rows = (mat @ x).reshape(p, a, count)  # recomputed, not saved
             # d mat from the column pass: sum_r g[r] @ rows[r]^T; from the row pass: d rows @ X^T
             grad_mat = torch.bmm(g, rows.transpose(1, 2)).sum(0) + grad_rows @ x.t()
-        return grad_mat, grad_tiles, None, None, None
+        return grad_mat, grad_tiles, None, None, None, None
 
 
 def _transform_saves(ctx, mat, tiles, codes, scale) -> tuple:
@@ -454,13 +462,22 @@ def winograd_conv2d(
     if "weight_wd" in q:
         u = q["weight_wd"](u)
 
-    tiles = _input_tiles(x, a, m, th, tw)  # (a2, C*N*T)
     grad = torch.is_grad_enabled()
-    tile_codes = tile_scale = None
-    if x_grid is not None and grad and B_t.requires_grad:
-        tile_scale, x_bits = x_grid
-        tile_codes = grid_levels(tiles, tile_scale, x_bits)
-    v = _transform_2d(B_t, tiles, tile_codes, tile_scale)  # (a2, C*N*T): B^T d B of every tile
+    keep_grid = x_grid is not None and grad and B_t.requires_grad
+    if _fused_transforms(B_t, x) is not None:  # the tiles read in place from x
+        x = x.contiguous()
+        x_codes = x_scale = None
+        if keep_grid and x_grid[0].numel() == 1:  # the input's levels, for B^T's gradient
+            x_scale, x_bits = x_grid
+            x_codes = grid_levels(x, x_scale, x_bits)
+        v = _Transform2d.apply(B_t, x, x_codes, x_scale, None, (n, c, h, w, th, tw))
+    else:
+        tiles = _input_tiles(x, a, m, th, tw)  # (a2, C*N*T)
+        tile_codes = tile_scale = None
+        if keep_grid:
+            tile_scale, x_bits = x_grid
+            tile_codes = grid_levels(tiles, tile_scale, x_bits)
+        v = _transform_2d(B_t, tiles, tile_codes, tile_scale)  # (a2, C*N*T): B^T d B
     v = v.reshape(a2, c, n * t)
     v_codes = None
     if "input_wd" in q:

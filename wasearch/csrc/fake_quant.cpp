@@ -376,14 +376,44 @@ inline void store_n(float* p, vf v, int64_t n) {
   }
 }
 
+// The layer's input as its tiles, read in place (the gather fused into B^T): x is N x C x H x W;
+// tile column c = ((ch * N + n) * th + ti) * tw + tj (gather_tiles' order) holds the a x a
+// window at rows ti*m - 1 .., columns tj*m - 1 .., zeros outside the image (the conv's padding
+// of 1 and, bottom/right, whole tiles). m == 0: the tiles are a (a*a, count) tensor instead.
+struct Window {
+  int64_t n = 0, c = 0, h = 0, w = 0, th = 0, tw = 0, m = 0, a = 0;
+
+  int64_t tiles_per_plane() const { return th * tw; }
+
+  // Per lane of the block from c0: the offset of its window's first pixel (which may lie
+  // outside the image) and that pixel's row and column.
+  void lanes(int64_t c0, int64_t nl, int64_t* off, int64_t* y0, int64_t* x0) const {
+    for (int64_t l = 0; l < nl; ++l) {
+      const int64_t col = c0 + l, tj = col % tw, rest = col / tw, ti = rest % th;
+      const int64_t plane = rest / th, ch = plane / n, img = plane % n;
+      y0[l] = ti * m - 1;
+      x0[l] = tj * m - 1;
+      off[l] = ((img * c + ch) * h + y0[l]) * w + x0[l];
+    }
+  }
+};
+
 // The tiles' values for kV tiles from c0 (n of them valid): from the float32 tensor, or integer
-// levels times their scale (one, or one per row).
+// levels times their scale (one, or one per row); with win.m, windows of x read in place (one
+// scale).
 struct TileRows {
   const float* values = nullptr;
   const int8_t* l8 = nullptr;
   const int16_t* l16 = nullptr;
   const float* scale = nullptr;
   int64_t scales = 1, rows = 0, count = 0;
+  Window win;
+
+  // Element e of x (float32, or levels times the scale).
+  float at(int64_t e) const {
+    if (values) return values[e];
+    return static_cast<float>(l8 ? l8[e] : l16[e]) * scale[0];
+  }
 
   vf load(int64_t r, int64_t c0, int64_t n) const {
     if (values) return load_n(values + r * count + c0, n);
@@ -404,7 +434,42 @@ struct TileRows {
 // shape, so that the templates below hold only arithmetic.
 __attribute__((noinline)) void load_block(const TileRows& x, int rows, int64_t c0, int64_t n,
                                           vf* v) {
+  if (x.win.m) {
+    const Window& g = x.win;
+    int64_t off[kV], y0[kV], x0[kV];
+    g.lanes(c0, n, off, y0, x0);
+    for (int64_t i = 0; i < g.a; ++i) {
+      for (int64_t j = 0; j < g.a; ++j) {
+        vf q = {};
+        for (int64_t l = 0; l < n; ++l) {
+          const int64_t r = y0[l] + i, s = x0[l] + j;
+          if (r >= 0 && r < g.h && s >= 0 && s < g.w) q[l] = x.at(off[l] + i * g.w + j);
+        }
+        v[i * g.a + j] = q;
+      }
+    }
+    return;
+  }
   for (int q = 0; q < rows; ++q) v[q] = x.load(q, c0, n);
+}
+
+// The tiles' gradient from the block at c0 added into x's (N x C x H x W, zero where no window
+// has added yet), lane by lane in order: the sum over the windows that cover a pixel, in
+// increasing tile order.
+__attribute__((noinline)) void scatter_block(float* gx, const Window& g, int64_t c0, int64_t n,
+                                             const vf* v) {
+  int64_t off[kV], y0[kV], x0[kV];
+  g.lanes(c0, n, off, y0, x0);
+  for (int64_t l = 0; l < n; ++l) {
+    for (int64_t i = 0; i < g.a; ++i) {
+      const int64_t r = y0[l] + i;
+      if (r < 0 || r >= g.h) continue;
+      for (int64_t j = 0; j < g.a; ++j) {
+        const int64_t s = x0[l] + j;
+        if (s >= 0 && s < g.w) gx[off[l] + i * g.w + j] += v[i * g.a + j][l];
+      }
+    }
+  }
 }
 
 __attribute__((noinline)) void store_block(float* base, int rows, int64_t count, int64_t c0,
@@ -460,6 +525,17 @@ __attribute__((noinline)) void load_untiled(const float* y, const Untile& u, int
   }
 }
 
+// Zeros over the planes (N x C images of H x W) whose tiles are columns [c0, c1) of g: whole
+// planes, as the backward's chunks are when it scatters.
+__attribute__((noinline)) void zero_planes(float* gx, const Window& g, int64_t c0, int64_t c1) {
+  const int64_t t = g.tiles_per_plane();
+  for (int64_t plane = c0 / t; plane < (c1 + t - 1) / t; ++plane) {
+    const int64_t ch = plane / g.n, img = plane % g.n;
+    float* dst = gx + (img * g.c + ch) * g.h * g.w;
+    std::fill(dst, dst + g.h * g.w, 0.0f);
+  }
+}
+
 Untile untile_of(const std::vector<int64_t>& g, int64_t p, int64_t count) {
   Untile u;
   if (g.empty()) return u;
@@ -492,6 +568,45 @@ TileRows tile_rows(const at::Tensor& tiles, const at::Tensor& scale) {
     t.l8 = tiles.data_ptr<int8_t>();
   } else {
     t.l16 = tiles.data_ptr<int16_t>();
+  }
+  return t;
+}
+
+// Windows of x (N x C x H x W: float32, or int8 / int16 levels with one float32 scale) as the
+// tiles of geometry g = (N, C, H, W, th, tw) for an a x a transform (m = a - 2).
+Window window_of(const std::vector<int64_t>& g, int64_t a) {
+  TORCH_CHECK(g.size() == 6, "window must be (N, C, H, W, th, tw)");
+  const int64_t m = a - 2;
+  TORCH_CHECK(m > 0 && g[0] > 0 && g[1] > 0 && g[2] > 0 && g[3] > 0 && g[4] * m >= g[2] &&
+                  g[5] * m >= g[3] && (g[4] - 1) * m < g[2] && (g[5] - 1) * m < g[3],
+              "window: th x tw tiles of m x m must just cover H x W");
+  Window w;
+  w.n = g[0], w.c = g[1], w.h = g[2], w.w = g[3], w.th = g[4], w.tw = g[5], w.m = m, w.a = a;
+  return w;
+}
+
+TileRows window_rows(const at::Tensor& x, const at::Tensor& scale,
+                     const std::vector<int64_t>& g, int64_t a) {
+  TileRows t;
+  t.win = window_of(g, a);
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 4 && x.size(0) == g[0] &&
+                  x.size(1) == g[1] && x.size(2) == g[2] && x.size(3) == g[3],
+              "x must be a contiguous N x C x H x W CPU tensor as window says");
+  t.rows = a * a;
+  t.count = g[0] * g[1] * g[4] * g[5];
+  if (x.scalar_type() == at::kFloat) {
+    t.values = x.data_ptr<float>();
+    return t;
+  }
+  TORCH_CHECK(x.scalar_type() == at::kChar || x.scalar_type() == at::kShort,
+              "x must be float32, or int8 / int16 levels with their scale");
+  TORCH_CHECK(scale.defined() && scale.scalar_type() == at::kFloat && scale.numel() == 1,
+              "the levels of x need one float32 scale");
+  t.scale = scale.data_ptr<float>();
+  if (x.scalar_type() == at::kChar) {
+    t.l8 = x.data_ptr<int8_t>();
+  } else {
+    t.l16 = x.data_ptr<int16_t>();
   }
   return t;
 }
@@ -566,8 +681,9 @@ void transform2d_impl(const float* M, const TileRows& x, float* po, int64_t coun
 
 template <int A, int P>
 void transform2d_backward_impl(const float* M, const TileRows& x, const float* pg, float* pgt,
-                               float* partial, int64_t count, bool need_mat, const Untile& u) {
-  const int64_t chunks = (count + kTileChunk - 1) / kTileChunk;
+                               float* partial, int64_t count, int64_t chunk, bool need_mat,
+                               const Untile& u, const Window& gw) {
+  const int64_t chunks = (count + chunk - 1) / chunk;
   TileRows g;
   g.values = pg;
   g.rows = P * P;
@@ -577,9 +693,10 @@ void transform2d_backward_impl(const float* M, const TileRows& x, const float* p
     for (int64_t ch = begin; ch < end; ++ch) {
       #pragma GCC unroll 64
       for (int e = 0; e < P * A; ++e) dm[e] = vf{};
-      const int64_t stop = std::min((ch + 1) * kTileChunk, count);
-      for (int64_t c0 = ch * kTileChunk; c0 < stop; c0 += kV) {
-        const int64_t n = std::min(kV, count - c0);
+      const int64_t stop = std::min((ch + 1) * chunk, count);
+      if (pgt && gw.m) zero_planes(pgt, gw, ch * chunk, stop);
+      for (int64_t c0 = ch * chunk; c0 < stop; c0 += kV) {
+        const int64_t n = std::min(kV, stop - c0);
         if (u.m) {
           load_untiled(pg, u, c0, n, gv);
         } else {
@@ -609,7 +726,11 @@ void transform2d_backward_impl(const float* M, const TileRows& x, const float* p
             #pragma GCC unroll 64
             for (int j = 0; j < A; ++j) tv[i * A + j] = acc[j];
           }
-          store_block(pgt, A * A, count, c0, n, tv);
+          if (gw.m) {
+            scatter_block(pgt, gw, c0, n, tv);
+          } else {
+            store_block(pgt, A * A, count, c0, n, tv);
+          }
         }
         if (!need_mat) continue;
         load_block(x, A * A, c0, n, xv);
@@ -696,13 +817,18 @@ bool transform2d_supports(int64_t p, int64_t a) {
 }
 
 // untile: empty, or (N, K, H, W, th, tw) to return the N x K x H x W output of the layer (p = m)
-// instead of the position-major (p*p, count).
+// instead of the position-major (p*p, count). window: empty, or (N, C, H, W, th, tw) when
+// tiles is the layer's input x itself (N x C x H x W), its tiles read in place (the gather
+// fused in: the same values as gather_tiles' tiles, so the same outputs bit for bit).
 at::Tensor transform2d(const at::Tensor& mat, const at::Tensor& tiles,
-                       const std::vector<int64_t>& untile) {
+                       const std::vector<int64_t>& untile, const std::vector<int64_t>& window) {
   check_mat(mat);
   TORCH_CHECK(tiles.scalar_type() == at::kFloat, "tiles must be float32");
-  const TileRows x = tile_rows(tiles, at::Tensor());
-  const int64_t p = mat.size(0), a = mat.size(1), count = x.count;
+  const int64_t p = mat.size(0), a = mat.size(1);
+  TORCH_CHECK(window.empty() || untile.empty(), "untile and window exclude each other");
+  const TileRows x =
+      window.empty() ? tile_rows(tiles, at::Tensor()) : window_rows(tiles, at::Tensor(), window, a);
+  const int64_t count = x.count;
   TORCH_CHECK(x.rows == a * a, "tiles must have alpha^2 rows");
   const Untile u = untile_of(untile, p, count);
   at::Tensor out = u.m ? at::empty({u.n, u.k, u.h, u.w}, tiles.options())
@@ -717,17 +843,29 @@ at::Tensor transform2d(const at::Tensor& mat, const at::Tensor& tiles,
 
 // The gradients of transform2d: {d tiles (a*a, count) or undefined, d mat (p, a) or
 // undefined}. For d mat, tiles may be the integer levels the forward kept, with their scale.
-// grad is (p*p, count), or with untile (as the forward's) N x K x H x W.
+// grad is (p*p, count), or with untile (as the forward's) N x K x H x W. With window (as the
+// forward's), tiles is x or its levels (one scale) and d tiles is d x (N x C x H x W): each
+// tile's gradient added to its window's pixels, in increasing tile order; the work is then
+// split into whole images, and d mat's partial sums with it, so that no two threads add into
+// one pixel and the sums do not depend on the number of threads.
 std::vector<at::Tensor> transform2d_backward(const at::Tensor& mat, const at::Tensor& tiles,
                                              const at::Tensor& scale, const at::Tensor& grad,
                                              bool need_tiles, bool need_mat,
-                                             const std::vector<int64_t>& untile) {
+                                             const std::vector<int64_t>& untile,
+                                             const std::vector<int64_t>& window) {
   check_mat(mat);
   TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
               "grad must be a contiguous float32 CPU tensor");
   const int64_t p = mat.size(0), a = mat.size(1);
+  TORCH_CHECK(window.empty() || untile.empty(), "untile and window exclude each other");
+  const Window gw = window.empty() ? Window() : window_of(window, a);
   int64_t count = 0;
-  if (untile.empty()) {
+  if (gw.m) {
+    TORCH_CHECK(grad.dim() == 2 && grad.size(0) == p * p &&
+                    grad.size(1) == gw.n * gw.c * gw.tiles_per_plane(),
+                "grad must be (p^2, count) as window says");
+    count = grad.size(1);
+  } else if (untile.empty()) {
     TORCH_CHECK(grad.dim() == 2 && grad.size(0) == p * p, "grad must be (p^2, count)");
     count = grad.size(1);
   } else {
@@ -740,17 +878,25 @@ std::vector<at::Tensor> transform2d_backward(const at::Tensor& mat, const at::Te
               "grad must be N x K x H x W as untile says");
   TileRows x;
   if (need_mat) {
-    x = tile_rows(tiles, scale);
+    x = gw.m ? window_rows(tiles, scale, window, a) : tile_rows(tiles, scale);
     TORCH_CHECK(x.rows == a * a && x.count == count, "tiles and grad disagree in shape");
   }
   const float* M = mat.data_ptr<float>();
   const float* pg = grad.data_ptr<float>();
-  at::Tensor gt = need_tiles ? at::empty({a * a, count}, grad.options()) : at::Tensor();
+  at::Tensor gt;
+  if (need_tiles) {
+    gt = gw.m ? at::empty({gw.n, gw.c, gw.h, gw.w}, grad.options())
+              : at::empty({a * a, count}, grad.options());
+  }
   float* pgt = need_tiles ? gt.data_ptr<float>() : nullptr;
-  const int64_t chunks = (count + kTileChunk - 1) / kTileChunk;
+  const int64_t chunk =
+      gw.m ? std::max<int64_t>(1, kTileChunk / gw.tiles_per_plane()) * gw.tiles_per_plane()
+           : kTileChunk;
+  const int64_t chunks = (count + chunk - 1) / chunk;
   std::vector<float> partial(need_mat ? chunks * p * a : 0, 0.0f);
   const bool ok = dispatch_shape(p, a, [&] <int A, int P>() {
-    transform2d_backward_impl<A, P>(M, x, pg, pgt, partial.data(), count, need_mat, u);
+    transform2d_backward_impl<A, P>(M, x, pg, pgt, partial.data(), count, chunk, need_mat, u,
+                                    gw);
   });
   TORCH_CHECK(ok, "transform2d_backward: unsupported matrix shape");
   at::Tensor gm;
@@ -777,9 +923,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transform2d_supports", &transform2d_supports, "whether transform2d serves (p, a)");
   m.def("transform2d", &transform2d, "mat X mat^T of every tile, position-major or untiled",
         pybind11::arg("mat"), pybind11::arg("tiles"),
-        pybind11::arg("untile") = std::vector<int64_t>{});
+        pybind11::arg("untile") = std::vector<int64_t>{},
+        pybind11::arg("window") = std::vector<int64_t>{});
   m.def("transform2d_backward", &transform2d_backward, "the gradients of transform2d",
         pybind11::arg("mat"), pybind11::arg("tiles"), pybind11::arg("scale"),
         pybind11::arg("grad"), pybind11::arg("need_tiles"), pybind11::arg("need_mat"),
-        pybind11::arg("untile") = std::vector<int64_t>{});
+        pybind11::arg("untile") = std::vector<int64_t>{},
+        pybind11::arg("window") = std::vector<int64_t>{});
 }

@@ -47,11 +47,15 @@ LABELS = {
 TORCH_OPS = "/torch-ops"
 #: Suffix of a configuration run with large tensors on transparent huge pages (``--thp``).
 THP = "/thp"
+#: Suffix of a configuration run with glibc's default malloc settings (``--glibc-malloc``):
+#: every other process keeps freed memory for reuse, as the scripts do (``wasearch.allocator``).
+GLIBC = "/glibc-malloc"
 #: Each variant's suffix: its label and what it changes in the child's environment (the rest
 #: is this process's environment).
 VARIANTS = {
     TORCH_OPS: (" (torch ops)", {"WASEARCH_FUSED_KERNELS": "0"}),
     THP: (" (huge pages)", {"THP_MEM_ALLOC_ENABLE": "1"}),
+    GLIBC: (" (glibc defaults)", {"WASEARCH_MALLOC": "glibc"}),
 }
 
 
@@ -61,6 +65,10 @@ def _split(name: str) -> tuple[str, str]:
         if name.endswith(suffix):
             return name.removesuffix(suffix), suffix
     return name, ""
+
+
+#: The settings a child reports back (its environment's, and the allocator it ran with).
+REPORTED_ENV = ("THP_MEM_ALLOC_ENABLE", "WASEARCH_FUSED_KERNELS", "WASEARCH_MALLOC")
 
 
 def child_env(name: str, base: dict[str, str]) -> dict[str, str]:
@@ -105,6 +113,9 @@ def _serve(
     line read from stdin (one JSON line back each), and at ``end`` report peak memory."""
     import torch
 
+    from wasearch.allocator import keep_freed_memory
+
+    allocator = keep_freed_memory()  # as train.py and search.py run
     if threads:
         torch.set_num_threads(threads)
     from wasearch.arch import Arch
@@ -145,7 +156,8 @@ def _serve(
         print(json.dumps({"step_s": step()}), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    env = {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "WASEARCH_FUSED_KERNELS")}
+    env = {k: os.environ.get(k) for k in REPORTED_ENV}
+    env["allocator"] = allocator
     print(
         json.dumps(
             {
@@ -228,6 +240,13 @@ def main() -> int:
         help="also run every configuration with torch's CPU tensors of 2 MiB and more on "
         "transparent huge pages (THP_MEM_ALLOC_ENABLE=1), in the same rounds",
     )
+    p.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="also run every configuration with glibc's default malloc settings "
+        "(WASEARCH_MALLOC=glibc; the others keep freed memory for reuse, as the scripts do), "
+        "in the same rounds",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -272,6 +291,8 @@ def main() -> int:
         configs += [f"{name}{TORCH_OPS}" for name in plain]
     if args.thp:
         configs += [f"{name}{THP}" for name in plain]
+    if args.glibc_malloc:
+        configs += [f"{name}{GLIBC}" for name in plain]
     children = []
     try:
         for name in configs:
@@ -332,6 +353,8 @@ def main() -> int:
             f"{_label(name):30s} {r['step_s']:8.3f} {r['images_per_s']:8.1f} {mem:9.0f} "
             f"{ratio_text}"
         )
+    allocators = sorted({str(r.get("env", {}).get("allocator")) for r in results.values()})
+    print(f"# malloc (wasearch.allocator, as the scripts run it): {'; '.join(allocators)}")
     # The load at the end counts this run's own threads (one configuration steps at a time).
     own = args.threads or torch.get_num_threads()
     load_end = os.getloadavg()[0]

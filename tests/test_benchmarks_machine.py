@@ -204,13 +204,19 @@ def test_train_step_interleaves_configurations_and_pairs_their_ratios():
     assert res["static4"]["time_vs_normal8"] == pytest.approx(ratios[1])  # median of three
     assert res["normal8"]["time_vs_normal8"] == 1.0
     assert all(r["peak_rss_mib"] > r["rss_before_steps_mib"] * 0.5 for r in res.values())
-    # each child reports the settings it ran with: here this process's
-    mine = {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "WASEARCH_FUSED_KERNELS")}
+    # each child reports the settings it ran with: here this process's, and the allocator set
+    # as the scripts set it
+    from wasearch import allocator
+
+    mine = {k: os.environ.get(k) for k in load_benchmark("train_step").REPORTED_ENV}
+    why = allocator._why_not(os.environ) or ("not glibc" if allocator._libc() is None else None)
+    mine["allocator"] = f"as it was: {why}" if why else "glibc: heap, freed memory kept"
     assert all(r["env"] == mine for r in res.values())
 
 
 def test_train_step_variants_change_only_their_environment():
-    """``--thp`` and ``--torch-ops`` run each configuration again with one setting changed
+    """``--thp``, ``--torch-ops`` and ``--glibc-malloc`` run each configuration again with one
+    setting changed
     (the children report what they ran with: see the end-to-end test above)."""
     train_step = load_benchmark("train_step")
     base = {"PATH": "/bin", "THP_MEM_ALLOC_ENABLE": "0"}
@@ -220,6 +226,7 @@ def test_train_step_variants_change_only_their_environment():
         **base,
         "WASEARCH_FUSED_KERNELS": "0",
     }
+    assert train_step.child_env("flex4/glibc-malloc", base) == {**base, "WASEARCH_MALLOC": "glibc"}
     assert train_step._label("flex4/thp") == "flex F4 8-bit (huge pages)"
     assert train_step._split("normal8/torch-ops") == ("normal8", "/torch-ops")
 

@@ -7,6 +7,8 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
+from wasearch.allocator import keep_freed_memory
+
 __all__ = ["UserError", "nonnegative_float", "positive_float", "positive_int", "run_main"]
 
 
@@ -17,7 +19,12 @@ class UserError(Exception):
 def run_main(
     main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None
 ) -> int:
-    """Call ``main(argv)``; print user errors as ``error: ...`` on stderr and return 2."""
+    """Call ``main(argv)``; print user errors as ``error: ...`` on stderr and return 2.
+
+    First, glibc's malloc is set to keep freed memory for reuse (:mod:`wasearch.allocator`:
+    a training step's large tensors are not faulted in again every step); the environment
+    variable ``WASEARCH_MALLOC=glibc`` keeps glibc's defaults."""
+    keep_freed_memory()
     try:
         return main(argv)
     except UserError as err:  # ArchError, DataError, CheckpointError, InputFileError too

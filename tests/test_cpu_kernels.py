@@ -357,6 +357,51 @@ def test_the_input_transform_reads_its_tiles_in_place(fused, m, n, c, h, w):
         assert torch.equal(bits_of(from_levels), bits_of(d_mat))
 
 
+@pytest.mark.parametrize("mode", ["flex", "static"])
+@pytest.mark.parametrize("tile,gran,bits", [(4, "tensor", 8), (2, "tap", 8), (6, "tap", 12)])
+@pytest.mark.parametrize("train", [True, False])
+def test_the_product_quantized_into_the_output_transform_is_the_same(
+    fused, monkeypatch, mode, tile, gran, bits, train
+):
+    """The product's quantizer and the output transform as one step (levels, no values): the
+    same outputs, gradients and running ranges, bit for bit, over two steps, as quantizing to
+    values first."""
+    from wasearch import winograd
+
+    real = winograd._fused_product_output
+    taken = []
+
+    def fusing(*args):
+        q = real(*args)
+        taken.append(q is not None)
+        return q
+
+    def run(fuse: bool):
+        monkeypatch.setattr(
+            winograd, "_fused_product_output", fusing if fuse else (lambda *a: None)
+        )
+        torch.manual_seed(0)
+        layer = WinogradConv2d(6, 5, tile, mode=mode, bits=bits, granularity=gran).train(train)
+        x = torch.randn(3, 6, 11, 13, requires_grad=True)
+        got = []
+        for _ in range(2):
+            y = layer(x)
+            y.square().sum().backward()
+            got.append(y.detach())
+        grads = [p.grad for p in layer.parameters() if p.grad is not None]
+        return got + grads + [x.grad] + [b.clone() for b in layer.buffers()]
+
+    fused_run = run(True)
+    assert taken == [True, True]  # both steps took the fused path
+    reference = run(False)
+    assert len(fused_run) == len(reference)
+    for a, b in zip(fused_run, reference, strict=True):
+        if a.dtype == torch.float32:
+            assert torch.equal(bits_of(a), bits_of(b))
+        else:
+            assert torch.equal(a, b)
+
+
 def test_an_input_window_that_does_not_fit_its_tiles_is_refused(fused):
     x, mat = torch.randn(2, 3, 9, 9), torch.randn(6, 6)
     with pytest.raises(RuntimeError, match="must just cover"):

@@ -43,6 +43,7 @@ __all__ = [
     "code_dtype",
     "fake_quantize",
     "fake_quantize_pow2",
+    "grid_of",
     "grid_levels",
     "pow2_amax",
     "qmax",
@@ -223,11 +224,8 @@ def quantize(
     """:func:`fake_quantize` with its grid: the values, their integer levels when ``codes``
     (:func:`code_dtype` of ``bits``), and the scale, shaped to broadcast against ``x``."""
     top = qmax(bits)
-    scale = (amax.detach().clamp_min(_EPS) / top).to(x.dtype)
-    if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
     if x.is_cuda:
+        scale = (amax.detach().clamp_min(_EPS) / top).to(x.dtype)
         # On CUDA torch's fused kernels are fast: use them.
         scale32 = scale.float()
         if axis is None:
@@ -236,20 +234,43 @@ def quantize(
         else:
             zero = torch.zeros(scale32.shape, dtype=torch.int32, device=x.device)
             y = torch.fake_quantize_per_channel_affine(x, scale32, zero, axis, -top, top)
-            scale = scale.reshape(shape)
+            scale = scale.reshape(_axis_shape(x, axis))
         # The kernels return (level - 0) * scale: the level is the value over the scale,
         # to within a rounding of one ulp, which round() removes.
         levels = torch.round(y.detach() / scale).to(code_dtype(bits)) if codes else None
         return Quantized(y, levels, scale)
-    if axis is not None:
-        scale = scale.reshape(shape)
-    may_clip = True
-    if x_amax is not None:
-        may_clip = bool((x_amax > amax.detach() * ((top + 0.5) / top)).any())
+    scale, may_clip = grid_of(x, amax, bits, axis, x_amax=x_amax)
     if not codes:
         return Quantized(_RoundSTE.apply(x, scale, top, may_clip), None, scale)
     y, levels = _RoundSTE.apply(x, scale, top, may_clip, code_dtype(bits))
     return Quantized(y, levels, scale)
+
+
+def _axis_shape(x: torch.Tensor, axis: int) -> list[int]:
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return shape
+
+
+def grid_of(
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    bits: int,
+    axis: int | None = None,
+    *,
+    x_amax: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """The grid :func:`quantize` rounds ``x`` to: ``(scale, may_clip)``, the scale shaped to
+    broadcast against ``x`` and whether any value can fall outside the range (False only when
+    ``x_amax``, ``x``'s own largest magnitude, says none does)."""
+    top = qmax(bits)
+    scale = (amax.detach().clamp_min(_EPS) / top).to(x.dtype)
+    if axis is not None:
+        scale = scale.reshape(_axis_shape(x, axis))
+    may_clip = True
+    if x_amax is not None:
+        may_clip = bool((x_amax > amax.detach() * ((top + 0.5) / top)).any())
+    return scale, may_clip
 
 
 def pow2_amax(amax: torch.Tensor, bits: int) -> torch.Tensor:
@@ -371,16 +392,27 @@ class FakeQuantize(nn.Module):
         return out if grid else out.values
 
     def _quantize(self, x: torch.Tensor, codes: bool) -> Quantized:
+        amax, x_amax, axis = self._range(x)
+        return quantize(x, amax, self.bits, axis, x_amax=x_amax, codes=codes)
+
+    def grid(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The grid this call would round ``x`` to, ``(scale, may_clip)`` as :func:`grid_of`
+        gives it, folding a training batch into the running range as the call does: for a
+        caller that applies the rounding itself (the fused output transform of
+        :func:`~wasearch.winograd.winograd_conv2d`). ``bits`` must be set."""
+        amax, x_amax, axis = self._range(x)
+        return grid_of(x, amax, self.bits, axis, x_amax=x_amax)
+
+    def _range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """``(amax, x_amax, axis)`` for this call (see :func:`quantize`)."""
         axis = 0 if self.granularity == "tap" else None
         if self.running and not self.training and self.is_initialized:
-            amax = torch.maximum(self.min_val.abs(), self.max_val.abs())
-            return quantize(x, amax, self.bits, axis, codes=codes)
+            return torch.maximum(self.min_val.abs(), self.max_val.abs()), None, axis
         lo, hi = self._batch_range(x)
         x_amax = torch.maximum(lo.abs(), hi.abs())
         if not self.running or not self.training:
             # Weights (their own range), or evaluation before any training batch (this batch's
             # range, nothing kept).
-            return quantize(x, x_amax, self.bits, axis, x_amax=x_amax, codes=codes)
+            return x_amax, x_amax, axis
         self._fold(lo, hi)
-        amax = torch.maximum(self.min_val.abs(), self.max_val.abs())
-        return quantize(x, amax, self.bits, axis, x_amax=x_amax, codes=codes)
+        return torch.maximum(self.min_val.abs(), self.max_val.abs()), x_amax, axis

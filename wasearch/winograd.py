@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from . import cpu_kernels
 from .geometry import MAX_TILE
-from .quant import FakeQuantize, grid_levels, rebuild
+from .quant import FakeQuantize, code_dtype, grid_levels, qmax, rebuild
 
 __all__ = [
     "DEFAULT_POINTS",
@@ -332,6 +332,61 @@ def _transform_2d(
     return _Transform2d.apply(mat, tiles, codes, scale)
 
 
+class _QuantizedOutput(torch.autograd.Function):
+    """The product's quantizer and the output transform ``A^T M A`` as one step: the product's
+    integer levels and clip mask in one pass (no float values), then the output transform
+    reading the levels (each value rebuilt as ``level * scale``, as the quantizer's values are
+    made), writing the layer's ``N x K x H x W`` output. The same outputs and gradients, bit for
+    bit, as quantizing to values and transforming them; the quantized product, as large as the
+    Winograd-domain input, is never written (one pass over memory and one such tensor fewer).
+    Keeps the mask (where the quantizer may clip) and, for a learned ``A^T``, the levels."""
+
+    @staticmethod
+    def forward(ctx, mat, mprod, scale, top, may_clip, dtype, untile):
+        ext = cpu_kernels.kernels("transforms")
+        rows = scale.reshape(-1).contiguous()
+        need_mat = ctx.needs_input_grad[0]
+        want_mask = ctx.needs_input_grad[1] and may_clip
+        _, mask, levels = ext.quantize(mprod, rows, top, False, want_mask, dtype.itemsize)
+        levels = levels.reshape(mprod.shape[0], -1)
+        y = ext.transform2d(mat.contiguous(), levels, list(untile), [], rows)
+        ctx.ext, ctx.untile, ctx.shape = ext, list(untile), mprod.shape
+        ctx.save_for_backward(mat, levels if need_mat else None, rows, mask if want_mask else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mat, levels, rows, mask = ctx.saved_tensors
+        need_mat, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        none = grad.new_empty(0)
+        grad_q, grad_mat = ctx.ext.transform2d_backward(
+            mat.contiguous(),
+            levels if need_mat else none,
+            rows if need_mat else none,
+            grad.contiguous(),
+            need_m,
+            need_mat,
+            ctx.untile,
+            [],
+        )
+        grad_m = None
+        if need_m:
+            grad_m = grad_q if mask is None else ctx.ext.masked_grad(grad_q, mask.view(-1))
+            grad_m = grad_m.reshape(ctx.shape)
+        return grad_mat, grad_m, None, None, None, None, None
+
+
+def _fused_product_output(q, mprod: torch.Tensor, A_t: torch.Tensor):
+    """The product's quantizer ``q`` if the output transform can take its levels directly
+    (:class:`_QuantizedOutput`): a quantizer with bits, on float32 CPU tensors where the
+    transform kernels run, one scale or one per tile position; else None."""
+    if not isinstance(q, FakeQuantize) or q.bits is None or q.granularity not in ("tensor", "tap"):
+        return None
+    if _fused_transforms(A_t, mprod) is None or not mprod.is_contiguous():
+        return None
+    return q
+
+
 class _GridBmm(torch.autograd.Function):
     """``torch.bmm(u, v)`` for a ``v`` on a quantization grid (``v == codes * scale``), keeping
     ``v`` as its integer levels for ``u``'s gradient: the same products as autograd's bmm
@@ -435,6 +490,10 @@ def winograd_conv2d(
     ``x_grid`` gives the input's grid (``(scale, bits)``: ``x`` is a whole multiple of
     ``scale`` everywhere, as the layer's input quantizer makes it) and the product when
     ``"product"`` is one. The outputs and gradients are those of keeping the float tensors.
+    Where the CPU kernels run and ``"product"`` is a :class:`~wasearch.quant.FakeQuantize`,
+    the product is quantized to its levels only and the output transform reads them
+    (:class:`_QuantizedOutput`): its float values, a tensor as large as the Winograd-domain
+    input, are never written; the same outputs and gradients bit for bit.
     """
     n, c, h, w = x.shape
     k = weight.shape[0]
@@ -487,6 +546,17 @@ def winograd_conv2d(
         mprod = _GridBmm.apply(u, v, v_codes, v_scale)
     else:
         mprod = torch.bmm(u, v)
+    untile = (n, k, h, w, th, tw)
+    fused_q = _fused_product_output(q.get("product"), mprod, A_t)
+    if fused_q is not None:  # quantized and transformed in one step: A^T M A, N x K x H x W
+        scale, may_clip = fused_q.grid(mprod)
+        bits = fused_q.bits
+        y = _QuantizedOutput.apply(
+            A_t, mprod, scale, qmax(bits), may_clip, code_dtype(bits), untile
+        )
+        if bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
+        return y
     m_codes = m_scale = None
     if "product" in q:
         mprod, m_codes, m_scale = _quantize_stage(q["product"], mprod, grad and A_t.requires_grad)
@@ -496,7 +566,7 @@ def winograd_conv2d(
 
     mprod = mprod.reshape(a2, k * n * t)
     if _fused_transforms(A_t, mprod) is not None:  # A^T M A, written as N x K x H x W
-        y = _Transform2d.apply(A_t, mprod, m_codes, m_scale, (n, k, h, w, th, tw))
+        y = _Transform2d.apply(A_t, mprod, m_codes, m_scale, untile)
     else:
         y = _transform_2d(A_t, mprod, m_codes, m_scale)  # A^T M A: (m2, KNT)
         y = y.reshape(m, m, k, n, th, tw).permute(3, 2, 4, 0, 5, 1).reshape(n, k, th * m, tw * m)

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -356,6 +357,8 @@ constexpr int64_t kV = 8;
 constexpr int64_t kTileChunk = 512;  // tiles per unit of parallel work and of partial sums
 constexpr int64_t kMaxAlpha = 8;
 typedef float vf __attribute__((vector_size(kV * sizeof(float))));
+typedef int8_t v8 __attribute__((vector_size(kV)));
+typedef int16_t v16 __attribute__((vector_size(kV * sizeof(int16_t))));
 
 // kV values from p, or the first n of them and zeros.
 inline vf load_n(const float* p, int64_t n) {
@@ -418,6 +421,16 @@ struct TileRows {
   vf load(int64_t r, int64_t c0, int64_t n) const {
     if (values) return load_n(values + r * count + c0, n);
     const float s = scale[scales == 1 ? 0 : r];
+    if (n >= kV) {  // a whole vector: converted lane by lane in registers (exact), then scaled
+      if (l8) {
+        v8 b;
+        __builtin_memcpy(&b, l8 + r * count + c0, sizeof b);
+        return __builtin_convertvector(b, vf) * s;
+      }
+      v16 b;
+      __builtin_memcpy(&b, l16 + r * count + c0, sizeof b);
+      return __builtin_convertvector(b, vf) * s;
+    }
     float buf[kV] = {};
     if (l8) {
       const int8_t* src = l8 + r * count + c0;
@@ -819,20 +832,26 @@ bool transform2d_supports(int64_t p, int64_t a) {
 // untile: empty, or (N, K, H, W, th, tw) to return the N x K x H x W output of the layer (p = m)
 // instead of the position-major (p*p, count). window: empty, or (N, C, H, W, th, tw) when
 // tiles is the layer's input x itself (N x C x H x W), its tiles read in place (the gather
-// fused in: the same values as gather_tiles' tiles, so the same outputs bit for bit).
+// fused in: the same values as gather_tiles' tiles, so the same outputs bit for bit). tiles
+// may be integer levels with their scale (one, or one per row; not with window): each value
+// rebuilt as level * scale, as the quantizer made it, so the same outputs as from the values.
 at::Tensor transform2d(const at::Tensor& mat, const at::Tensor& tiles,
-                       const std::vector<int64_t>& untile, const std::vector<int64_t>& window) {
+                       const std::vector<int64_t>& untile, const std::vector<int64_t>& window,
+                       const std::optional<at::Tensor>& level_scale) {
   check_mat(mat);
-  TORCH_CHECK(tiles.scalar_type() == at::kFloat, "tiles must be float32");
+  const bool levels = level_scale.has_value() && level_scale->defined();
+  const at::Tensor scale = levels ? *level_scale : at::Tensor();
+  TORCH_CHECK(levels || tiles.scalar_type() == at::kFloat, "tiles must be float32");
   const int64_t p = mat.size(0), a = mat.size(1);
   TORCH_CHECK(window.empty() || untile.empty(), "untile and window exclude each other");
-  const TileRows x =
-      window.empty() ? tile_rows(tiles, at::Tensor()) : window_rows(tiles, at::Tensor(), window, a);
+  TORCH_CHECK(window.empty() || !levels, "window reads float32 x");
+  const TileRows x = window.empty() ? tile_rows(tiles, levels ? scale : at::Tensor())
+                                    : window_rows(tiles, at::Tensor(), window, a);
   const int64_t count = x.count;
   TORCH_CHECK(x.rows == a * a, "tiles must have alpha^2 rows");
   const Untile u = untile_of(untile, p, count);
-  at::Tensor out = u.m ? at::empty({u.n, u.k, u.h, u.w}, tiles.options())
-                       : at::empty({p * p, count}, tiles.options());
+  const auto opts = tiles.options().dtype(at::kFloat);
+  at::Tensor out = u.m ? at::empty({u.n, u.k, u.h, u.w}, opts) : at::empty({p * p, count}, opts);
   const float* M = mat.data_ptr<float>();
   float* po = out.data_ptr<float>();
   const bool ok = dispatch_shape(
@@ -924,7 +943,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transform2d", &transform2d, "mat X mat^T of every tile, position-major or untiled",
         pybind11::arg("mat"), pybind11::arg("tiles"),
         pybind11::arg("untile") = std::vector<int64_t>{},
-        pybind11::arg("window") = std::vector<int64_t>{});
+        pybind11::arg("window") = std::vector<int64_t>{},
+        pybind11::arg("scale") = pybind11::none());
   m.def("transform2d_backward", &transform2d_backward, "the gradients of transform2d",
         pybind11::arg("mat"), pybind11::arg("tiles"), pybind11::arg("scale"),
         pybind11::arg("grad"), pybind11::arg("need_tiles"), pybind11::arg("need_mat"),

@@ -453,6 +453,29 @@ def _quantize_stage(q, x: torch.Tensor, keep: bool):
     return q(x), None, None
 
 
+def _output_transform(A_t, mprod, q, grad: bool, untile) -> torch.Tensor:
+    """The product's quantizer (where ``q`` has one), then ``A^T M A`` as ``N x K x H x W``."""
+    n, k, h, w, th, tw = untile
+    m, a = A_t.shape
+    a2 = a * a
+    m_codes = m_scale = None
+    if "product" in q:
+        mprod, m_codes, m_scale = _quantize_stage(q["product"], mprod, grad and A_t.requires_grad)
+    if m_codes is not None:
+        m_codes = m_codes.reshape(a2, -1)
+        m_scale = m_scale.reshape(-1, 1) if m_scale.dim() else m_scale
+
+    mprod = mprod.reshape(a2, -1)
+    if _fused_transforms(A_t, mprod) is not None:  # A^T M A, written as N x K x H x W
+        y = _Transform2d.apply(A_t, mprod, m_codes, m_scale, untile)
+    else:
+        y = _transform_2d(A_t, mprod, m_codes, m_scale)  # A^T M A: (m2, KNT)
+        y = y.reshape(m, m, k, n, th, tw).permute(3, 2, 4, 0, 5, 1).reshape(n, k, th * m, tw * m)
+        if th * m != h or tw * m != w:
+            y = y[:, :, :h, :w]
+    return y
+
+
 def winograd_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -554,24 +577,8 @@ def winograd_conv2d(
         y = _QuantizedOutput.apply(
             A_t, mprod, scale, qmax(bits), may_clip, code_dtype(bits), untile
         )
-        if bias is not None:
-            y = y + bias.view(1, -1, 1, 1)
-        return y
-    m_codes = m_scale = None
-    if "product" in q:
-        mprod, m_codes, m_scale = _quantize_stage(q["product"], mprod, grad and A_t.requires_grad)
-    if m_codes is not None:
-        m_codes = m_codes.reshape(a2, k * n * t)
-        m_scale = m_scale.reshape(-1, 1) if m_scale.dim() else m_scale
-
-    mprod = mprod.reshape(a2, k * n * t)
-    if _fused_transforms(A_t, mprod) is not None:  # A^T M A, written as N x K x H x W
-        y = _Transform2d.apply(A_t, mprod, m_codes, m_scale, untile)
     else:
-        y = _transform_2d(A_t, mprod, m_codes, m_scale)  # A^T M A: (m2, KNT)
-        y = y.reshape(m, m, k, n, th, tw).permute(3, 2, 4, 0, 5, 1).reshape(n, k, th * m, tw * m)
-        if th * m != h or tw * m != w:
-            y = y[:, :, :h, :w]
+        y = _output_transform(A_t, mprod, q, grad, untile)
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
     return y

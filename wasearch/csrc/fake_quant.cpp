@@ -379,6 +379,22 @@ inline void store_n(float* p, vf v, int64_t n) {
   }
 }
 
+// Both this and Untile (below) number their tiles so: column ((ch * N + n) * th + ti) * tw + tj
+// of image n, channel ch of an N x C x H x W tensor. Per lane of the block from c0, the offset of
+// the tile's first pixel (at row ti*m + origin, column tj*m + origin, which may lie outside the
+// image), and that row and column.
+inline void tile_lanes(int64_t c0, int64_t nl, int64_t n, int64_t c, int64_t h, int64_t w,
+                       int64_t th, int64_t tw, int64_t m, int64_t origin, int64_t* off,
+                       int64_t* y0, int64_t* x0) {
+  for (int64_t l = 0; l < nl; ++l) {
+    const int64_t col = c0 + l, tj = col % tw, rest = col / tw, ti = rest % th;
+    const int64_t plane = rest / th, ch = plane / n, img = plane % n;
+    y0[l] = ti * m + origin;
+    x0[l] = tj * m + origin;
+    off[l] = ((img * c + ch) * h + y0[l]) * w + x0[l];
+  }
+}
+
 // The layer's input as its tiles, read in place (the gather fused into B^T): x is N x C x H x W;
 // tile column c = ((ch * N + n) * th + ti) * tw + tj (gather_tiles' order) holds the a x a
 // window at rows ti*m - 1 .., columns tj*m - 1 .., zeros outside the image (the conv's padding
@@ -388,16 +404,9 @@ struct Window {
 
   int64_t tiles_per_plane() const { return th * tw; }
 
-  // Per lane of the block from c0: the offset of its window's first pixel (which may lie
-  // outside the image) and that pixel's row and column.
+  // The windows start one pixel up and left of their tiles (the conv's padding).
   void lanes(int64_t c0, int64_t nl, int64_t* off, int64_t* y0, int64_t* x0) const {
-    for (int64_t l = 0; l < nl; ++l) {
-      const int64_t col = c0 + l, tj = col % tw, rest = col / tw, ti = rest % th;
-      const int64_t plane = rest / th, ch = plane / n, img = plane % n;
-      y0[l] = ti * m - 1;
-      x0[l] = tj * m - 1;
-      off[l] = ((img * c + ch) * h + y0[l]) * w + x0[l];
-    }
+    tile_lanes(c0, nl, n, c, h, w, th, tw, m, -1, off, y0, x0);
   }
 };
 
@@ -496,16 +505,9 @@ __attribute__((noinline)) void store_block(float* base, int rows, int64_t count,
 struct Untile {
   int64_t n = 0, k = 0, h = 0, w = 0, th = 0, tw = 0, m = 0;  // m == 0: position-major
 
-  // Per lane of the block from c0: the offset of its tile's first pixel and its first row and
-  // column.
+  // Output channels k in place of tile_lanes' input channels.
   void lanes(int64_t c0, int64_t nl, int64_t* off, int64_t* y0, int64_t* x0) const {
-    for (int64_t l = 0; l < nl; ++l) {
-      const int64_t c = c0 + l, tj = c % tw, rest = c / tw, ti = rest % th, img = rest / th;
-      const int64_t kk = img / n, nn = img % n;
-      y0[l] = ti * m;
-      x0[l] = tj * m;
-      off[l] = ((nn * k + kk) * h + y0[l]) * w + x0[l];
-    }
+    tile_lanes(c0, nl, n, k, h, w, th, tw, m, 0, off, y0, x0);
   }
 };
 

@@ -368,11 +368,9 @@ class _QuantizedOutput(torch.autograd.Function):
             need_mat,
             ctx.untile,
             [],
+            mask if need_m else None,  # the quantizer's straight-through mask, applied in pass
         )
-        grad_m = None
-        if need_m:
-            grad_m = grad_q if mask is None else ctx.ext.masked_grad(grad_q, mask.view(-1))
-            grad_m = grad_m.reshape(ctx.shape)
+        grad_m = grad_q.reshape(ctx.shape) if need_m else None
         return grad_mat, grad_m, None, None, None, None, None
 
 

@@ -16,6 +16,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -395,6 +399,99 @@ inline void tile_lanes(int64_t c0, int64_t nl, int64_t n, int64_t c, int64_t h, 
   }
 }
 
+// A block's lanes as int32 vectors, for the gathers and scatters below: each lane's first-pixel
+// offset from `base` (the lowest offset, or 0 if that is negative), its row and its column;
+// lanes from n on get a row far above any image, so that every bounds test fails for them.
+typedef int32_t vi __attribute__((vector_size(kV * sizeof(int32_t))));
+
+struct LaneVecs {
+  int64_t base = 0;
+  vi off = {}, y0 = {}, x0 = {};
+};
+
+// False when the block's offsets, plus a window's extent (rows of `w` values), do not fit in
+// int32: the callers then go lane by lane.
+inline bool lane_vecs(const int64_t* off, const int64_t* y0, const int64_t* x0, int64_t n,
+                      int64_t w, LaneVecs& v) {
+  int64_t lo = off[0], hi = off[0];
+  for (int64_t l = 1; l < n; ++l) {
+    lo = std::min(lo, off[l]);
+    hi = std::max(hi, off[l]);
+  }
+  v.base = std::max<int64_t>(lo, 0);
+  if (hi - v.base + (kMaxAlpha + 1) * (w + 1) >= (int64_t{1} << 31)) return false;
+  for (int64_t l = 0; l < kV; ++l) {
+    const bool live = l < n;
+    v.off[l] = live ? static_cast<int32_t>(off[l] - v.base) : 0;
+    v.y0[l] = live ? static_cast<int32_t>(y0[l]) : -(1 << 29);
+    v.x0[l] = live ? static_cast<int32_t>(x0[l]) : 0;
+  }
+  return true;
+}
+
+// p[idx[l]] for the lanes where ok[l] is set (all bits), +0.0 in the others (not read): one
+// masked gather instruction where the ISA has one.
+inline vf gather(const float* p, vi idx, vi ok) {
+#if defined(__AVX512F__)
+  const __mmask16 k = _mm512_test_epi32_mask((__m512i)ok, (__m512i)ok);
+  return (vf)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, (__m512i)idx, p, 4);
+#elif defined(__AVX2__)
+  return (vf)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, (__m256i)idx, (__m256)ok, 4);
+#else
+  vf q = {};
+  for (int64_t l = 0; l < kV; ++l) {
+    if (ok[l]) q[l] = p[idx[l]];
+  }
+  return q;
+#endif
+}
+
+// 32-bit words p[idx[l]] where ok[l], 0 elsewhere (not read).
+inline vi gather_words(const int32_t* p, vi idx, vi ok) {
+#if defined(__AVX512F__)
+  const __mmask16 k = _mm512_test_epi32_mask((__m512i)ok, (__m512i)ok);
+  return (vi)_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, (__m512i)idx, p, 4);
+#elif defined(__AVX2__)
+  return (vi)_mm256_mask_i32gather_epi32(_mm256_setzero_si256(), p, (__m256i)idx, (__m256i)ok,
+                                         4);
+#else
+  vi q = {};
+  for (int64_t l = 0; l < kV; ++l) {
+    if (ok[l]) q[l] = p[idx[l]];
+  }
+  return q;
+#endif
+}
+
+// Integer levels p[idx[l]] (int8 or int16) as floats where ok, 0 elsewhere. There is no 8- or
+// 16-bit gather: each lane reads the aligned 32-bit word that holds its level (an aligned word
+// lies within one page, the level's own, so no read can fault) and shifts the level out,
+// sign-extended (little-endian byte order).
+template <typename L>
+inline vf gather_levels(const L* p, vi idx, vi ok) {
+  static_assert(sizeof(L) == 1 || sizeof(L) == 2, "int8 or int16 levels");
+  typedef uint32_t vu __attribute__((vector_size(kV * sizeof(uint32_t))));
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(p);
+  const int32_t mis = static_cast<int32_t>(addr & 3);
+  const vi bytes = idx * static_cast<int32_t>(sizeof(L)) + mis;  // from the aligned base
+  const vi words = gather_words(reinterpret_cast<const int32_t*>(addr - mis), bytes >> 2, ok);
+  constexpr int32_t top = (4 - static_cast<int32_t>(sizeof(L))) * 8;
+  const vu up = (vu)words << (vu)(top - (bytes & 3) * 8);  // the level in the top bits
+  return __builtin_convertvector((vi)up >> top, vf);         // arithmetic: sign-extended
+}
+
+// p[idx[l]] = v[l] where ok[l]; the lanes' indices are distinct.
+inline void scatter(float* p, vi idx, vi ok, vf v) {
+#if defined(__AVX512F__)
+  const __mmask16 k = _mm512_test_epi32_mask((__m512i)ok, (__m512i)ok);
+  _mm512_mask_i32scatter_ps(p, k, (__m512i)idx, (__m512)v, 4);
+#else
+  for (int64_t l = 0; l < kV; ++l) {
+    if (ok[l]) p[idx[l]] = v[l];
+  }
+#endif
+}
+
 // The layer's input as its tiles, read in place (the gather fused into B^T): x is N x C x H x W;
 // tile column c = ((ch * N + n) * th + ti) * tw + tj (gather_tiles' order) holds the a x a
 // window at rows ti*m - 1 .., columns tj*m - 1 .., zeros outside the image (the conv's padding
@@ -460,6 +557,31 @@ __attribute__((noinline)) void load_block(const TileRows& x, int rows, int64_t c
     const Window& g = x.win;
     int64_t off[kV], y0[kV], x0[kV];
     g.lanes(c0, n, off, y0, x0);
+    LaneVecs lv;
+    if (lane_vecs(off, y0, x0, n, g.w, lv)) {  // element (i, j) of every lane in one gather
+      const float s = x.values ? 1.0f : x.scale[0];
+      const int32_t h = static_cast<int32_t>(g.h), w = static_cast<int32_t>(g.w);
+      for (int32_t i = 0; i < g.a; ++i) {
+        const vi r = lv.y0 + i;
+        const vi rok = (r >= 0) & (r < h);
+        const vi row = lv.off + i * w;
+        for (int32_t j = 0; j < g.a; ++j) {
+          const vi c = lv.x0 + j;
+          const vi ok = rok & (c >= 0) & (c < w);
+          const vi idx = row + j;
+          vf q;
+          if (x.values) {
+            q = gather(x.values + lv.base, idx, ok);
+          } else {  // level * scale, as TileRows::at; +0 outside the image
+            q = x.l8 ? gather_levels(x.l8 + lv.base, idx, ok)
+                     : gather_levels(x.l16 + lv.base, idx, ok);
+            q = ok ? q * s : vf{};
+          }
+          v[i * g.a + j] = q;
+        }
+      }
+      return;
+    }
     for (int64_t i = 0; i < g.a; ++i) {
       for (int64_t j = 0; j < g.a; ++j) {
         vf q = {};
@@ -482,15 +604,30 @@ __attribute__((noinline)) void scatter_block(float* gx, const Window& g, int64_t
                                              const vf* v) {
   int64_t off[kV], y0[kV], x0[kV];
   g.lanes(c0, n, off, y0, x0);
-  for (int64_t l = 0; l < n; ++l) {
-    for (int64_t i = 0; i < g.a; ++i) {
-      const int64_t r = y0[l] + i;
-      if (r < 0 || r >= g.h) continue;
-      for (int64_t j = 0; j < g.a; ++j) {
-        const int64_t s = x0[l] + j;
-        if (s >= 0 && s < g.w) gx[off[l] + i * g.w + j] += v[i * g.a + j][l];
-      }
+  for (int64_t l = 0; l < n; ++l) {  // the window's rows and columns inside the image
+    const int64_t i0 = std::max<int64_t>(0, -y0[l]), i1 = std::min(g.a, g.h - y0[l]);
+    const int64_t j0 = std::max<int64_t>(0, -x0[l]), j1 = std::min(g.a, g.w - x0[l]);
+    for (int64_t i = i0; i < i1; ++i) {
+      float* dst = gx + off[l] + i * g.w;
+      const vf* src = v + i * g.a;
+      for (int64_t j = j0; j < j1; ++j) dst[j] += src[j][l];
     }
+  }
+}
+
+// mask * v for rows [0, rows) of kV tiles from c0 (n valid; the others 0): the straight-through
+// gradient of a clipping quantizer (int8 0/1 mask, float products as masked_grad makes them).
+__attribute__((noinline)) void mask_block(const int8_t* mask, int rows, int64_t count,
+                                          int64_t c0, int64_t n, vf* v) {
+  for (int q = 0; q < rows; ++q) {
+    v8 b = {};
+    const int8_t* src = mask + q * count + c0;
+    if (n >= kV) {
+      __builtin_memcpy(&b, src, sizeof b);
+    } else {
+      for (int64_t k = 0; k < n; ++k) b[k] = src[k];
+    }
+    v[q] = __builtin_convertvector(b, vf) * v[q];
   }
 }
 
@@ -515,6 +652,19 @@ __attribute__((noinline)) void store_untiled(float* y, const Untile& u, int64_t 
                                              const vf* v) {
   int64_t off[kV], y0[kV], x0[kV];
   u.lanes(c0, n, off, y0, x0);
+  LaneVecs lv;
+  if (lane_vecs(off, y0, x0, n, u.w, lv)) {  // output (r, s) of every lane in one scatter
+    const int32_t h = static_cast<int32_t>(u.h), w = static_cast<int32_t>(u.w);
+    for (int32_t r = 0; r < u.m; ++r) {
+      const vi rr = lv.y0 + r;
+      const vi rok = (rr >= 0) & (rr < h);
+      const vi row = lv.off + r * w;
+      for (int32_t s = 0; s < u.m; ++s) {
+        scatter(y + lv.base, row + s, rok & (lv.x0 + s < w), v[r * u.m + s]);
+      }
+    }
+    return;
+  }
   for (int64_t r = 0; r < u.m; ++r) {
     for (int64_t s = 0; s < u.m; ++s) {
       const vf q = v[r * u.m + s];
@@ -529,6 +679,19 @@ __attribute__((noinline)) void load_untiled(const float* y, const Untile& u, int
                                             int64_t n, vf* v) {
   int64_t off[kV], y0[kV], x0[kV];
   u.lanes(c0, n, off, y0, x0);
+  LaneVecs lv;
+  if (lane_vecs(off, y0, x0, n, u.w, lv)) {
+    const int32_t h = static_cast<int32_t>(u.h), w = static_cast<int32_t>(u.w);
+    for (int32_t r = 0; r < u.m; ++r) {
+      const vi rr = lv.y0 + r;
+      const vi rok = (rr >= 0) & (rr < h);
+      const vi row = lv.off + r * w;
+      for (int32_t s = 0; s < u.m; ++s) {
+        v[r * u.m + s] = gather(y + lv.base, row + s, rok & (lv.x0 + s < w));
+      }
+    }
+    return;
+  }
   for (int64_t r = 0; r < u.m; ++r) {
     for (int64_t s = 0; s < u.m; ++s) {
       vf q = {};
@@ -697,7 +860,7 @@ void transform2d_impl(const float* M, const TileRows& x, float* po, int64_t coun
 template <int A, int P>
 void transform2d_backward_impl(const float* M, const TileRows& x, const float* pg, float* pgt,
                                float* partial, int64_t count, int64_t chunk, bool need_mat,
-                               const Untile& u, const Window& gw) {
+                               const Untile& u, const Window& gw, const int8_t* mask) {
   const int64_t chunks = (count + chunk - 1) / chunk;
   TileRows g;
   g.values = pg;
@@ -744,6 +907,7 @@ void transform2d_backward_impl(const float* M, const TileRows& x, const float* p
           if (gw.m) {
             scatter_block(pgt, gw, c0, n, tv);
           } else {
+            if (mask) mask_block(mask, A * A, count, c0, n, tv);
             store_block(pgt, A * A, count, c0, n, tv);
           }
         }
@@ -868,12 +1032,15 @@ at::Tensor transform2d(const at::Tensor& mat, const at::Tensor& tiles,
 // forward's), tiles is x or its levels (one scale) and d tiles is d x (N x C x H x W): each
 // tile's gradient added to its window's pixels, in increasing tile order; the work is then
 // split into whole images, and d mat's partial sums with it, so that no two threads add into
-// one pixel and the sums do not depend on the number of threads.
+// one pixel and the sums do not depend on the number of threads. tiles_mask (optional, int8
+// 0/1 laid out as d tiles, position-major only): d tiles multiplied by it as it is written, the
+// straight-through gradient of a quantizer that clipped the tiles (masked_grad's products).
 std::vector<at::Tensor> transform2d_backward(const at::Tensor& mat, const at::Tensor& tiles,
                                              const at::Tensor& scale, const at::Tensor& grad,
                                              bool need_tiles, bool need_mat,
                                              const std::vector<int64_t>& untile,
-                                             const std::vector<int64_t>& window) {
+                                             const std::vector<int64_t>& window,
+                                             const std::optional<at::Tensor>& tiles_mask) {
   check_mat(mat);
   TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
               "grad must be a contiguous float32 CPU tensor");
@@ -910,6 +1077,12 @@ std::vector<at::Tensor> transform2d_backward(const at::Tensor& mat, const at::Te
               : at::empty({a * a, count}, grad.options());
   }
   float* pgt = need_tiles ? gt.data_ptr<float>() : nullptr;
+  const bool masked = tiles_mask.has_value() && tiles_mask->defined();
+  TORCH_CHECK(!masked || (need_tiles && !gw.m), "tiles_mask needs d tiles, position-major");
+  TORCH_CHECK(!masked || (tiles_mask->scalar_type() == at::kChar && tiles_mask->is_contiguous() &&
+                          tiles_mask->numel() == gt.numel()),
+              "tiles_mask must be a contiguous int8 tensor the size of d tiles");
+  const int8_t* pmask = masked ? tiles_mask->data_ptr<int8_t>() : nullptr;
   const int64_t chunk =
       gw.m ? std::max<int64_t>(1, kTileChunk / gw.tiles_per_plane()) * gw.tiles_per_plane()
            : kTileChunk;
@@ -917,7 +1090,7 @@ std::vector<at::Tensor> transform2d_backward(const at::Tensor& mat, const at::Te
   std::vector<float> partial(need_mat ? chunks * p * a : 0, 0.0f);
   const bool ok = dispatch_shape(p, a, [&] <int A, int P>() {
     transform2d_backward_impl<A, P>(M, x, pg, pgt, partial.data(), count, chunk, need_mat, u,
-                                    gw);
+                                    gw, pmask);
   });
   TORCH_CHECK(ok, "transform2d_backward: unsupported matrix shape");
   at::Tensor gm;
@@ -951,5 +1124,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("mat"), pybind11::arg("tiles"), pybind11::arg("scale"),
         pybind11::arg("grad"), pybind11::arg("need_tiles"), pybind11::arg("need_mat"),
         pybind11::arg("untile") = std::vector<int64_t>{},
-        pybind11::arg("window") = std::vector<int64_t>{});
+        pybind11::arg("window") = std::vector<int64_t>{},
+        pybind11::arg("tiles_mask") = pybind11::none());
 }

@@ -25,6 +25,10 @@ import subprocess
 import sys
 import time
 
+#: Each configuration's layers: ``(conv, tile, bits)``, and for the ``_tap`` ones the shipped
+#: CIFAR spaces' quantizers (one Winograd-domain range per tile position, power-of-two
+#: transform scales per position) instead of the paper's one range per tensor. The default run
+#: measures the paper's; name the ``_tap`` ones to measure what those spaces' trials run.
 CONFIGS = {
     "normal_fp32": ("normal", None, None),
     "normal8": ("normal", None, 8),
@@ -32,7 +36,11 @@ CONFIGS = {
     "flex2": ("flex", 2, 8),
     "flex4": ("flex", 4, 8),
     "flex6": ("flex", 6, 8),
+    "static4_tap": ("static", 4, 8, "tap"),
+    "flex4_tap": ("flex", 4, 8, "tap"),
 }
+#: What a run measures without ``--configs``.
+DEFAULT_CONFIGS = ("normal_fp32", "normal8", "static4", "flex2", "flex4", "flex6")
 LABELS = {
     "normal_fp32": "normal FP32",
     "normal8": "normal 8-bit",
@@ -40,6 +48,8 @@ LABELS = {
     "flex2": "flex F2 8-bit",
     "flex4": "flex F4 8-bit",
     "flex6": "flex F6 8-bit",
+    "static4_tap": "static F4 8-bit, per tap",
+    "flex4_tap": "flex F4 8-bit, per tap",
 }
 
 
@@ -100,6 +110,18 @@ def _network(space_path: str | None, width: float) -> dict:
     return net
 
 
+def arch_of(name: str, space: str | None, width: float):
+    """The architecture a configuration measures: every searchable layer as ``CONFIGS`` says,
+    on the paper's network (``width``) or ``space``'s."""
+    from wasearch.arch import Arch
+
+    conv, tile, bits, *tap = CONFIGS[name]
+    net = _network(space, width)
+    if tap:  # the shipped CIFAR spaces' quantizers
+        net.update(granularity="tap", transforms="tap")
+    return Arch.uniform(conv, tile, bits, **net)
+
+
 def _serve(
     name: str,
     width: float,
@@ -118,13 +140,10 @@ def _serve(
     allocator = keep_freed_memory()  # as train.py and search.py run
     if threads:
         torch.set_num_threads(threads)
-    from wasearch.arch import Arch
     from wasearch.models import build
 
     torch.manual_seed(0)
-    conv, tile, bits = CONFIGS[name]
-    net = _network(space, width)
-    arch = Arch.uniform(conv, tile, bits, **net)
+    arch = arch_of(name, space, width)
     model = build(arch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=4e-5)
     size = arch.input_size
@@ -220,7 +239,7 @@ def paired_ratio(times: list[float], base: list[float]) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(DEFAULT_CONFIGS))
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=9, help="interleaved rounds (one step each)")

@@ -214,6 +214,20 @@ def test_train_step_interleaves_configurations_and_pairs_their_ratios():
     assert all(r["env"] == mine for r in res.values())
 
 
+def test_train_step_tap_configurations_build_the_spaces_quantizers():
+    """``_tap`` configurations measure the shipped CIFAR spaces' layers (per-tap ranges and
+    transform scales); the others the paper's (per tensor), and the default run only those."""
+    train_step = load_benchmark("train_step")
+    tap = [c for _, c in train_step.arch_of("flex4_tap", None, 0.5).layers]
+    paper = [c for _, c in train_step.arch_of("flex4", None, 0.5).layers]
+    assert len(tap) == 16 and all(
+        (c.conv, c.tile, c.bits, c.granularity, c.transforms) == ("flex", 4, 8, "tap", "tap")
+        for c in tap
+    )
+    assert all((c.granularity, c.transforms) == ("tensor", "tensor") for c in paper)
+    assert not any(name.endswith("_tap") for name in train_step.DEFAULT_CONFIGS)
+
+
 def test_train_step_variants_change_only_their_environment():
     """``--thp``, ``--torch-ops`` and ``--glibc-malloc`` run each configuration again with one
     setting changed

@@ -368,7 +368,7 @@ class _QuantizedOutput(torch.autograd.Function):
             need_mat,
             ctx.untile,
             [],
-            mask if need_m else None,  # the quantizer's straight-through mask, applied in pass
+            mask if need_m else None,  # the clip mask, applied as the gradient is written
         )
         grad_m = grad_q.reshape(ctx.shape) if need_m else None
         return grad_mat, grad_m, None, None, None, None, None

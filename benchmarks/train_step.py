@@ -11,6 +11,7 @@ minutes fall on every configuration alike. Prints the machine, a table, then one
 
     python benchmarks/train_step.py                      # width 0.5, batch 32, CPU
     python benchmarks/train_step.py --steps 10 --configs normal8 flex4
+    python benchmarks/train_step.py --configs normal8 flex4 flex4_tap   # per tap, as the spaces
     python benchmarks/train_step.py --space spaces/example_fullres.yaml --configs normal8 flex4
 """
 

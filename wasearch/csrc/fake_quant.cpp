@@ -400,26 +400,39 @@ inline void tile_lanes(int64_t c0, int64_t nl, int64_t n, int64_t c, int64_t h, 
 }
 
 // A block's lanes as int32 vectors, for the gathers and scatters below: each lane's first-pixel
-// offset from `base` (the lowest offset, or 0 if that is negative), its row and its column;
-// lanes from n on get a row far above any image, so that every bounds test fails for them.
+// offset from `base` (the lowest offset, or 0 if that is negative), its row and its column in
+// an h x w plane; lanes from n on get a row far above any image, so that every bounds test
+// fails for them.
 typedef int32_t vi __attribute__((vector_size(kV * sizeof(int32_t))));
 
 struct LaneVecs {
   int64_t base = 0;
+  int32_t h = 0, w = 0;
   vi off = {}, y0 = {}, x0 = {};
+
+  // Element (i, j) of every lane's window or tile: its index from base, and whether it lies
+  // inside the plane.
+  vi index(int32_t i, int32_t j) const { return off + (i * w + j); }
+  vi inside(int32_t i, int32_t j) const {
+    const vi r = y0 + i, c = x0 + j;
+    return (r >= 0) & (r < h) & (c >= 0) & (c < w);
+  }
 };
 
-// False when the block's offsets, plus a window's extent (rows of `w` values), do not fit in
-// int32: the callers then go lane by lane.
+// False when the block's offsets, plus a window's extent (rows of `w` values), or the plane do
+// not fit in int32: the callers then go lane by lane.
 inline bool lane_vecs(const int64_t* off, const int64_t* y0, const int64_t* x0, int64_t n,
-                      int64_t w, LaneVecs& v) {
+                      int64_t h, int64_t w, LaneVecs& v) {
   int64_t lo = off[0], hi = off[0];
   for (int64_t l = 1; l < n; ++l) {
     lo = std::min(lo, off[l]);
     hi = std::max(hi, off[l]);
   }
   v.base = std::max<int64_t>(lo, 0);
-  if (hi - v.base + (kMaxAlpha + 1) * (w + 1) >= (int64_t{1} << 31)) return false;
+  constexpr int64_t limit = int64_t{1} << 31;
+  if (h >= limit || hi - v.base + (kMaxAlpha + 1) * (w + 1) >= limit) return false;
+  v.h = static_cast<int32_t>(h);
+  v.w = static_cast<int32_t>(w);
   for (int64_t l = 0; l < kV; ++l) {
     const bool live = l < n;
     v.off[l] = live ? static_cast<int32_t>(off[l] - v.base) : 0;
@@ -429,39 +442,27 @@ inline bool lane_vecs(const int64_t* off, const int64_t* y0, const int64_t* x0, 
   return true;
 }
 
-// p[idx[l]] for the lanes where ok[l] is set (all bits), +0.0 in the others (not read): one
-// masked gather instruction where the ISA has one.
-inline vf gather(const float* p, vi idx, vi ok) {
+// The 32-bit words at p + 4 * idx[l] for the lanes where ok[l] is set (all bits), 0 in the
+// others (not read): one masked gather instruction where the ISA has one.
+inline vi gather_words(const void* p, vi idx, vi ok) {
 #if defined(__AVX512F__)
   const __mmask16 k = _mm512_test_epi32_mask((__m512i)ok, (__m512i)ok);
-  return (vf)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, (__m512i)idx, p, 4);
+  return (vi)_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, (__m512i)idx, p, 4);
 #elif defined(__AVX2__)
-  return (vf)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, (__m256i)idx, (__m256)ok, 4);
+  return (vi)_mm256_mask_i32gather_epi32(_mm256_setzero_si256(),
+                                         static_cast<const int*>(p), (__m256i)idx,
+                                         (__m256i)ok, 4);
 #else
-  vf q = {};
+  vi q = {};
   for (int64_t l = 0; l < kV; ++l) {
-    if (ok[l]) q[l] = p[idx[l]];
+    if (ok[l]) __builtin_memcpy(&q[l], static_cast<const char*>(p) + 4 * int64_t{idx[l]}, 4);
   }
   return q;
 #endif
 }
 
-// 32-bit words p[idx[l]] where ok[l], 0 elsewhere (not read).
-inline vi gather_words(const int32_t* p, vi idx, vi ok) {
-#if defined(__AVX512F__)
-  const __mmask16 k = _mm512_test_epi32_mask((__m512i)ok, (__m512i)ok);
-  return (vi)_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, (__m512i)idx, p, 4);
-#elif defined(__AVX2__)
-  return (vi)_mm256_mask_i32gather_epi32(_mm256_setzero_si256(), p, (__m256i)idx, (__m256i)ok,
-                                         4);
-#else
-  vi q = {};
-  for (int64_t l = 0; l < kV; ++l) {
-    if (ok[l]) q[l] = p[idx[l]];
-  }
-  return q;
-#endif
-}
+// p[idx[l]] where ok[l], +0.0 elsewhere: the floats' bits, gathered as words.
+inline vf gather(const float* p, vi idx, vi ok) { return (vf)gather_words(p, idx, ok); }
 
 // Integer levels p[idx[l]] (int8 or int16) as floats where ok, 0 elsewhere. There is no 8- or
 // 16-bit gather: each lane reads the aligned 32-bit word that holds its level (an aligned word
@@ -474,7 +475,7 @@ inline vf gather_levels(const L* p, vi idx, vi ok) {
   const uintptr_t addr = reinterpret_cast<uintptr_t>(p);
   const int32_t mis = static_cast<int32_t>(addr & 3);
   const vi bytes = idx * static_cast<int32_t>(sizeof(L)) + mis;  // from the aligned base
-  const vi words = gather_words(reinterpret_cast<const int32_t*>(addr - mis), bytes >> 2, ok);
+  const vi words = gather_words(reinterpret_cast<const void*>(addr - mis), bytes >> 2, ok);
   constexpr int32_t top = (4 - static_cast<int32_t>(sizeof(L))) * 8;
   const vu up = (vu)words << (vu)(top - (bytes & 3) * 8);  // the level in the top bits
   return __builtin_convertvector((vi)up >> top, vf);         // arithmetic: sign-extended
@@ -558,17 +559,12 @@ __attribute__((noinline)) void load_block(const TileRows& x, int rows, int64_t c
     int64_t off[kV], y0[kV], x0[kV];
     g.lanes(c0, n, off, y0, x0);
     LaneVecs lv;
-    if (lane_vecs(off, y0, x0, n, g.w, lv)) {  // element (i, j) of every lane in one gather
+    if (lane_vecs(off, y0, x0, n, g.h, g.w, lv)) {  // element (i, j) of every lane in one gather
       const float s = x.values ? 1.0f : x.scale[0];
-      const int32_t h = static_cast<int32_t>(g.h), w = static_cast<int32_t>(g.w);
       for (int32_t i = 0; i < g.a; ++i) {
-        const vi r = lv.y0 + i;
-        const vi rok = (r >= 0) & (r < h);
-        const vi row = lv.off + i * w;
         for (int32_t j = 0; j < g.a; ++j) {
-          const vi c = lv.x0 + j;
-          const vi ok = rok & (c >= 0) & (c < w);
-          const vi idx = row + j;
+          const vi ok = lv.inside(i, j);
+          const vi idx = lv.index(i, j);
           vf q;
           if (x.values) {
             q = gather(x.values + lv.base, idx, ok);
@@ -653,14 +649,10 @@ __attribute__((noinline)) void store_untiled(float* y, const Untile& u, int64_t 
   int64_t off[kV], y0[kV], x0[kV];
   u.lanes(c0, n, off, y0, x0);
   LaneVecs lv;
-  if (lane_vecs(off, y0, x0, n, u.w, lv)) {  // output (r, s) of every lane in one scatter
-    const int32_t h = static_cast<int32_t>(u.h), w = static_cast<int32_t>(u.w);
+  if (lane_vecs(off, y0, x0, n, u.h, u.w, lv)) {  // output (r, s) of every lane in one scatter
     for (int32_t r = 0; r < u.m; ++r) {
-      const vi rr = lv.y0 + r;
-      const vi rok = (rr >= 0) & (rr < h);
-      const vi row = lv.off + r * w;
       for (int32_t s = 0; s < u.m; ++s) {
-        scatter(y + lv.base, row + s, rok & (lv.x0 + s < w), v[r * u.m + s]);
+        scatter(y + lv.base, lv.index(r, s), lv.inside(r, s), v[r * u.m + s]);
       }
     }
     return;
@@ -680,14 +672,10 @@ __attribute__((noinline)) void load_untiled(const float* y, const Untile& u, int
   int64_t off[kV], y0[kV], x0[kV];
   u.lanes(c0, n, off, y0, x0);
   LaneVecs lv;
-  if (lane_vecs(off, y0, x0, n, u.w, lv)) {
-    const int32_t h = static_cast<int32_t>(u.h), w = static_cast<int32_t>(u.w);
+  if (lane_vecs(off, y0, x0, n, u.h, u.w, lv)) {
     for (int32_t r = 0; r < u.m; ++r) {
-      const vi rr = lv.y0 + r;
-      const vi rok = (rr >= 0) & (rr < h);
-      const vi row = lv.off + r * w;
       for (int32_t s = 0; s < u.m; ++s) {
-        v[r * u.m + s] = gather(y + lv.base, row + s, rok & (lv.x0 + s < w));
+        v[r * u.m + s] = gather(y + lv.base, lv.index(r, s), lv.inside(r, s));
       }
     }
     return;

@@ -33,18 +33,36 @@ space's). Every searchable layer may be direct (``normal``) or static/flex Winog
    references tie in the prediction).
 4. **Per layer.** For each searchable layer, its distinct kernels (direct, and Winograd F2/F4/F6;
    flex runs the static kernel, so it is not a distinct option) ordered by the table's rows
-   (timed in place, step 2) against an *independent* measurement: each kernel timed again in
-   isolation (``kernel_for`` + ``time_callable``: its own warm-up, ``--layer-repeats`` samples,
-   a separate harness and separate minutes from the table's; ``--stat`` of its samples).
-   Spearman per layer; reported: the mean over layers (layers of one geometry share their rows
-   and kernels, so they agree alike; the search prices layers, so each counts) and the worst.
+   (timed in place, step 2) against an *independent* measurement, paired by round:
+   ``--layer-reference swap`` (default): the layer set to each option in turn in a *context*
+   network whose searchable layers are all direct, each such network timed end to end (a
+   separate harness and separate minutes from the table's), ``--layer-repeats`` interleaved
+   rounds per layer; what the search's choice for that layer does to a network, neighbours'
+   caches included. ``isolated``: each kernel timed alone (``kernel_for``), all kernels
+   sampled once per round in a shuffled order; a kernel alone keeps its weights in cache from
+   call to call, which a network's pass does not (at batch 1 a Winograd layer's transformed
+   weights are 1.8-7x a direct layer's: alone, F4 and F6 look up to twice as fast as in a
+   network). A pair of options is *resolved* when the median of its per-round differences
+   (swap: of the two networks' times; isolated: the log of the kernels' ratio) is at least
+   ``--layer-tie`` away from 0 (swap: 0.5 % of the context network's time; isolated: 2 % of
+   the kernel's) and its 95 % bootstrap interval over rounds excludes 0; a closer pair is a
+   tie, which either order gets right (a search loses nothing by picking either). Reported:
+   Kendall's tau over the resolved pairs of all layers pooled, (concordant - discordant) /
+   resolved (a layer with one resolved pair weighs one pair; layers of one geometry share
+   their rows, but the search prices layers, so each counts), per layer the same over its
+   own pairs (the worst layer is named), and how many pairs were resolved. Beside it:
+   Spearman over all four options (ties by noise included: one swapped pair moves it by
+   0.4), and the *pick regret*: what the option the table prices fastest costs over the
+   fastest measured, from the paired rounds (of the network's time for swap, of the kernel's
+   for isolated).
 5. **Confidence.** Each figure carries a 95 % percentile-bootstrap interval (``--bootstrap``
-   resamples, seeded): MAPE and Spearman resample the networks, the per-layer mean resamples
+   resamples, seeded): MAPE and Spearman resample the networks, the per-layer figure resamples
    the layers. It is the uncertainty of the figure over *which* networks (layers) were drawn,
    given their measured times, not of the timing noise of one network.
 
 Targets, each printed beside its figure as met / not met: MAPE <= 5 %, Spearman >= 0.95 end to
-end, mean per-layer rank agreement >= 0.9 (the point estimates; the intervals say how firm).
+end, per-layer rank agreement (tau over the resolved pairs) >= 0.9 (the point estimates; the
+intervals say how firm).
 
 ``--stat`` picks what both the table rows and the end-to-end times keep of their samples. The
 default is ``mean``: means add up (a network's mean time is the sum of its operations' means),
@@ -85,15 +103,16 @@ from wasearch.latency.measure import (
     measure_plan,
     plan_networks,
     rows_from_samples,
-    time_callable,
 )
 from wasearch.latency.ops import conv_key
-from wasearch.latency.timing import machine_line
+from wasearch.latency.timing import calls_per_sample, machine_line, time_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 TILES = (2, 4, 6)
 #: The targets (issue 14): MAPE at most, Spearman end to end at least, per-layer mean at least.
 TARGETS = {"mape": 0.05, "spearman": 0.95, "layer_rank": 0.9}
+#: Default --layer-tie per --layer-reference: of the network's time (swap), of the kernel's.
+LAYER_TIE = {"swap": 0.005, "isolated": 0.02}
 WARM_PASSES = 2  # untimed passes of a network right before each of its timed passes
 
 
@@ -116,6 +135,16 @@ def _positive(kind: type, minimum: float = 1):
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,9 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--layer-repeats",
-        type=_positive(int),
-        default=15,
-        help="samples per layer kernel timed in isolation (per-layer ranking; default 15)",
+        type=_positive(int, 2),
+        default=30,
+        help="interleaved rounds of the per-layer kernels timed in isolation (>= 2; default 30)",
+    )
+    p.add_argument(
+        "--layer-reference",
+        choices=("swap", "isolated"),
+        default="swap",
+        help="what the per-layer order is measured on: swap (default): the layer's option "
+        "swapped into an all-direct network, timed end to end; isolated: each kernel alone",
+    )
+    p.add_argument(
+        "--layer-tie",
+        type=_fraction,
+        default=None,
+        help="two options of a layer closer than this are a tie, either order right: a "
+        "fraction of the network's time (swap; default 0.005) or of the kernel's (isolated; "
+        "default 0.02)",
     )
     p.add_argument(
         "--bootstrap",
@@ -399,22 +443,137 @@ def pilot_table(
     return LatencyTable(rows_from_samples(samples, keys, stat=stat, identity=ident))
 
 
-def isolated_layer_times(
+def isolated_layer_rounds(
     base: Arch, bits: int | None, args: argparse.Namespace, device: torch.device
 ) -> dict:
-    """Each distinct searchable kernel of ``base`` timed alone (shuffled order, seeded)."""
-    keys = {
-        conv_key(spec, c, args.batch): None for spec in base.specs() for c in layer_options(bits)
-    }
-    order = list(keys)
-    random.Random(args.seed + 2).shuffle(order)
-    out = {}
-    for key in tqdm(order, desc="layers", leave=False):
-        fn = kernel_for(key, device=device)
-        t = time_callable(fn, repeats=args.layer_repeats, device=device)
-        out[key] = t.stat(args.stat)
-        del fn
+    """Each distinct searchable kernel of ``base`` timed alone, in ``--layer-repeats`` rounds:
+    each kernel warmed up once (``calls_per_sample``), then every round samples every kernel
+    once, in a shuffled order (seeded), each sample right after ``WARM_PASSES`` untimed calls of
+    the same kernel. A layer's options thus see the same minutes of the machine: their samples
+    are paired by round. Returns ``{key: [one sample per round]}``."""
+    keys = list(
+        dict.fromkeys(
+            conv_key(spec, c, args.batch) for spec in base.specs() for c in layer_options(bits)
+        )
+    )
+    fns, number = {}, {}
+    for key in tqdm(keys, desc="layer warm-up", leave=False):
+        fns[key] = kernel_for(key, device=device)
+        number[key] = calls_per_sample(fns[key], device=device)
+    out: dict = {key: [] for key in keys}
+    rng = random.Random(args.seed + 2)
+    for _ in tqdm(range(args.layer_repeats), desc="layer rounds", leave=False):
+        rng.shuffle(keys)
+        for key in keys:
+            time_sample(fns[key], WARM_PASSES, device=device)  # untimed
+            out[key].append(time_sample(fns[key], number[key], device=device))
     return out
+
+
+def swapped_layer_rounds(
+    base: Arch, bits: int | None, args: argparse.Namespace, device: torch.device
+) -> dict[str, list[list[float]]]:
+    """For each searchable layer of ``base``: the *context* network (every searchable layer
+    direct) with that layer set to each of its options in turn, timed end to end in
+    ``--layer-repeats`` rounds, each round timing the layer's networks once in a shuffled
+    order (seeded), each pass right after ``WARM_PASSES`` untimed ones. Returns ``{layer:
+    [per-round seconds of each option's network]}``, options as :func:`layer_options`; the
+    first (direct) is the context itself."""
+    opts = layer_options(bits)
+    context = base.with_layers({spec.name: opts[0] for spec in base.specs()})
+    ctx = NetworkTimer(context, batch=args.batch, device=device).warmup()
+    rng = random.Random(args.seed + 2)
+    out = {}
+    for spec in tqdm(base.specs(), desc="layer swaps", leave=False):
+        nets = [ctx] + [
+            NetworkTimer(context.with_layers({spec.name: o}), batch=args.batch, device=device)
+            for o in opts[1:]
+        ]
+        for net in nets[1:]:
+            net.warmup()
+        got: list[list[float]] = [[] for _ in nets]
+        order = list(range(len(nets)))
+        for _ in range(args.layer_repeats):
+            rng.shuffle(order)
+            for i in order:
+                got[i].extend(timed_pass(nets[i], ops=False))
+        out[spec.name] = got
+        del nets
+    return out
+
+
+def pair_order(d: Sequence[float], *, tie: float, resamples: int, seed: int) -> int:
+    """The measured order of two options from their paired per-round differences ``d`` (``a``
+    less ``b``, or the log of their ratio): +1 when ``a`` is slower, -1 when faster, 0 when
+    the rounds do not resolve it: the median difference is within ``tie`` of 0 (``d``'s
+    units), or its 95 % percentile-bootstrap interval over rounds (``resamples`` draws, seeded)
+    holds 0."""
+    d = np.asarray(d, dtype=float)
+    med = float(np.median(d))
+    if abs(med) < tie:
+        return 0
+    rng = np.random.default_rng(seed)
+    meds = np.median(d[rng.integers(0, len(d), (resamples, len(d)))], axis=1)
+    lo, hi = np.percentile(meds, [2.5, 97.5])
+    if lo > 0:
+        return 1
+    if hi < 0:
+        return -1
+    return 0
+
+
+def layer_agreement(
+    table: Sequence[float],
+    rounds: Sequence[Sequence[float]],
+    *,
+    tie: float,
+    resamples: int,
+    seed: int = 0,
+    scale: float | None = None,
+) -> dict:
+    """How the table orders one layer's options (``table``: its rows, seconds) against a
+    measurement of them paired by round (``rounds``: each option's per-round samples).
+
+    Pairs are compared by their per-round log ratio with a tie of ``log(1 + tie)`` (kernels
+    timed alone: ``tie`` is a fraction of the kernel's time), or, given ``scale``, by their
+    per-round difference with a tie of ``tie * scale`` (the layer swapped in a network:
+    ``scale`` is the network's time). ``tau``: over the pairs the rounds resolve
+    (:func:`pair_order`), (concordant - discordant) / resolved, a pair the table ties counting
+    as neither (Kendall's tau on the pairs a measurement can order; nan when it orders none).
+    ``regret``: what picking the option the table prices fastest costs against the fastest
+    measured (the option whose median per-round difference to the first is lowest): the
+    median per-round difference of the two, as a fraction of the fastest kernel's time
+    (isolated) or of ``scale`` (swapped), 0 when they are the same option."""
+    n = len(table)
+    r = np.asarray(rounds, dtype=float)
+    concordant = discordant = resolved = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            if scale is None:
+                d, margin = np.log(r[i]) - np.log(r[j]), float(np.log1p(tie))
+            else:
+                d, margin = r[i] - r[j], tie * scale
+            order = pair_order(d, tie=margin, resamples=resamples, seed=seed + i * n + j)
+            if order == 0:
+                continue
+            resolved += 1
+            said = np.sign(table[i] - table[j])
+            concordant += int(said == order)
+            discordant += int(said == -order)
+    # the regret from paired rounds too: medians of unpaired samples of a drifting machine
+    # can rank options the other way round from every round's comparison
+    rel = np.log(r) if scale is None else r
+    best = int(np.argmin(np.median(rel - rel[0], axis=1)))
+    pick = int(np.argmin(table))
+    gap = max(float(np.median(rel[pick] - rel[best])), 0.0)
+    return {
+        "tau": (concordant - discordant) / resolved if resolved else float("nan"),
+        "concordant": concordant,
+        "discordant": discordant,
+        "resolved": resolved,
+        "pairs": n * (n - 1) // 2,
+        "regret": float(np.expm1(gap)) if scale is None else gap / scale,
+    }
 
 
 # -- the benchmark -------------------------------------------------------------------------------
@@ -634,43 +793,80 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
         seed=args.seed,
     )
 
-    # 4. per layer: the table's order of each layer's kernels against an isolated timing
-    alone = isolated_layer_times(base, bits, args, device)
+    # 4. per layer: the table's order of each layer's kernels against an independent timing
+    swap = args.layer_reference == "swap"
+    alone = (swapped_layer_rounds if swap else isolated_layer_rounds)(base, bits, args, device)
+    tie = args.layer_tie if args.layer_tie is not None else LAYER_TIE[args.layer_reference]
     layers = []
-    for spec in base.specs():
-        opts = layer_options(bits)
-        ks = [conv_key(spec, c, args.batch) for c in opts]
+    for li, spec in enumerate(base.specs()):
+        ks = [conv_key(spec, c, args.batch) for c in layer_options(bits)]
         p = [model.op_cost(k)[0] for k in ks]
-        m = [alone[k] for k in ks]
+        got = alone[spec.name] if swap else [alone[k] for k in ks]
+        # swap: each option's network less the context's, per round (the layer's marginal cost)
+        med = np.median(np.asarray(got) - (np.asarray(got[0]) if swap else 0), axis=1)
+        agree = layer_agreement(
+            p,
+            got,
+            tie=tie,
+            resamples=args.bootstrap,
+            seed=args.seed + 1000 * li,
+            scale=float(np.median(got[0])) if swap else None,
+        )
         layers.append(
             {
                 "layer": spec.name,
                 "geometry": f"{spec.in_channels}->{spec.out_channels} @{spec.height}x{spec.width}",
                 "table_ms": [round(v * 1e3, 4) for v in p],
-                "isolated_ms": [round(v * 1e3, 4) for v in m],
-                "rho": spearman(p, m),
+                "measured_ms": [round(float(v) * 1e3, 4) for v in med],
+                "rho": spearman(p, med),
+                **agree,
             }
         )
-    lr = np.array([entry["rho"] for entry in layers], dtype=float)
-    lr_ok = lr[~np.isnan(lr)]
+    # pooled over layers: (concordant - discordant) / resolved pairs, so that a layer whose
+    # rounds resolve one pair weighs one pair, not as much as a layer with six
+    c = np.array([e["concordant"] for e in layers], dtype=float)
+    d = np.array([e["discordant"] for e in layers], dtype=float)
+    r = np.array([e["resolved"] for e in layers], dtype=float)
     layer_rank = bootstrap_ci(
-        lambda ix: float(np.mean(lr_ok[ix])) if len(lr_ok) else float("nan"),
-        max(len(lr_ok), 1),
+        lambda ix: float((c[ix].sum() - d[ix].sum()) / r[ix].sum()) if r[ix].sum() else np.nan,
+        len(layers),
         resamples=args.bootstrap,
         seed=args.seed,
     )
+    tau_ok = [e for e in layers if e["resolved"]]
+    rho_all = np.array([e["rho"] for e in layers], dtype=float)
+    rho_all = rho_all[~np.isnan(rho_all)]
+    regret = np.array([e["regret"] for e in layers])
+    resolved = sum(e["resolved"] for e in layers)
+    pairs = sum(e["pairs"] for e in layers)
     worst = min(
-        (e for e in layers if not np.isnan(e["rho"])), key=lambda e: e["rho"], default=None
+        (e for e in layers if not np.isnan(e["tau"])), key=lambda e: e["tau"], default=None
     )
+    if swap:
+        print(
+            f"\nper layer: the table's rows (timed in place) vs the layer swapped into an "
+            f"all-direct network, timed end to end ({args.layer_repeats} interleaved rounds); "
+            f"options direct, F2, F4, F6; table: rows (ms), measured: network less the "
+            f"all-direct one (ms, median over rounds); tau over the pairs the rounds resolve "
+            f"(differ by >= {tie:.1%} of the network, 95% CI); regret of the network"
+        )
+    else:
+        print(
+            f"\nper layer: the table's rows (timed in place) vs each kernel timed alone "
+            f"({args.layer_repeats} interleaved rounds); options direct, F2, F4, F6 (ms); tau "
+            f"over the pairs the rounds resolve (differ by >= {tie:.0%}, 95% CI)"
+        )
     print(
-        "\nper layer: the table's rows (timed in place) vs each kernel timed alone; "
-        "options direct, F2, F4, F6 (ms)"
+        f"{'layer':<24} {'geometry':<18} {'table':<30} {'measured':<30} {'tau':>6} "
+        f"{'pairs':>5} {'rho':>6} {'regret':>7}"
     )
-    print(f"{'layer':<24} {'geometry':<18} {'table':<30} {'alone':<30} {'rho':>6}")
     for e in layers:
         tb = " ".join(f"{v:.3f}" for v in e["table_ms"])
-        al = " ".join(f"{v:.3f}" for v in e["isolated_ms"])
-        print(f"{e['layer'][:24]:<24} {e['geometry']:<18} {tb:<30} {al:<30} {e['rho']:>6.2f}")
+        al = " ".join(f"{v:+.3f}" if swap else f"{v:.3f}" for v in e["measured_ms"])
+        print(
+            f"{e['layer'][:24]:<24} {e['geometry']:<18} {tb:<30} {al:<30} {e['tau']:>6.2f} "
+            f"{e['resolved']:>2}/{e['pairs']:<2} {e['rho']:>6.2f} {e['regret']:>+7.1%}"
+        )
 
     met = {
         "mape": mape[0] <= TARGETS["mape"],
@@ -691,10 +887,15 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
     )
     print(
         f"  layer rank    {layer_rank[0]:7.3f}  95% CI [{layer_rank[1]:.3f}, {layer_rank[2]:.3f}]"
-        f"   target >= {TARGETS['layer_rank']}: {_met(met['layer_rank'])}  (mean Spearman over "
-        f"{len(lr_ok)} layers; worst "
-        + (f"{worst['layer']} {worst['rho']:.2f}" if worst else "n/a")
+        f"   target >= {TARGETS['layer_rank']}: {_met(met['layer_rank'])}  (tau over the "
+        f"{resolved} of {pairs} pairs resolved, in {len(tau_ok)} layers; worst "
+        + (f"{worst['layer']} {worst['tau']:.2f}" if worst else "n/a")
         + ")"
+    )
+    print(
+        f"  layer rho     {float(np.mean(rho_all)) if len(rho_all) else float('nan'):7.3f}  "
+        f"(Spearman over all 4 options, unresolved pairs included)   pick regret: mean "
+        f"{regret.mean():.1%}, worst {regret.max():.1%}"
     )
     print(f"  CI: percentile bootstrap over networks / layers, {args.bootstrap} resamples")
     print(f"  machine: {machine_line(device, threads=args.threads)}")
@@ -719,9 +920,17 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
         "spearman_ci": _ci(rho),
         "layer_rank": round(layer_rank[0], 4),
         "layer_rank_ci": _ci(layer_rank),
-        "layers_ranked": int(len(lr_ok)),
+        "layer_count": len(layers),
+        "layers_ranked": int(len(tau_ok)),
+        "layer_pairs_resolved": int(resolved),
+        "layer_pairs": int(pairs),
+        "layer_reference": args.layer_reference,
+        "layer_tie": tie,
+        "layer_rho": round(float(np.mean(rho_all)), 4) if len(rho_all) else None,
+        "layer_regret_mean": round(float(regret.mean()), 4),
+        "layer_regret_worst": round(float(regret.max()), 4),
         "worst_layer": worst["layer"] if worst else None,
-        "worst_layer_rank": round(worst["rho"], 4) if worst else None,
+        "worst_layer_rank": round(worst["tau"], 4) if worst else None,
         "mape_target_met": bool(met["mape"]),
         "spearman_target_met": bool(met["spearman"]),
         "layer_rank_target_met": bool(met["layer_rank"]),

@@ -97,6 +97,10 @@ def test_spearman_ties_and_constant_sides(fid) -> None:
         (["--repeats", "zero"], "--repeats"),
         (["--archs", "30", "--candidates", "10"], "--candidates"),
         (["--device", "cuda:9"], "--device"),
+        (["--layer-repeats", "1"], "--layer-repeats"),
+        (["--layer-tie", "1.5"], "--layer-tie"),
+        (["--layer-tie", "two"], "--layer-tie"),
+        (["--layer-reference", "cold"], "--layer-reference"),
     ],
 )
 def test_bad_flag_is_one_line_and_exit_2(fid, argv, flag, capsys, tmp_path) -> None:
@@ -123,6 +127,69 @@ def test_bad_flag_from_the_command_line(tmp_path) -> None:
     assert proc.stdout == ""
 
 
+def _rounds(mean: float, rel: float, n: int, seed: int) -> np.ndarray:
+    """``n`` per-round samples of a kernel of ``mean`` seconds, log-normal noise ``rel``."""
+    return mean * np.exp(np.random.default_rng(seed).normal(0, rel, n))
+
+
+def _log_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.log(a) - np.log(b)
+
+
+def test_pair_order_resolves_clear_gaps_and_calls_close_ones_a_tie(fid) -> None:
+    fast, slow = _rounds(1.0, 0.01, 30, 1), _rounds(1.3, 0.01, 30, 2)
+    kw = {"tie": np.log1p(0.02), "resamples": 500, "seed": 0}
+    assert fid.pair_order(_log_ratio(slow, fast), **kw) == 1
+    assert fid.pair_order(_log_ratio(fast, slow), **kw) == -1
+    # 1 % apart: below the tie margin, whatever the rounds say
+    near = _rounds(1.01, 0.001, 30, 3)
+    assert fid.pair_order(_log_ratio(near, _rounds(1.0, 0.001, 30, 4)), **kw) == 0
+    # 10 % apart on average but 30 % noise in 5 rounds: the interval holds 0
+    assert fid.pair_order(_log_ratio(_rounds(1.1, 0.3, 5, 5), _rounds(1.0, 0.3, 5, 6)), **kw) == 0
+    # paired rounds: a machine slowing down in the same rounds does not hide a 5 % gap
+    drift = np.linspace(1.0, 2.0, 30)
+    assert fid.pair_order(_log_ratio(1.05 * drift, drift), **kw) == 1
+    # differences in seconds, the tie in seconds: 0.1 ms apart resolves against a 0.05 ms tie
+    net = _rounds(2e-3, 0.002, 30, 7)
+    assert fid.pair_order(net + 1e-4 - net, tie=5e-5, resamples=500, seed=0) == 1
+    assert fid.pair_order(net + 1e-4 - net, tie=2e-4, resamples=500, seed=0) == 0
+
+
+def test_layer_agreement_counts_resolved_pairs_and_regret(fid) -> None:
+    means = [1.0, 2.0, 3.0, 4.0]
+    rounds = [_rounds(m, 0.01, 20, i) for i, m in enumerate(means)]
+    kw = {"tie": 0.02, "resamples": 300}
+    right = fid.layer_agreement([1, 2, 3, 4], rounds, **kw)
+    assert right["tau"] == 1.0 and right["resolved"] == right["pairs"] == 6
+    assert right["regret"] == 0.0
+    wrong = fid.layer_agreement([4, 3, 2, 1], rounds, **kw)
+    assert wrong["tau"] == -1.0 and wrong["regret"] == pytest.approx(3.0, rel=0.03)
+    # one swapped pair of six: tau (5 - 1) / 6; the table's pick is still the fastest
+    swap = fid.layer_agreement([1, 2, 4, 3], rounds, **kw)
+    assert swap["tau"] == pytest.approx(4 / 6) and swap["regret"] == 0.0
+    # two options the rounds cannot tell apart: their pair is a tie, either order is right
+    tied = [_rounds(1.0, 0.001, 20, 7), _rounds(1.005, 0.001, 20, 8), rounds[2], rounds[3]]
+    got = fid.layer_agreement([1.1, 1.0, 3, 4], tied, **kw)
+    assert got["resolved"] == 5 and got["tau"] == 1.0
+    assert got["regret"] == pytest.approx(0.005, abs=0.002)
+    # nothing resolved: no figure rather than a perfect one
+    flat = [_rounds(1.0, 0.001, 20, 9 + i) for i in range(4)]
+    assert np.isnan(fid.layer_agreement([1, 2, 3, 4], flat, **kw)["tau"])
+    # swapped into a network (scale: its time): options 2 % of a 10 ms network apart resolve
+    # against a 0.5 % tie, not against a 10 % one
+    nets = [10e-3 + 2e-4 * i + _rounds(1e-5, 0.1, 20, 20 + i) for i in range(4)]
+    on_net = {"resamples": 300, "scale": 10e-3}
+    assert fid.layer_agreement([1, 2, 3, 4], nets, tie=0.005, **on_net)["tau"] == 1.0
+    assert np.isnan(fid.layer_agreement([1, 2, 3, 4], nets, tie=0.1, **on_net)["tau"])
+    # the table's pick (the slowest) costs 3 x 0.2 ms of a 10 ms network
+    backwards = fid.layer_agreement([4, 3, 2, 1], nets, tie=0.005, **on_net)
+    assert backwards["tau"] == -1.0 and backwards["regret"] == pytest.approx(0.06, abs=0.005)
+    # paired: a machine twice as slow in some rounds does not change who is fastest
+    slow = np.where(np.arange(20) % 3 == 0, 2.0, 1.0)
+    drifting = [n * slow for n in nets]
+    assert fid.layer_agreement([1, 2, 3, 4], drifting, tie=0.005, **on_net)["regret"] == 0.0
+
+
 # -- miniature runs ------------------------------------------------------------------------------
 def test_miniature_run_prints_machine_table_and_json_last(fid, capsys, tmp_path) -> None:
     table = tmp_path / "t.csv"
@@ -144,7 +211,14 @@ def test_miniature_run_prints_machine_table_and_json_last(fid, capsys, tmp_path)
         assert r["targets_met"] == all(
             r[f"{n}_target_met"] for n in ("mape", "spearman", "layer_rank")
         )
-        assert r["layers_ranked"] == 16 and r["worst_layer"].startswith("layer")
+        assert r["layer_count"] == 16 and 0 <= r["layers_ranked"] <= 16
+        assert 0 <= r["layer_pairs_resolved"] <= r["layer_pairs"] == 16 * 6
+        assert r["layer_regret_worst"] >= r["layer_regret_mean"] >= 0
+        # pooled tau over the resolved pairs: none resolved, no figure
+        assert np.isnan(r["layer_rank"]) == (r["layer_pairs_resolved"] == 0)
+        if r["layers_ranked"]:
+            assert -1 <= r["layer_rank"] <= 1
+            assert r["worst_layer"].startswith("layer") and -1 <= r["worst_layer_rank"] <= 1
         # stratified: the chosen mixes span the candidates' predicted range, end to end
         assert r["picked_range_ms"] == r["candidate_range_ms"], r
         lo, hi = r["candidate_range_ms"]

@@ -30,11 +30,13 @@ __all__ = [
     "STATS",
     "NetworkTimer",
     "Timing",
+    "calls_per_sample",
     "device_identity",
     "device_slug",
     "machine_line",
     "time_callable",
     "time_network_ops",
+    "time_sample",
 ]
 
 
@@ -138,22 +140,18 @@ class Timing:
         return getattr(self, name)
 
 
-def time_callable(
+def calls_per_sample(
     fn: Callable[[], Any],
     *,
-    repeats: int = 15,
     warmup: int = 3,
     warmup_s: float = 0.03,
     min_sample_s: float = 2e-3,
     device: str | torch.device = "cpu",
-) -> Timing:
-    """Time ``fn()``: at least ``warmup`` calls and ``warmup_s`` seconds of warm-up (oneDNN
-    creates its primitives, caches fill), then ``repeats`` samples of ``number`` calls each,
-    where ``number`` makes a sample last about ``min_sample_s`` (timer resolution, call noise)."""
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats!r} must be >= 1")
-    cuda = torch.device(device).type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+) -> int:
+    """Warm ``fn`` up (one first call for one-off costs, then at least ``warmup`` calls and
+    ``warmup_s`` seconds: oneDNN creates its primitives, caches fill) and return how many calls
+    make a sample last about ``min_sample_s`` (timer resolution, call noise)."""
+    sync = _sync(device)
     with torch.inference_mode():
         fn()  # the first call pays one-off costs: keep it out of the estimate
         sync()
@@ -163,14 +161,43 @@ def time_callable(
             sync()
             calls += 1
         per_call = (time.perf_counter() - t0) / calls
-        number = max(1, math.ceil(min_sample_s / max(per_call, 1e-9)))
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            sync()
-            samples.append((time.perf_counter() - t0) / number)
+    return max(1, math.ceil(min_sample_s / max(per_call, 1e-9)))
+
+
+def time_sample(
+    fn: Callable[[], Any], number: int, *, device: str | torch.device = "cpu"
+) -> float:
+    """One sample: the time per call of ``number`` back-to-back calls of ``fn``."""
+    sync = _sync(device)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / number
+
+
+def _sync(device: str | torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def time_callable(
+    fn: Callable[[], Any],
+    *,
+    repeats: int = 15,
+    warmup: int = 3,
+    warmup_s: float = 0.03,
+    min_sample_s: float = 2e-3,
+    device: str | torch.device = "cpu",
+) -> Timing:
+    """Time ``fn()``: warm-up as :func:`calls_per_sample` does, then ``repeats`` samples of
+    ``number`` calls each, where ``number`` makes a sample last about ``min_sample_s``."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats!r} must be >= 1")
+    number = calls_per_sample(
+        fn, warmup=warmup, warmup_s=warmup_s, min_sample_s=min_sample_s, device=device
+    )
+    samples = [time_sample(fn, number, device=device) for _ in range(repeats)]
     return Timing(tuple(samples), number)
 
 

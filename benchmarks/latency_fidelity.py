@@ -12,15 +12,17 @@ space's). Every searchable layer may be direct (``normal``) or static/flex Winog
    flex x F2/F4/F6) plus ``--archs`` random mixes picked by *stratified sampling*: draw
    ``--candidates`` random mixes (each with its own probability of a direct layer) plus the two
    extremes (every layer at its predicted fastest, and slowest, option), keep the distinct ones
-   that are not a reference, predict each with a *pilot table* (each uniform network warmed up
+   that are not a reference, predict each with a *pilot table* (each table network warmed up
    0.05 s, then ``--pilot`` passes timed op by op in place; in ``--sequential`` mode the full
    table, built first) as its fixed parts plus each layer's row, cut the predicted range
    [fastest, slowest] into ``--archs`` equal-width bins and pick one candidate per bin
    (seeded; the first bin takes the fastest candidate and the last the slowest; an empty bin
    takes the unpicked candidate nearest its centre). The pilot table only chooses networks:
    every prediction reported comes from the full table of step 2.
-2. **Timing.** The table: every operation timed in place in the 4 uniform deploy networks
-   (direct, static F2/F4/F6), as ``search.py measure`` does; the end-to-end times: each chosen
+2. **Timing.** The table: every operation timed in place in ``measure``'s networks (the 4
+   uniform deploy networks, direct and static F2/F4/F6, and each tile's 2 networks alternating
+   it with direct), each key's row pooling every network's samples, as ``search.py measure``
+   does; the end-to-end times: each chosen
    network's deploy model, plain forward passes. Interleaved (default): ``--repeats`` rounds,
    each running every op-by-op job and every end-to-end job once in a shuffled order, each
    timed pass right after 2 untimed passes of the same network (so neither a table row nor an
@@ -195,13 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         type=_positive(int),
         default=25,
-        help="timed passes per uniform network (table) and per network (end to end)",
+        help="timed passes per table network and per network (end to end)",
     )
     p.add_argument(
         "--pilot",
         type=_positive(int),
         default=3,
-        help="timed passes per uniform network for the pilot table that picks the mixes",
+        help="timed passes per table network for the pilot table that picks the mixes",
     )
     p.add_argument(
         "--layer-repeats",
@@ -433,10 +435,10 @@ def timed_pass(timer: NetworkTimer, *, ops: bool) -> dict | list[float]:
 
 
 def pilot_table(
-    uniform: Sequence[NetworkTimer], keys, passes: int, stat: str, ident: dict
+    table_nets: Sequence[NetworkTimer], keys, passes: int, stat: str, ident: dict
 ) -> LatencyTable:
     samples: dict = {}
-    for timer in uniform:
+    for timer in table_nets:
         timer.warmup()
         for key, got in timer.run(passes).items():
             samples.setdefault(key, []).extend(got)
@@ -687,7 +689,7 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
     )
     ident = device_identity(device, threads=args.threads)
     keys = plan.keys()
-    uniform = [NetworkTimer(a, batch=args.batch, device=device) for a in plan_networks(plan)]
+    table_nets = [NetworkTimer(a, batch=args.batch, device=device) for a in plan_networks(plan)]
 
     # 1. the networks: uniform references + stratified mixes (picked with a pilot table)
     if args.sequential:
@@ -702,7 +704,7 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
         chooser = TableModel(table, batch=args.batch)
     else:
         chooser = TableModel(
-            pilot_table(uniform, keys, args.pilot, args.stat, ident), batch=args.batch
+            pilot_table(table_nets, keys, args.pilot, args.stat, ident), batch=args.batch
         )
     fast = FastPredictor(chooser, base)
     rng = random.Random(args.seed)
@@ -720,7 +722,7 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
     picked, empty = stratified_pick(cand_pred, args.archs, seed=args.seed)
     archs = refs + [candidates[i] for i in picked]
     kinds = ["ref"] * len(refs) + ["mix"] * len(picked)
-    by_summary = {t.arch: t for t in uniform}
+    by_summary = {t.arch: t for t in table_nets}
     nets = [by_summary.get(a) or NetworkTimer(a, batch=args.batch, device=device) for a in archs]
     print(
         f"picked {len(picked)} of {len(candidates)} candidate mixes over the predicted range "
@@ -735,7 +737,7 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
     else:
         samples: dict = {}
         e2e = [[] for _ in nets]
-        jobs = [(t, None) for t in uniform] + [(n, i) for i, n in enumerate(nets)]
+        jobs = [(t, None) for t in table_nets] + [(n, i) for i, n in enumerate(nets)]
         order = random.Random(args.seed + 1)
         for _ in tqdm(range(args.repeats), desc="rounds", leave=False):
             order.shuffle(jobs)

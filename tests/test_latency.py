@@ -244,7 +244,13 @@ def test_in_place_timing_covers_every_operation() -> None:
     plan = _tiny_plan()
     nets = plan_networks(plan)
     assert {a.default.bits for a in nets} == {None, 8}  # 16-bit: no kernel, no network
-    assert len(nets) == 2 * 3  # normal, F2, F4 at fp32 and 8-bit
+    # normal, F2, F4, then F2 and F4 alternating with direct (two each), at fp32 and 8-bit
+    assert len(nets) == 2 * (3 + 2 * 2)
+    mixed = [a for a in nets if len({c.conv for _, c in a}) == 2]
+    assert len(mixed) == 2 * 2 * 2
+    for a in mixed:  # neighbours of the other kind: no two searchable layers in a row alike
+        kinds = [c.conv for _, c in a]
+        assert all(x != y for x, y in zip(kinds, kinds[1:], strict=False))
 
 
 def test_table_model_prices_and_flags_estimates(tiny_table) -> None:
@@ -553,6 +559,21 @@ def test_space_of_any_network_is_planned_and_measured(tmp_path: Path) -> None:
         "F2-static/fp x13",
         "F6-static/fp x13",
     ]
+    # a row pools its key's samples from every network and layer that ran it (uniform and
+    # alternating: a kernel timed next to either kind of neighbour), not the first network's
+    runs: dict = {}
+    most: dict = {}  # the most layers of one network that run a key
+    for a in plan_networks(plan):
+        here: dict = {}
+        for op in network_ops(a):
+            k = op.key.with_batch(plan.batch)
+            here[k] = here.get(k, 0) + 1
+        for k, n in here.items():
+            runs[k] = runs.get(k, 0) + n
+            most[k] = max(most.get(k, 0), n)
+    pooled = [k for k in keys if k.op == "conv3x3" and k.conv != "flex"]
+    assert pooled and all(table.get(k).repeats == runs[k] for k in pooled)
+    assert all(runs[k] > most[k] for k in pooled)  # every kernel: more than one network's
 
 
 def test_op_overhead_spreads_the_in_place_excess_over_module_operations(monkeypatch) -> None:

@@ -23,7 +23,8 @@ def register(subparsers: Any) -> None:
         help="time every (layer geometry x candidate) of a search space on this machine",
         description="Time the deploy kernels of every operation a search space can produce "
         "(searchable convs for each allowed conv/tile/bits, and the fixed parts), in place in "
-        "uniform deploy networks, and write a latency table (CSV). An existing table is "
+        "uniform deploy networks and ones alternating direct and Winograd layers, and write a "
+        "latency table (CSV). An existing table is "
         "extended; present rows are kept unless --remeasure.",
     )
     p.add_argument(

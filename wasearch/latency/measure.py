@@ -143,9 +143,11 @@ def measure_plan(
 ) -> tuple[LatencyTable, list[OpKey]]:
     """Time every operation a space needs, in place (see :func:`time_network_ops`).
 
-    Runs the uniform networks of :func:`plan_networks` that hold a missing row (every one with
-    ``remeasure``) and keeps ``repeats`` forward passes' samples per distinct key (layers that
-    share a geometry pool theirs); keys no network produced are timed in isolation
+    Runs the networks of :func:`plan_networks` that hold a missing row (every one with
+    ``remeasure``: the uniform ones and, where direct and Winograd layers mix, the alternating
+    ones) for ``repeats`` forward passes each; a key's row pools its samples from every network
+    and layer that runs it (layers that share a geometry pool theirs; a kernel is timed next to
+    either kind of neighbour). Keys no network produced are timed in isolation
     (:func:`measure_table`). Returns the table and the keys left untimed (no kernel here).
     """
     dev = torch.device(device)
@@ -176,20 +178,22 @@ def measure_plan(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(nets), desc="measure", unit="net", leave=False)
+        pooled: dict[OpKey, list[float]] = {}  # every network's samples of a missing key
         for arch in nets:
             if bar is not None:
                 bar.set_postfix_str(arch.summary(), refresh=False)
             for key, samples in time_network_ops(
                 arch, batch=b, device=dev, repeats=repeats, warmup_s=warmup_s
             ).items():
-                targets = missing.pop(key, None)
-                if targets:
-                    for row in _rows(targets, Timing(tuple(samples)), ident, stat):
-                        table.add(row)
+                if key in missing:
+                    pooled.setdefault(key, []).extend(samples)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        for key, samples in pooled.items():
+            for row in _rows(missing.pop(key), Timing(tuple(samples)), ident, stat):
+                table.add(row)
     finally:
         torch.set_num_threads(prev_threads)
     # A traced network's generic operations run only in place: one no network produced stays

@@ -137,11 +137,18 @@ class MeasurePlan:
 
 
 def plan_networks(plan: MeasurePlan, *, device: str | torch.device = "cpu") -> list[Arch]:
-    """Uniform networks whose operations cover a plan's keys: direct, and static F(m) for each
-    tile, at each bit-width with a kernel here; a layer smaller than a tile keeps it (one
-    partial tile), so that every planned geometry runs in place. Any network but the paper's
-    also runs direct at each other bit-width of ``fixed_bits``: its non-searchable convolutions
-    run at the default bit-width, and are timed in place only."""
+    """The networks whose operations, timed in place, make a plan's rows.
+
+    Uniform networks cover every key: direct, and static F(m) for each tile, at each bit-width
+    with a kernel here; a layer smaller than a tile keeps it (one partial tile), so that every
+    planned geometry runs in place. Where the plan has both direct and Winograd layers, each
+    tile's two *alternating* networks follow (the searchable layers in network order, every
+    other one F(m) and the rest direct, then the complement): a layer's time depends on its
+    neighbours' kind (a Winograd layer among direct neighbours runs slower than among Winograd
+    ones, and the direct layer after it too), and a searched network mixes kinds, so its rows
+    pool samples taken next to either kind. Any network but the paper's also runs direct at
+    each other bit-width of ``fixed_bits``: its non-searchable convolutions run at the default
+    bit-width, and are timed in place only."""
     archs = []
     common = {
         "backbone": plan.backbone,
@@ -154,15 +161,31 @@ def plan_networks(plan: MeasurePlan, *, device: str | torch.device = "cpu") -> l
     for bits in plan.bits:
         if not deploy.has_int_kernel(bits, device):
             continue
-        if "normal" in plan.convs:
+        direct = "normal" in plan.convs
+        winograd = any(c != "normal" for c in plan.convs)
+        if direct:
             archs.append(Arch.uniform("normal", None, bits, **common))
-        if any(c != "normal" for c in plan.convs):
+        if winograd:
             archs.extend(Arch.uniform("static", t, bits, **common) for t in plan.tiles)
+        if direct and winograd:
+            for t in plan.tiles:
+                archs.extend(_alternating(Arch.uniform("static", t, bits, **common), bits))
     if not plan.model.is_paper:  # its other convs run at the default bit-width: in place only
         for bits in plan.fixed_bits:
             if bits not in plan.bits and deploy.has_int_kernel(bits, device):
                 archs.append(Arch.uniform("normal", None, bits, **common))
-    return archs
+    return list(dict.fromkeys(archs))  # one searchable layer: alternating is uniform
+
+
+def _alternating(winograd: Arch, bits: int | None) -> list[Arch]:
+    """``winograd`` with every other searchable layer direct: from the first, then from the
+    second (each layer runs once as Winograd and once as direct among the other kind)."""
+    direct = LayerChoice("normal", None, bits)
+    names = [spec.name for spec in winograd.specs()]
+    return [
+        winograd.with_layers({n: direct for i, n in enumerate(names) if i % 2 == parity})
+        for parity in (1, 0)
+    ]
 
 
 # -- reporting -----------------------------------------------------------------------------------

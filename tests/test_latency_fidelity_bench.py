@@ -247,6 +247,7 @@ def test_end_to_end_prediction_of_three_networks(fid, network, user_nets, tmp_pa
     args = fid.build_parser().parse_args(
         ["--space", str(_space(tmp_path, model)), "--archs", "3", "--repeats", "5", *QUICK]
         + ["--stat", "median"]
+        + ["--layer-reference", "isolated"]  # the swaps build 3 networks a layer: the runs above
         + ["--table", str(table)]
     )
     figures = fid.fidelity(args)

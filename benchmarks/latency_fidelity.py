@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer-repeats",
         type=_positive(int, 2),
         default=30,
-        help="interleaved rounds of the per-layer kernels timed in isolation (>= 2; default 30)",
+        help="interleaved rounds of the per-layer measurement, swaps or kernels alone (>= 2; "
+        "default 30)",
     )
     p.add_argument(
         "--layer-reference",
@@ -797,13 +798,13 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
 
     # 4. per layer: the table's order of each layer's kernels against an independent timing
     swap = args.layer_reference == "swap"
-    alone = (swapped_layer_rounds if swap else isolated_layer_rounds)(base, bits, args, device)
+    rounds = (swapped_layer_rounds if swap else isolated_layer_rounds)(base, bits, args, device)
     tie = args.layer_tie if args.layer_tie is not None else LAYER_TIE[args.layer_reference]
     layers = []
     for li, spec in enumerate(base.specs()):
         ks = [conv_key(spec, c, args.batch) for c in layer_options(bits)]
         p = [model.op_cost(k)[0] for k in ks]
-        got = alone[spec.name] if swap else [alone[k] for k in ks]
+        got = rounds[spec.name] if swap else [rounds[k] for k in ks]
         # swap: each option's network less the context's, per round (the layer's marginal cost)
         med = np.median(np.asarray(got) - (np.asarray(got[0]) if swap else 0), axis=1)
         agree = layer_agreement(

@@ -297,6 +297,10 @@ def test_the_fused_form_computes_what_the_torch_forms_do(tile, bits):
         assert mod.form == ("fused", 256)
         got = mod(x)
         assert got.shape == ref.shape == (3, 7, 13, 10)
+        # cropped (13 and 10 are no tile's multiples), yet one contiguous channels-last tensor:
+        # a strided view made the operations after the layer pay for its crop
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert ref.is_contiguous(memory_format=torch.channels_last)
         if bits is None:
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(got, F.conv2d(x, w, bias, padding=1), rtol=1e-3, atol=1e-3)

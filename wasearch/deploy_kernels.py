@@ -269,8 +269,9 @@ def winograd_deploy_conv2d(
             transform, untile and add the bias in another (the 2-D transforms' sums in their
             own order: equal up to float rounding); else ignored.
 
-    Returns (N, K, H, W) in channels-last memory format (a cropped view when H or W is not a
-    multiple of m).
+    Returns (N, K, H, W), contiguous in channels-last memory format, also where H or W is not a
+    multiple of m (a strided view there made the operations after the layer, a batch norm or
+    the next convolution, up to 3x slower: they paid for the layer's crop).
     """
     n, c, h, w = x.shape
     m, a = A_t.shape
@@ -292,11 +293,9 @@ def winograd_deploy_conv2d(
             v = ext.winograd_input(xn, b_t, m, th, tw, i, nb)
             mprod = (torch.bmm(v, u_t) if product is None else product(v)).contiguous()
             if out is None:  # K is known once the product has run (the int8 one says it)
-                k = mprod.shape[2]
-                out = torch.empty((n, th * m, tw * m, k), dtype=x.dtype, device=x.device)
+                k = mprod.shape[2]  # the output as cropped: the kernel skips what lies past it
+                out = torch.empty((n, h, w, k), dtype=x.dtype, device=x.device)
             ext.winograd_output(mprod, a_t, no_bias if bias is None else bias, out, th, tw, i)
-        if th * m != h or tw * m != w:
-            out = out[:, :h, :w]
         return out.permute(0, 3, 1, 2)
 
     # Tiles: alpha x alpha windows, stride m, of the input padded by 1 (the conv's padding) and
@@ -327,8 +326,8 @@ def winograd_deploy_conv2d(
         else:
             torch.add(yv, bias, out=out[i : i + nb])  # the untiling copy and the bias in one pass
     out = out.view(n, th * m, tw * m, out.shape[-1])
-    if th * m != h or tw * m != w:
-        out = out[:, :h, :w]
+    if th * m != h or tw * m != w:  # cropped, then one contiguous NHWC tensor again
+        out = out[:, :h, :w].contiguous()
     return out.permute(0, 3, 1, 2)
 
 

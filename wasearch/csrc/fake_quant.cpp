@@ -301,7 +301,10 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
               "out must be a contiguous (N, H, W, K) float32 tensor");
   const int64_t m = at_.size(0), a = at_.size(1), NT = mprod.size(1), K = mprod.size(2);
   const int64_t T = th * tw, Ho = out.size(1), Wo = out.size(2);
-  TORCH_CHECK(mprod.size(0) == a * a && out.size(3) == K && Ho == th * m && Wo == tw * m,
+  // out may be the cropped output (H, W not multiples of m): the tiles' rows and columns past
+  // it are neither computed nor written, and out stays one contiguous NHWC tensor.
+  TORCH_CHECK(mprod.size(0) == a * a && out.size(3) == K && Ho <= th * m &&
+                  Ho > (th - 1) * m && Wo <= tw * m && Wo > (tw - 1) * m,
               "shapes of mprod, A_t and out disagree");
   const bool has_bias = bias.defined() && bias.numel() > 0;  // empty: no bias
   TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == K &&
@@ -316,13 +319,14 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
     std::vector<float> rows(m * a * K);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = n0 + tile / T, ti = (tile % T) / tw, tj = tile % tw;
-      for (int64_t r = 0; r < m; ++r) {
+      const int64_t rows_in = std::min(m, Ho - ti * m), cols_in = std::min(m, Wo - tj * m);
+      for (int64_t r = 0; r < rows_in; ++r) {
         for (int64_t j = 0; j < a; ++j) {
           float* o = rows.data() + (r * a + j) * K;
           std::fill(o, o + K, 0.0f);
           add_weighted(o, K, A + r * a, a, pm + (j * NT + tile) * K, a * NT * K);
         }
-        for (int64_t s2 = 0; s2 < m; ++s2) {
+        for (int64_t s2 = 0; s2 < cols_in; ++s2) {
           float* o = po + ((n * Ho + ti * m + r) * Wo + tj * m + s2) * K;
           if (has_bias) {
             std::copy_n(pb, K, o);

@@ -125,7 +125,7 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _positive(kind: type, minimum: float = 1):
+def _positive(kind: type, minimum: float = 1, below: float | None = None):
     def parse(text: str):
         try:
             value = kind(text)
@@ -133,20 +133,12 @@ def _positive(kind: type, minimum: float = 1):
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"{text} is not below {below}")
         return value
 
     parse.__name__ = kind.__name__
     return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--layer-tie",
-        type=_fraction,
+        type=_positive(float, 0, below=1),
         default=None,
         help="two options of a layer closer than this are a tie, either order right: a "
         "fraction of the network's time (swap; default 0.005) or of the kernel's (isolated; "
@@ -836,11 +828,10 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
         resamples=args.bootstrap,
         seed=args.seed,
     )
-    tau_ok = [e for e in layers if e["resolved"]]
     rho_all = np.array([e["rho"] for e in layers], dtype=float)
     rho_all = rho_all[~np.isnan(rho_all)]
     regret = np.array([e["regret"] for e in layers])
-    resolved = sum(e["resolved"] for e in layers)
+    resolved, ranked = int(r.sum()), int(np.count_nonzero(r))  # pairs; layers with one
     pairs = sum(e["pairs"] for e in layers)
     worst = min(
         (e for e in layers if not np.isnan(e["tau"])), key=lambda e: e["tau"], default=None
@@ -891,7 +882,7 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
     print(
         f"  layer rank    {layer_rank[0]:7.3f}  95% CI [{layer_rank[1]:.3f}, {layer_rank[2]:.3f}]"
         f"   target >= {TARGETS['layer_rank']}: {_met(met['layer_rank'])}  (tau over the "
-        f"{resolved} of {pairs} pairs resolved, in {len(tau_ok)} layers; worst "
+        f"{resolved} of {pairs} pairs resolved, in {ranked} layers; worst "
         + (f"{worst['layer']} {worst['tau']:.2f}" if worst else "n/a")
         + ")"
     )
@@ -924,8 +915,8 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
         "layer_rank": round(layer_rank[0], 4),
         "layer_rank_ci": _ci(layer_rank),
         "layer_count": len(layers),
-        "layers_ranked": int(len(tau_ok)),
-        "layer_pairs_resolved": int(resolved),
+        "layers_ranked": ranked,
+        "layer_pairs_resolved": resolved,
         "layer_pairs": int(pairs),
         "layer_reference": args.layer_reference,
         "layer_tie": tie,

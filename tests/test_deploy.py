@@ -313,3 +313,78 @@ def test_the_fused_form_computes_what_the_torch_forms_do(tile, bits):
         else:  # the same int8 product on (nearly) the same Winograd-domain input
             err = (got - ref).abs().max() / ref.abs().max()
             assert err < 0.02
+
+
+@pytest.mark.parametrize("tile", [2, 4, 6])
+def test_the_int8_kernel_quantizes_inside_the_input_transform(tile):
+    """With a fixed range (a deployed or timed layer), the 8-bit kernel quantizes the tiles in
+    the input transform's pass and scales each position's product in the output transform's:
+    the uint8 input is the torch chain's bit for bit, and the output is the unfused form's up to
+    float rounding, for partial tiles, with and without bias, whole batch or image by image."""
+    if not cpu_kernels.available():
+        pytest.skip("the compiled CPU kernels could not be built here")
+    if not int8_available():
+        pytest.skip("no int8 kernel here")
+    ext = cpu_kernels.kernels()
+    torch.manual_seed(tile)
+    A_t, G, B_t = transform_matrices(tile)
+    a2 = (tile + 2) ** 2
+    x = torch.randn(3, 6, 13, 10).relu().contiguous(memory_format=torch.channels_last)
+    xn = x.permute(0, 2, 3, 1)
+    th, tw = -(-13 // tile), -(-10 // tile)
+    v = ext.winograd_input(xn, B_t.contiguous(), tile, th, tw, 0, 3)  # (a2, NT, C) float
+    amax = v.abs().reshape(a2, -1).amax(dim=1) * 0.8  # some values clip at either end
+    scale = amax / 127
+    inv = 1.0 / scale
+    # The unfused chain: multiply, round half to even, add the zero point, clamp, convert.
+    chain = (v * inv.view(a2, 1, 1)).round_().add_(128).clamp_(0, 255).to(torch.uint8)
+    q = ext.winograd_input_q8(xn, B_t.contiguous(), tile, th, tw, 0, 3, inv, 128)
+    assert q.dtype == torch.uint8 and q.shape == (v.shape[1], a2, 6)
+    assert torch.equal(q, chain.permute(1, 0, 2))
+    assert (q == 0).any() and (q == 255).any()  # both clips exercised
+    for bias in (None, torch.randn(7)):
+        mod = WinogradConv(torch.randn(7, 6, 3, 3), bias, A_t, G, B_t, bits=8, act_amax=amax)
+        mod.set_form("fused", 256)
+        got = mod(x)
+        assert torch.equal(got, mod._forward_int8_fused(x, ext))  # the fused path ran
+        assert got.shape == (3, 7, 13, 10)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        mod.set_form("separable", None)
+        ref = mod(x)  # float transforms, the torch chain's quantizer, the product rescaled
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+        mod.set_form("fused", 256)
+        mod.chunk_tiles = 1  # one image per group
+        torch.testing.assert_close(mod(x), got, rtol=1e-4, atol=1e-4)
+    # A range set after construction (as the latency models do) is the one used.
+    w = torch.randn(7, 6, 3, 3)
+    late = WinogradConv(w, None, A_t, G, B_t, bits=8, act_amax=amax)
+    before = late(x)
+    late.act_amax = amax * 2
+    after = late(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(WinogradConv(w, None, A_t, G, B_t, bits=8, act_amax=amax * 2)(x), after)
+
+
+def test_the_output_transform_reads_a_tile_major_scaled_product():
+    """winograd_output on the int8 product's tile-major layout with a scale per position equals
+    it on the position-major product scaled beforehand (up to float rounding), and without a
+    scale on the contiguous layout it is unchanged."""
+    if not cpu_kernels.available():
+        pytest.skip("the compiled CPU kernels could not be built here")
+    ext = cpu_kernels.kernels()
+    torch.manual_seed(0)
+    A_t, _, _ = transform_matrices(4)
+    a2, nt, k = 36, 2 * 3 * 3, 5
+    tile_major = torch.randn(nt, a2, k)
+    scale = torch.rand(a2) + 0.1
+    pos_major = tile_major.permute(1, 0, 2)
+    out_a = torch.empty(2, 11, 9, k)
+    out_b = torch.empty(2, 11, 9, k)
+    bias = torch.randn(k)
+    ext.winograd_output(pos_major, A_t, bias, out_a, 3, 3, 0, scale)  # strided view
+    ext.winograd_output((pos_major * scale.view(a2, 1, 1)).contiguous(), A_t, bias, out_b, 3, 3, 0)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="pos_scale"):
+        ext.winograd_output(pos_major, A_t, bias, out_a, 3, 3, 0, torch.ones(7))
+    with pytest.raises(RuntimeError, match="K contiguous"):
+        ext.winograd_output(pos_major.transpose(1, 2), A_t, bias, out_a, 3, 3, 0)

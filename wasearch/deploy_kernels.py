@@ -27,6 +27,12 @@ learned (or measured on a calibration batch), so an 8-bit deploy model approxima
 bit-match, the fake-quantized training model (Jacob et al., CVPR 2018, describe the scheme).
 Bit-widths with no integer kernel here (e.g. 4, 16) run in float32 and are reported in
 ``DeployResNet.substituted``; the latency models price them analytically and flag them.
+Where the compiled CPU kernels are built and the Winograd-domain range is fixed (a deployed
+model's, or a timed layer's), the 8-bit Winograd kernel quantizes its tiles inside the input
+transform's pass (uint8 straight into the grouped convolution's layout) and scales each
+position's product inside the output transform's: three passes per group of images, where the
+float Winograd-domain input was written, then read and rewritten five times by the quantizer's
+torch chain, and the product rescaled in a pass of its own.
 """
 
 from __future__ import annotations
@@ -473,8 +479,56 @@ class WinogradConv(nn.Module):
         mv = mprod.as_strided((nt, a2, k), (a2 * k, k, 1)).permute(1, 0, 2)
         return torch.mul(mv, scale.view(a2, 1, 1), out=out)
 
+    def _position_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, 1 / scale) per tile position for the fixed range ``act_amax``, computed once
+        per value of it (``act_amax`` may be set after construction, as the latency models do)."""
+        amax = self.act_amax
+        key = (id(amax), amax._version)
+        cached = getattr(self, "_scales_for", None)
+        if cached is None or cached[0] != key:
+            scale = (amax.float().clamp_min(1e-12) / 127).contiguous()
+            self._scales_for = cached = (key, scale, 1.0 / scale)
+        return cached[1], cached[2]
+
+    def _forward_int8_fused(self, x: torch.Tensor, ext: Any) -> torch.Tensor:
+        """The 8-bit kernel in three passes per group of images: tiles gathered, transformed and
+        quantized to uint8 (one kernel: the float Winograd-domain input is never written), the
+        grouped int8 product, and the output transform that scales each position's product,
+        untiles and adds the bias. Same values as the unfused form's up to float rounding (the
+        quantized input bit for bit; the position scale applied in the transform's weights)."""
+        n, c, h, w = x.shape
+        m, a2, k = self.tile, (self.tile + 2) ** 2, self.out_channels
+        th, tw = tile_counts(h, w, m)
+        chunk = getattr(self, "chunk_tiles", CHUNK_TILES)
+        step = n if not chunk else min(n, max(1, -(-chunk // (th * tw))))
+        scale, inv = self._position_scales()
+        xn = x.permute(0, 2, 3, 1)  # a view of channels-last data: no copy
+        bias = self.bias if self.bias is not None else torch.empty(0)
+        out = torch.empty((n, h, w, k), dtype=x.dtype)
+        for i in range(0, n, step):
+            nb = min(step, n - i)
+            q = ext.winograd_input_q8(xn, self.B_t, m, th, tw, i, nb, inv, 128)  # (NT, a2, C)
+            nt = q.shape[0]
+            q = q.as_strided((1, a2 * c, nt, 1), (nt * a2 * c, 1, a2 * c, a2 * c))
+            mprod = _qconv(q, 1.0, 128, self.packed, self.u_scales, None, 0, a2)
+            if not mprod.is_contiguous(memory_format=torch.channels_last):
+                mprod = mprod.contiguous(memory_format=torch.channels_last)
+            mv = mprod.as_strided((a2, nt, k), (k, a2 * k, 1))  # its (NT, a2, K) memory
+            ext.winograd_output(mv, self.A_t, bias, out, th, tw, i, scale)
+        return out.permute(0, 3, 1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
+        if (
+            self.bits is not None
+            and self.act_amax is not None
+            and getattr(self, "fused", False)
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+        ):
+            ext = cpu_kernels.kernels()
+            if ext is not None:
+                return self._forward_int8_fused(x, ext)
         return winograd_deploy_conv2d(
             x,
             self.u_t if self.bits is None else self.qu,

@@ -234,18 +234,59 @@ at::Tensor scatter_tiles(const at::Tensor& g, int64_t N, int64_t C, int64_t H, i
   return out;
 }
 
-// Deploy Winograd F(m x m, 3 x 3), float32, channels-last: B^T d B of every input tile, read
-// straight from x (N, H, W, C) with the conv's zero padding of 1 (and bottom/right up to whole
-// tiles), for images n0 .. n0 + nb; returns v (alpha^2, nb * th * tw, C). One pass where the
-// torch form pads, gathers and applies two GEMMs; the sums are the same up to float rounding.
-at::Tensor winograd_input(const at::Tensor& x, const at::Tensor& bt, int64_t m, int64_t th,
-                          int64_t tw, int64_t n0, int64_t nb) {
+namespace {
+
+// B^T d B of one input tile, read straight from x (N, H, W, C) with the conv's zero padding of
+// 1 (and bottom/right up to whole tiles): v[p * a + q][c] = sum_i sum_j B[p][i] d[i][j] B[q][j],
+// position (p, q) at v + (p * a + q) * pos_stride. d and rows: scratch of a * a * C floats.
+void input_tile(const float* px, const float* B, int64_t H, int64_t W, int64_t C, int64_t a,
+                int64_t m, int64_t n, int64_t ti, int64_t tj, float* d, float* rows, float* v,
+                int64_t pos_stride) {
+  for (int64_t i = 0; i < a; ++i) {
+    const int64_t r = ti * m + i - 1;
+    for (int64_t j = 0; j < a; ++j) {
+      const int64_t q = tj * m + j - 1;
+      float* dst = d + (i * a + j) * C;
+      if (r < 0 || r >= H || q < 0 || q >= W) {
+        std::fill(dst, dst + C, 0.0f);
+      } else {
+        std::copy_n(px + ((n * H + r) * W + q) * C, C, dst);
+      }
+    }
+  }
+  // rows[p][j] = sum_i B[p][i] d[i][j], then v[p][q] = sum_j B[q][j] rows[p][j]
+  for (int64_t p = 0; p < a; ++p) {
+    for (int64_t j = 0; j < a; ++j) {
+      float* o = rows + (p * a + j) * C;
+      std::fill(o, o + C, 0.0f);
+      add_weighted(o, C, B + p * a, a, d + j * C, a * C);
+    }
+    for (int64_t q = 0; q < a; ++q) {
+      float* o = v + (p * a + q) * pos_stride;
+      std::fill(o, o + C, 0.0f);
+      add_weighted(o, C, B + q * a, a, rows + p * a * C, C);
+    }
+  }
+}
+
+void check_input(const at::Tensor& x, const at::Tensor& bt) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
                   x.dim() == 4,
               "x must be a contiguous (N, H, W, C) float32 CPU tensor");
   TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.is_contiguous() && bt.dim() == 2 &&
                   bt.size(0) == bt.size(1),
               "B_t must be a contiguous square float32 matrix");
+}
+
+}  // namespace
+
+// Deploy Winograd F(m x m, 3 x 3), float32, channels-last: B^T d B of every input tile, read
+// straight from x (N, H, W, C) with the conv's zero padding of 1 (and bottom/right up to whole
+// tiles), for images n0 .. n0 + nb; returns v (alpha^2, nb * th * tw, C). One pass where the
+// torch form pads, gathers and applies two GEMMs; the sums are the same up to float rounding.
+at::Tensor winograd_input(const at::Tensor& x, const at::Tensor& bt, int64_t m, int64_t th,
+                          int64_t tw, int64_t n0, int64_t nb) {
+  check_input(x, bt);
   const int64_t H = x.size(1), W = x.size(2), C = x.size(3), a = bt.size(0), T = th * tw;
   const int64_t NT = nb * T;
   at::Tensor v = at::empty({a * a, NT, C}, x.options());
@@ -256,51 +297,75 @@ at::Tensor winograd_input(const at::Tensor& x, const at::Tensor& bt, int64_t m, 
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> d(a * a * C), rows(a * a * C);
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n = n0 + tile / T, ti = (tile % T) / tw, tj = tile % tw;
-      for (int64_t i = 0; i < a; ++i) {
-        const int64_t r = ti * m + i - 1;
-        for (int64_t j = 0; j < a; ++j) {
-          const int64_t q = tj * m + j - 1;
-          float* dst = d.data() + (i * a + j) * C;
-          if (r < 0 || r >= H || q < 0 || q >= W) {
-            std::fill(dst, dst + C, 0.0f);
-          } else {
-            std::copy_n(px + ((n * H + r) * W + q) * C, C, dst);
-          }
-        }
-      }
-      // rows[p][j] = sum_i B[p][i] d[i][j], then v[p][q] = sum_j B[q][j] rows[p][j]
-      for (int64_t p = 0; p < a; ++p) {
-        for (int64_t j = 0; j < a; ++j) {
-          float* o = rows.data() + (p * a + j) * C;
-          std::fill(o, o + C, 0.0f);
-          add_weighted(o, C, B + p * a, a, d.data() + j * C, a * C);
-        }
-        for (int64_t q = 0; q < a; ++q) {
-          float* o = pv + ((p * a + q) * NT + tile) * C;
-          std::fill(o, o + C, 0.0f);
-          add_weighted(o, C, B + q * a, a, rows.data() + p * a * C, C);
-        }
-      }
+      input_tile(px, B, H, W, C, a, m, n0 + tile / T, (tile % T) / tw, tile % tw, d.data(),
+                 rows.data(), pv + tile * C, NT * C);
     }
   });
   return v;
 }
 
+// The same transform quantized for an 8-bit Winograd-domain product: returns uint8 q
+// (nb * th * tw, alpha^2, C), q = clamp(round_half_even(v * inv_scale[p]) + zero_point, 0, 255)
+// for position p, the values the torch chain (multiply, round, add, clamp, convert) gives on
+// winograd_input's v, bit for bit; one pass where that chain reads and writes v five times
+// more. Tile-major, so that (1, alpha^2 * C, tiles, 1) channels-last is a grouped 1x1
+// convolution's input, one group per position.
+at::Tensor winograd_input_q8(const at::Tensor& x, const at::Tensor& bt, int64_t m, int64_t th,
+                             int64_t tw, int64_t n0, int64_t nb, const at::Tensor& inv_scale,
+                             int64_t zero_point) {
+  check_input(x, bt);
+  const int64_t H = x.size(1), W = x.size(2), C = x.size(3), a = bt.size(0), T = th * tw;
+  const int64_t NT = nb * T, a2 = a * a;
+  TORCH_CHECK(inv_scale.scalar_type() == at::kFloat && inv_scale.is_contiguous() &&
+                  inv_scale.numel() == a2,
+              "inv_scale must be alpha^2 contiguous float32 values");
+  TORCH_CHECK(zero_point >= 0 && zero_point <= 255, "zero_point must lie in [0, 255]");
+  at::Tensor q = at::empty({NT, a2, C}, x.options().dtype(at::kByte));
+  const float* px = x.data_ptr<float>();
+  const float* B = bt.data_ptr<float>();
+  const float* inv = inv_scale.data_ptr<float>();
+  const float zp = static_cast<float>(zero_point);
+  uint8_t* pq = q.data_ptr<uint8_t>();
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a2 * C, 1));
+  at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> d(a2 * C), rows(a2 * C), v(a2 * C);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      input_tile(px, B, H, W, C, a, m, n0 + tile / T, (tile % T) / tw, tile % tw, d.data(),
+                 rows.data(), v.data(), C);
+      uint8_t* __restrict o = pq + tile * a2 * C;
+      for (int64_t p = 0; p < a2; ++p) {
+        const float s = inv[p];
+        const float* __restrict src = v.data() + p * C;
+        uint8_t* __restrict dst = o + p * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float y = std::nearbyint(src[c] * s) + zp;
+          dst[c] = static_cast<uint8_t>(std::min(std::max(y, 0.0f), 255.0f));
+        }
+      }
+    }
+  });
+  return q;
+}
+
 // A^T M A of every tile of mprod (alpha^2, nb * th * tw, K), plus bias, written into out
 // (N, th * m, tw * m, K) at images n0 .. n0 + nb: the output transform and the untiling in one
-// pass.
+// pass. mprod may be any layout whose channels are contiguous (stride 1 along K): the 8-bit
+// product comes tile-major. pos_scale (alpha^2 values, or None) multiplies position p's
+// product first (in the weights of the first pass: equal up to float rounding).
 void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::Tensor& bias,
-                     at::Tensor& out, int64_t th, int64_t tw, int64_t n0) {
+                     at::Tensor& out, int64_t th, int64_t tw, int64_t n0,
+                     const std::optional<at::Tensor>& pos_scale) {
   TORCH_CHECK(mprod.device().is_cpu() && mprod.scalar_type() == at::kFloat &&
-                  mprod.is_contiguous() && mprod.dim() == 3,
-              "mprod must be a contiguous (alpha^2, tiles, K) float32 CPU tensor");
+                  mprod.dim() == 3 && mprod.stride(2) == 1,
+              "mprod must be an (alpha^2, tiles, K) float32 CPU tensor, K contiguous");
   TORCH_CHECK(at_.scalar_type() == at::kFloat && at_.is_contiguous() && at_.dim() == 2,
               "A_t must be a contiguous float32 matrix");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 4,
               "out must be a contiguous (N, H, W, K) float32 tensor");
   const int64_t m = at_.size(0), a = at_.size(1), NT = mprod.size(1), K = mprod.size(2);
   const int64_t T = th * tw, Ho = out.size(1), Wo = out.size(2);
+  const int64_t sp = mprod.stride(0), st = mprod.stride(1);
   // out may be the cropped output (H, W not multiples of m): the tiles' rows and columns past
   // it are neither computed nor written, and out stays one contiguous NHWC tensor.
   TORCH_CHECK(mprod.size(0) == a * a && out.size(3) == K && Ho <= th * m &&
@@ -310,10 +375,21 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
   TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == K &&
                             bias.is_contiguous()),
               "bias must be K contiguous float32 values");
+  const bool scaled = pos_scale.has_value();
+  TORCH_CHECK(!scaled || (pos_scale->scalar_type() == at::kFloat &&
+                          pos_scale->numel() == a * a && pos_scale->is_contiguous()),
+              "pos_scale must be alpha^2 contiguous float32 values");
   const float* pm = mprod.data_ptr<float>();
   const float* A = at_.data_ptr<float>();
   const float* pb = has_bias ? bias.data_ptr<float>() : nullptr;
+  const float* ps = scaled ? pos_scale->data_ptr<float>() : nullptr;
   float* po = out.data_ptr<float>();
+  // w1[(r * a + j) * a + i]: the first pass's weight of M[i][j] in row r
+  std::vector<float> w1(m * a * a);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < a; ++j)
+      for (int64_t i = 0; i < a; ++i)
+        w1[(r * a + j) * a + i] = A[r * a + i] * (scaled ? ps[i * a + j] : 1.0f);
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a * a * K, 1));
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> rows(m * a * K);
@@ -324,7 +400,7 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
         for (int64_t j = 0; j < a; ++j) {
           float* o = rows.data() + (r * a + j) * K;
           std::fill(o, o + K, 0.0f);
-          add_weighted(o, K, A + r * a, a, pm + (j * NT + tile) * K, a * NT * K);
+          add_weighted(o, K, w1.data() + (r * a + j) * a, a, pm + j * sp + tile * st, a * sp);
         }
         for (int64_t s2 = 0; s2 < cols_in; ++s2) {
           float* o = po + ((n * Ho + ti * m + r) * Wo + tj * m + s2) * K;
@@ -1100,7 +1176,11 @@ std::vector<at::Tensor> transform2d_backward(const at::Tensor& mat, const at::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("winograd_input", &winograd_input, "deploy Winograd: input tiles transformed, NHWC");
-  m.def("winograd_output", &winograd_output, "deploy Winograd: output transform and untiling");
+  m.def("winograd_input_q8", &winograd_input_q8,
+        "deploy Winograd: input tiles transformed and quantized to uint8, tile-major");
+  m.def("winograd_output", &winograd_output, "deploy Winograd: output transform and untiling",
+        py::arg("mprod"), py::arg("A_t"), py::arg("bias"), py::arg("out"), py::arg("th"),
+        py::arg("tw"), py::arg("n0"), py::arg("pos_scale") = py::none());
   m.def("gather_tiles", &gather_tiles, "Winograd input tiles, position-major");
   m.def("scatter_tiles", &scatter_tiles, "the gradient of gather_tiles");
   m.def("quantize", &quantize, "fake-quantize: values, clip mask, integer levels");

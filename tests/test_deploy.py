@@ -338,15 +338,22 @@ def test_the_int8_kernel_quantizes_inside_the_input_transform(tile):
     inv = 1.0 / scale
     # The unfused chain: multiply, round half to even, add the zero point, clamp, convert.
     chain = (v * inv.view(a2, 1, 1)).round_().add_(128).clamp_(0, 255).to(torch.uint8)
-    q = ext.winograd_input_q8(xn, B_t.contiguous(), tile, th, tw, 0, 3, inv, 128)
+    q = ext.winograd_input_q8(xn, B_t.contiguous(), tile, th, tw, 0, 3, inv, 128, 6, False)
     assert q.dtype == torch.uint8 and q.shape == (v.shape[1], a2, 6)
     assert torch.equal(q, chain.permute(1, 0, 2))
+    wide = ext.winograd_input_q8(xn, B_t.contiguous(), tile, th, tw, 0, 3, inv, 128, 8, True)
+    assert wide.shape == (a2, v.shape[1], 8)  # position-major, channels padded
+    assert torch.equal(wide[:, :, :6], chain) and bool((wide[:, :, 6:] == 128).all())
     assert (q == 0).any() and (q == 255).any()  # both clips exercised
     for bias in (None, torch.randn(7)):
         mod = WinogradConv(torch.randn(7, 6, 3, 3), bias, A_t, G, B_t, bits=8, act_amax=amax)
         mod.set_form("fused", 256)
         got = mod(x)
         assert torch.equal(got, mod._forward_int8_fused(x, ext))  # the fused path ran
+        if mod.int8_product == "vnni":  # wasearch's product against oneDNN's grouped conv
+            mod.int8_product = "onednn"
+            torch.testing.assert_close(mod(x), got, rtol=1e-5, atol=1e-5)
+            mod.int8_product = "vnni"
         assert got.shape == (3, 7, 13, 10)
         assert got.is_contiguous(memory_format=torch.channels_last)
         mod.set_form("separable", None)
@@ -388,3 +395,30 @@ def test_the_output_transform_reads_a_tile_major_scaled_product():
         ext.winograd_output(pos_major, A_t, bias, out_a, 3, 3, 0, torch.ones(7))
     with pytest.raises(RuntimeError, match="K contiguous"):
         ext.winograd_output(pos_major.transpose(1, 2), A_t, bias, out_a, 3, 3, 0)
+
+
+@pytest.mark.parametrize(("c", "k", "tiles"), [(5, 7, 13), (64, 64, 200), (9, 83, 6), (130, 20, 97)])
+def test_the_vnni_product_is_the_integer_product(c, k, tiles):
+    """q8_product (AVX-512 VNNI) against the integer product computed in int64 by torch: the
+    same sums, zero point and weight scales, bit for bit, for channel counts that fill no
+    vector (C not a multiple of 4, K of 16) and tile counts that fill no register block."""
+    if not cpu_kernels.available() or not cpu_kernels.kernels().q8_product_supported():
+        pytest.skip("no AVX-512 VNNI build here")
+    ext = cpu_kernels.kernels()
+    torch.manual_seed(c + k)
+    A_t, G, B_t = transform_matrices(4)
+    mod = WinogradConv(torch.randn(k, c, 3, 3), None, A_t, G, B_t, bits=8, act_amax=1.0)
+    packed, sums, scales = mod._vnni_weights()
+    c4 = packed.shape[2] * 4
+    q = torch.randint(0, 256, (36, tiles, c4), dtype=torch.uint8)
+    q[:, :, c:] = 128  # winograd_input_q8's padding: the zero point
+    got = ext.q8_product(q, packed, sums, scales, k, 128)
+    w = mod.qu.view(36, k, c).to(torch.int64)
+    acc = torch.einsum("ptc,pkc->ptk", q[:, :, :c].to(torch.int64) - 128, w)
+    ref = acc.to(torch.float32) * mod.u_scales.view(36, k).unsqueeze(1)
+    assert got.shape == (36, tiles, k)
+    assert torch.equal(got, ref)
+    with pytest.raises(RuntimeError, match="K must lie"):
+        ext.q8_product(q, packed, sums, scales, packed.shape[1] * 16 + 1, 128)
+    with pytest.raises(RuntimeError, match="multiple of 4"):
+        ext.q8_product(q[:, :, :c4 - 1].contiguous(), packed, sums, scales, k, 128)

@@ -418,6 +418,12 @@ class WinogradConv(nn.Module):
         self.register_buffer("u_scales", scales)
         self.register_buffer("qu", qu)
         self.packed = _qprepack(qu, scales, 1.0, 128, 0, a * a)
+        ext = cpu_kernels.kernels()
+        #: The fused form's 8-bit Winograd-domain product: ``"vnni"``, wasearch's own kernel
+        #: (the AVX-512 build on a CPU with VNNI: ``q8_product``), else ``"onednn"``, the grouped
+        #: 1x1 convolution (the other forms always run that one). The same integer sums and
+        #: weight scales; set it to compare the two.
+        self.int8_product = "vnni" if ext is not None and ext.q8_product_supported() else "onednn"
 
     #: The forms :meth:`set_form` takes: 2-D transforms fused with the tiling (compiled CPU
     #: kernels), as one Kronecker GEMM or as two 1-D
@@ -490,6 +496,27 @@ class WinogradConv(nn.Module):
             self._scales_for = cached = (key, scale, 1.0 / scale)
         return cached[1], cached[2]
 
+    def _vnni_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The int8 Winograd-domain filters as ``q8_product`` reads them: (packed (alpha^2,
+        K16 / 16, C4 / 4, 16, 4), their sums over the input channels (alpha^2, K16) int32, the
+        weight scales (alpha^2, K16)), K padded to K16 (a multiple of 16) and C to C4 (of 4)
+        with zeros; built once per value of ``qu``."""
+        key = (id(self.qu), self.qu._version)
+        cached = getattr(self, "_vnni_for", None)
+        if cached is None or cached[0] != key:
+            a2, k, c = (self.tile + 2) ** 2, self.out_channels, self.in_channels
+            c4, k16 = -(-c // 4) * 4, -(-k // 16) * 16
+            w = self.qu.view(a2, k, c)
+            padded = torch.zeros((a2, k16, c4), dtype=torch.int8)
+            padded[:, :k, :c] = w
+            packed = padded.view(a2, k16 // 16, 16, c4 // 4, 4).permute(0, 1, 3, 2, 4).contiguous()
+            sums = torch.zeros((a2, k16), dtype=torch.int32)
+            sums[:, :k] = w.sum(dim=2, dtype=torch.int32)
+            scales = torch.zeros((a2, k16))
+            scales[:, :k] = self.u_scales.view(a2, k)
+            self._vnni_for = cached = (key, packed, sums, scales)
+        return cached[1], cached[2], cached[3]
+
     def _forward_int8_fused(self, x: torch.Tensor, ext: Any) -> torch.Tensor:
         """The 8-bit kernel in three passes per group of images: tiles gathered, transformed and
         quantized to uint8 (one kernel: the float Winograd-domain input is never written), the
@@ -505,9 +532,18 @@ class WinogradConv(nn.Module):
         xn = x.permute(0, 2, 3, 1)  # a view of channels-last data: no copy
         bias = self.bias if self.bias is not None else torch.empty(0)
         out = torch.empty((n, h, w, k), dtype=x.dtype)
+        vnni = getattr(self, "int8_product", "onednn") == "vnni"
+        if vnni:
+            packed, sums, w_scales = self._vnni_weights()
         for i in range(0, n, step):
             nb = min(step, n - i)
-            q = ext.winograd_input_q8(xn, self.B_t, m, th, tw, i, nb, inv, 128)  # (NT, a2, C)
+            if vnni:  # (a2, NT, C4) -> (a2, NT, K), the weights' scales applied
+                c4 = packed.shape[2] * 4
+                q = ext.winograd_input_q8(xn, self.B_t, m, th, tw, i, nb, inv, 128, c4, True)
+                mprod = ext.q8_product(q, packed, sums, w_scales, k, 128)
+                ext.winograd_output(mprod, self.A_t, bias, out, th, tw, i, scale)
+                continue
+            q = ext.winograd_input_q8(xn, self.B_t, m, th, tw, i, nb, inv, 128, c, False)
             nt = q.shape[0]
             q = q.as_strided((1, a2 * c, nt, 1), (nt * a2 * c, 1, a2 * c, a2 * c))
             mprod = _qconv(q, 1.0, 128, self.packed, self.u_scales, None, 0, a2)

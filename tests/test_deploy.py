@@ -422,3 +422,33 @@ def test_the_vnni_product_is_the_integer_product(c, k, tiles):
         ext.q8_product(q, packed, sums, scales, packed.shape[1] * 16 + 1, 128)
     with pytest.raises(RuntimeError, match="multiple of 4"):
         ext.q8_product(q[:, :, :c4 - 1].contiguous(), packed, sums, scales, k, 128)
+
+
+@pytest.mark.parametrize("tile", [2, 4, 6])
+@pytest.mark.parametrize(("c", "k"), [(16, 16), (37, 21)])
+def test_the_fused_kernels_cover_whole_and_partial_channel_vectors(tile, c, k):
+    """The fused transforms work on 16 channels at a time where the AVX-512 build runs: whole
+    vectors and a partial last one, on a cropped layer, float32 against conv2d and the 8-bit
+    kernel against its unfused form."""
+    if not cpu_kernels.available():
+        pytest.skip("the compiled CPU kernels could not be built here")
+    torch.manual_seed(c * tile)
+    A_t, G, B_t = transform_matrices(tile)
+    w, bias = torch.randn(k, c, 3, 3) / 6, torch.randn(k)
+    x = torch.randn(2, c, 11, 9).relu()
+    mod = WinogradConv(w, bias, A_t, G, B_t)
+    mod.set_form("fused", 256)
+    torch.testing.assert_close(mod(x), F.conv2d(x, w, bias, padding=1), rtol=1e-3, atol=1e-3)
+    if not int8_available():
+        return
+    a2 = (tile + 2) ** 2
+    xc = x.contiguous(memory_format=torch.channels_last)
+    th, tw = -(-11 // tile), -(-9 // tile)
+    v = cpu_kernels.kernels().winograd_input(xc.permute(0, 2, 3, 1), B_t, tile, th, tw, 0, 2)
+    amax = v.abs().reshape(a2, -1).amax(dim=1)
+    q8 = WinogradConv(w, bias, A_t, G, B_t, bits=8, act_amax=amax)
+    q8.set_form("fused", 256)
+    got = q8(x)
+    q8.set_form("separable", None)
+    ref = q8(x)
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))

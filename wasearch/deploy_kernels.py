@@ -460,7 +460,8 @@ class WinogradConv(nn.Module):
         self.fused = transform == "fused"
 
     def extra_repr(self) -> str:
-        kind = "float32" if self.bits is None else "int8 product (oneDNN)"
+        product = getattr(self, "int8_product", "onednn")
+        kind = "float32" if self.bits is None else f"int8 product ({product})"
         form = self._transform_name()
         return (
             f"{self.in_channels}, {self.out_channels}, F({self.tile}x{self.tile}, 3x3), "

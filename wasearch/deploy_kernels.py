@@ -15,8 +15,11 @@ images of about ``CHUNK_TILES`` tiles so the intermediate tensors stay in cache.
 
 **8-bit.** Where this machine has an integer kernel, 8-bit layers use it:
 ``torch.ops.onednn.qconv2d_pointwise`` (uint8 activations x int8 weights, int32 accumulation,
-float32 output) for direct convolutions, and the same kernel as a grouped 1x1 convolution (one
-group per tile position) for the Winograd-domain product. ``torch._int_mm`` exists on the CPU but
+float32 output) for direct convolutions; for the Winograd-domain product, wasearch's own
+``q8_product`` (one u8 x s8 GEMM per tile position on AVX-512 VNNI, the same integer sums and
+weight scales; ``WinogradConv.int8_product`` says which runs) where the compiled kernels are the
+AVX-512 build and the CPU has VNNI, else the oneDNN kernel as a grouped 1x1 convolution (one
+group per tile position). ``torch._int_mm`` exists on the CPU but
 is a reference loop about 40x slower than float32 ``matmul`` here, so it is not used. Without
 VNNI (AVX2 only) the u8 x s8 instruction saturates when both operands use their full range, so
 one side keeps 7 bits: non-negative activations (post-ReLU inputs) use levels 0..127, which is
@@ -29,7 +32,7 @@ Bit-widths with no integer kernel here (e.g. 4, 16) run in float32 and are repor
 ``DeployResNet.substituted``; the latency models price them analytically and flag them.
 Where the compiled CPU kernels are built and the Winograd-domain range is fixed (a deployed
 model's, or a timed layer's), the 8-bit Winograd kernel quantizes its tiles inside the input
-transform's pass (uint8 straight into the grouped convolution's layout) and scales each
+transform's pass (uint8 straight into the product's layout) and scales each
 position's product inside the output transform's: three passes per group of images, where the
 float Winograd-domain input was written, then read and rewritten five times by the quantizer's
 torch chain, and the product rescaled in a pass of its own.

@@ -524,9 +524,10 @@ class WinogradConv(nn.Module):
     def _forward_int8_fused(self, x: torch.Tensor, ext: Any) -> torch.Tensor:
         """The 8-bit kernel in three passes per group of images: tiles gathered, transformed and
         quantized to uint8 (one kernel: the float Winograd-domain input is never written), the
-        grouped int8 product, and the output transform that scales each position's product,
-        untiles and adds the bias. Same values as the unfused form's up to float rounding (the
-        quantized input bit for bit; the position scale applied in the transform's weights)."""
+        int8 product, and the output transform that scales each position's product, untiles
+        and adds the bias. Same values as the unfused form's up to float rounding (the
+        quantized input bit for bit; the position scale applied in the transform's weights).
+        With the VNNI product the whole layer is one call into the compiled kernels."""
         n, c, h, w = x.shape
         m, a2, k = self.tile, (self.tile + 2) ** 2, self.out_channels
         th, tw = tile_counts(h, w, m)
@@ -534,19 +535,16 @@ class WinogradConv(nn.Module):
         step = n if not chunk else min(n, max(1, -(-chunk // (th * tw))))
         scale, inv = self._position_scales()
         xn = x.permute(0, 2, 3, 1)  # a view of channels-last data: no copy
+        if getattr(self, "int8_product", "onednn") == "vnni":
+            packed, sums, w_scales = self._vnni_weights()
+            out = ext.winograd_q8_conv(
+                xn, self.B_t, self.A_t, inv, scale, packed, sums, w_scales, k, self.bias, step
+            )
+            return out.permute(0, 3, 1, 2)
         bias = self.bias if self.bias is not None else torch.empty(0)
         out = torch.empty((n, h, w, k), dtype=x.dtype)
-        vnni = getattr(self, "int8_product", "onednn") == "vnni"
-        if vnni:
-            packed, sums, w_scales = self._vnni_weights()
         for i in range(0, n, step):
             nb = min(step, n - i)
-            if vnni:  # (a2, NT, C4) -> (a2, NT, K), the weights' scales applied
-                c4 = packed.shape[2] * 4
-                q = ext.winograd_input_q8(xn, self.B_t, m, th, tw, i, nb, inv, 128, c4, True)
-                mprod = ext.q8_product(q, packed, sums, w_scales, k, 128)
-                ext.winograd_output(mprod, self.A_t, bias, out, th, tw, i, scale)
-                continue
             q = ext.winograd_input_q8(xn, self.B_t, m, th, tw, i, nb, inv, 128, c, False)
             nt = q.shape[0]
             q = q.as_strided((1, a2 * c, nt, 1), (nt * a2 * c, 1, a2 * c, a2 * c))

@@ -769,6 +769,35 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
   });
 }
 
+// The 8-bit Winograd layer on the VNNI path in one call: for each group of chunk_images images,
+// winograd_input_q8 (position-major, channels padded as wpack says), q8_product and
+// winograd_output with the positions' scales and the bias (undefined: none); returns out
+// (N, H, W, K). One call from Python where the three and their allocations were each one: at
+// batch 1 a layer is some tens of microseconds, and the interpreter's and dispatcher's share of
+// it grew where the layer ran among others (its code paths cold): 0.05 ms alone, 0.15 ms in a
+// network of direct convolutions.
+at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at::Tensor& at_,
+                            const at::Tensor& inv_scale, const at::Tensor& pos_scale,
+                            const at::Tensor& wpack, const at::Tensor& wsum,
+                            const at::Tensor& wscale, int64_t K,
+                            const std::optional<at::Tensor>& bias, int64_t chunk_images) {
+  TORCH_CHECK(x.dim() == 4, "x must be (N, H, W, C)");
+  TORCH_CHECK(at_.dim() == 2 && at_.size(0) >= 1, "A_t must be a matrix");
+  TORCH_CHECK(wpack.dim() == 5, "wpack must be (alpha^2, K16 / 16, Cs / 4, 16, 4)");
+  TORCH_CHECK(chunk_images >= 1, "chunk_images must be at least 1");
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), m = at_.size(0);
+  const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, Cs = wpack.size(2) * 4;
+  at::Tensor out = at::empty({N, H, W, K}, x.options());
+  const at::Tensor no_bias;
+  for (int64_t n0 = 0; n0 < N; n0 += chunk_images) {
+    const int64_t nb = std::min(chunk_images, N - n0);
+    const at::Tensor q = winograd_input_q8(x, bt, m, th, tw, n0, nb, inv_scale, 128, Cs, true);
+    const at::Tensor mp = q8_product(q, wpack, wsum, wscale, K, 128);
+    winograd_output(mp, at_, bias.has_value() ? *bias : no_bias, out, th, tw, n0, pos_scale);
+  }
+  return out;
+}
+
 // ---- The training layer's 2-D transforms: mat X mat^T of every tile, tiles position-major ----
 //
 // tiles (a*a, count): row i*a+j holds element (i, j) of every tile; out (p*p, count). The torch
@@ -1534,6 +1563,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_product_supported", &q8_product_supported,
         "whether q8_product runs here (AVX-512 build, VNNI CPU)");
   m.def("q8_product", &q8_product, "deploy Winograd: the 8-bit Winograd-domain product (VNNI)");
+  m.def("winograd_q8_conv", &winograd_q8_conv,
+        "deploy Winograd: the 8-bit layer on the VNNI path, input to output, in one call");
   m.def("winograd_output", &winograd_output, "deploy Winograd: output transform and untiling",
         py::arg("mprod"), py::arg("A_t"), py::arg("bias"), py::arg("out"), py::arg("th"),
         py::arg("tw"), py::arg("n0"), py::arg("pos_scale") = py::none());

@@ -397,7 +397,9 @@ def test_the_output_transform_reads_a_tile_major_scaled_product():
         ext.winograd_output(pos_major.transpose(1, 2), A_t, bias, out_a, 3, 3, 0)
 
 
-@pytest.mark.parametrize(("c", "k", "tiles"), [(5, 7, 13), (64, 64, 200), (9, 83, 6), (130, 20, 97)])
+@pytest.mark.parametrize(
+    ("c", "k", "tiles"), [(5, 7, 13), (64, 64, 200), (9, 83, 6), (130, 20, 97)]
+)
 def test_the_vnni_product_is_the_integer_product(c, k, tiles):
     """q8_product (AVX-512 VNNI) against the integer product computed in int64 by torch: the
     same sums, zero point and weight scales, bit for bit, for channel counts that fill no
@@ -421,7 +423,7 @@ def test_the_vnni_product_is_the_integer_product(c, k, tiles):
     with pytest.raises(RuntimeError, match="K must lie"):
         ext.q8_product(q, packed, sums, scales, packed.shape[1] * 16 + 1, 128)
     with pytest.raises(RuntimeError, match="multiple of 4"):
-        ext.q8_product(q[:, :, :c4 - 1].contiguous(), packed, sums, scales, k, 128)
+        ext.q8_product(q[:, :, : c4 - 1].contiguous(), packed, sums, scales, k, 128)
 
 
 @pytest.mark.parametrize("tile", [2, 4, 6])

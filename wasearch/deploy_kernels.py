@@ -292,6 +292,10 @@ def winograd_deploy_conv2d(
     ext = None
     if fused and x.device.type == "cpu" and x.dtype == torch.float32:
         ext = cpu_kernels.kernels()
+    if ext is not None and product is None:  # the whole layer in one call (no Python loop)
+        xn = x.permute(0, 2, 3, 1).contiguous()  # a view of channels-last data: no copy
+        out = ext.winograd_f32_conv(xn, B_t.contiguous(), A_t.contiguous(), u_t, bias, step)
+        return out.permute(0, 3, 1, 2)
     if ext is not None:
         xn = x.permute(0, 2, 3, 1).contiguous()  # a view of channels-last data: no copy
         b_t, a_t = B_t.contiguous(), A_t.contiguous()
@@ -300,7 +304,7 @@ def winograd_deploy_conv2d(
         for i in range(0, n, step):
             nb = min(step, n - i)
             v = ext.winograd_input(xn, b_t, m, th, tw, i, nb)
-            mprod = (torch.bmm(v, u_t) if product is None else product(v)).contiguous()
+            mprod = product(v).contiguous()  # the 8-bit product without a fixed range
             if out is None:  # K is known once the product has run (the int8 one says it)
                 k = mprod.shape[2]  # the output as cropped: the kernel skips what lies past it
                 out = torch.empty((n, h, w, k), dtype=x.dtype, device=x.device)

@@ -769,6 +769,30 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
   });
 }
 
+// The float32 Winograd layer in one call: for each group of chunk_images images,
+// winograd_input, the Winograd-domain product as one batched GEMM with u_t (alpha^2, C, K),
+// and winograd_output with the bias (undefined: none); returns out (N, H, W, K). What the
+// Python loop of deploy_kernels.winograd_deploy_conv2d calls, from C++ (see below).
+at::Tensor winograd_f32_conv(const at::Tensor& x, const at::Tensor& bt, const at::Tensor& at_,
+                             const at::Tensor& u_t, const std::optional<at::Tensor>& bias,
+                             int64_t chunk_images) {
+  TORCH_CHECK(x.dim() == 4, "x must be (N, H, W, C)");
+  TORCH_CHECK(at_.dim() == 2 && at_.size(0) >= 1, "A_t must be a matrix");
+  TORCH_CHECK(u_t.dim() == 3 && u_t.scalar_type() == at::kFloat, "u_t must be (alpha^2, C, K)");
+  TORCH_CHECK(chunk_images >= 1, "chunk_images must be at least 1");
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), m = at_.size(0), K = u_t.size(2);
+  const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m;
+  at::Tensor out = at::empty({N, H, W, K}, x.options());
+  const at::Tensor no_bias;
+  for (int64_t n0 = 0; n0 < N; n0 += chunk_images) {
+    const int64_t nb = std::min(chunk_images, N - n0);
+    const at::Tensor v = winograd_input(x, bt, m, th, tw, n0, nb);
+    const at::Tensor mp = at::bmm(v, u_t);
+    winograd_output(mp, at_, bias.has_value() ? *bias : no_bias, out, th, tw, n0, std::nullopt);
+  }
+  return out;
+}
+
 // The 8-bit Winograd layer on the VNNI path in one call: for each group of chunk_images images,
 // winograd_input_q8 (position-major, channels padded as wpack says), q8_product and
 // winograd_output with the positions' scales and the bias (undefined: none); returns out
@@ -1563,6 +1587,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_product_supported", &q8_product_supported,
         "whether q8_product runs here (AVX-512 build, VNNI CPU)");
   m.def("q8_product", &q8_product, "deploy Winograd: the 8-bit Winograd-domain product (VNNI)");
+  m.def("winograd_f32_conv", &winograd_f32_conv,
+        "deploy Winograd: the float32 layer, input to output, in one call");
   m.def("winograd_q8_conv", &winograd_q8_conv,
         "deploy Winograd: the 8-bit layer on the VNNI path, input to output, in one call");
   m.def("winograd_output", &winograd_output, "deploy Winograd: output transform and untiling",

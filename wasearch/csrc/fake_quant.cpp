@@ -329,6 +329,16 @@ void input_tile_v(const float* px, const float* B, int64_t H, int64_t W, int64_t
 }
 #endif
 
+// Whether the vector form serves alpha (4, 6 or 8: F2, F4, F6) in this build.
+bool has_tile_v(int64_t a) {
+#if defined(__AVX512F__)
+  return a == 4 || a == 6 || a == 8;
+#else
+  (void)a;
+  return false;
+#endif
+}
+
 // The vector form for alpha 4, 6 or 8 (F2, F4, F6) in the AVX-512 build: whether it ran.
 template <bool Q8>
 bool input_tile_fast(int64_t a, const float* px, const float* B, int64_t H, int64_t W,
@@ -371,8 +381,9 @@ at::Tensor winograd_input(const at::Tensor& x, const at::Tensor& bt, int64_t m, 
   const float* B = bt.data_ptr<float>();
   float* pv = v.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a * a * C, 1));
+  const int64_t scratch = has_tile_v(a) ? 0 : a * a * C;  // the generic form's
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> d(a * a * C), rows(a * a * C);
+    std::vector<float> d(scratch), rows(scratch);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = n0 + tile / T, ti = (tile % T) / tw, tj = tile % tw;
       if (!input_tile_fast<false>(a, px, B, H, W, C, m, n, ti, tj, pv + tile * C, NT * C,
@@ -387,8 +398,9 @@ at::Tensor winograd_input(const at::Tensor& x, const at::Tensor& bt, int64_t m, 
 
 // The same transform quantized for an 8-bit Winograd-domain product: returns uint8 q
 // (nb * th * tw, alpha^2, channel_stride), or (alpha^2, nb * th * tw, channel_stride) where
-// position_major, the channels past C set to zero_point, q = clamp(round_half_even(v * inv_scale[p]) + zero_point, 0, 255)
-// for position p, the values the torch chain (multiply, round, add, clamp, convert) gives on
+// position_major, the channels past C set to zero_point, q = clamp(round_half_even(v *
+// inv_scale[p]) + zero_point, 0, 255) for position p, the values the torch chain (multiply,
+// round, add, clamp, convert) gives on
 // winograd_input's v, bit for bit; one pass where that chain reads and writes v five times
 // more. Tile-major is the layout whose (1, alpha^2 * C, tiles, 1) channels-last view is a
 // grouped 1x1 convolution's input, one group per position; q8_product reads position-major.
@@ -415,8 +427,9 @@ at::Tensor winograd_input_q8(const at::Tensor& x, const at::Tensor& bt, int64_t 
   const float zp = static_cast<float>(zero_point);
   uint8_t* pq = q.data_ptr<uint8_t>();
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a2 * C, 1));
+  const int64_t scratch = has_tile_v(a) ? 0 : a2 * C;  // the generic form's
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> d(a2 * C), rows(a2 * C), v(a2 * C);
+    std::vector<float> d(scratch), rows(scratch), v(scratch);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = n0 + tile / T, ti = (tile % T) / tw, tj = tile % tw;
       uint8_t* __restrict o = pq + tile * ts;
@@ -452,7 +465,7 @@ at::Tensor winograd_input_q8(const at::Tensor& x, const at::Tensor& bt, int64_t 
 // out[p][t][k] = (sum_c q[p][t][c] w[p][c][k] - zero_point * wsum[p][k]) * wscale[p][k]: one
 // u8 x s8 GEMM per tile position with int32 sums (exact), the input's zero point taken out
 // through the weights' sums, and the per-channel weight scale, as oneDNN's int8 convolution
-// computes it. The weights come packed (q8_pack in deploy_kernels.py) as (alpha^2, K / 16,
+// computes it. The weights come packed (WinogradConv._vnni_weights) as (alpha^2, K / 16,
 // C / 4, 16, 4): one 64-byte vector holds 4 consecutive input channels of 16 output channels,
 // what vpdpbusd multiplies with 4 bytes of one tile broadcast. A block of kTB tiles x NKB * 16
 // output channels accumulates in registers. The grouped 1x1 convolution that oneDNN runs for
@@ -605,7 +618,7 @@ at::Tensor q8_product(const at::Tensor& q, const at::Tensor& wpack, const at::Te
                   wpack.size(4) == 4,
               "wpack must be a contiguous (alpha^2, K16 / 16, Cs / 4, 16, 4) int8 tensor");
   const int64_t Kb = wpack.size(1);
-  TORCH_CHECK(K > 0 && K <= Kb * 16, "K must lie in [1, K16]");
+  TORCH_CHECK(K > (Kb - 1) * 16 && K <= Kb * 16, "K must lie in (K16 - 16, K16]");
   TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.is_contiguous() &&
                   wsum.numel() == a2 * Kb * 16,
               "wsum must be (alpha^2, K16) contiguous int32");
@@ -740,13 +753,14 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
       for (int64_t i = 0; i < a; ++i)
         w1[(r * a + j) * a + i] = A[r * a + i] * (scaled ? ps[i * a + j] : 1.0f);
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a * a * K, 1));
+  const bool vec = has_tile_v(a) && m == a - 2;  // the vector form serves F(a - 2, 3)
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows(m * a * K);
+    std::vector<float> rows(vec ? 0 : m * a * K);  // the generic form's scratch
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = n0 + tile / T, ti = (tile % T) / tw, tj = tile % tw;
       const int64_t rows_in = std::min(m, Ho - ti * m), cols_in = std::min(m, Wo - tj * m);
-      if (output_tile_fast(a, pm + tile * st, sp, w1.data(), A, pb, K, rows_in, cols_in,
-                           po + ((n * Ho + ti * m) * Wo + tj * m) * K, Wo * K)) {
+      if (vec && output_tile_fast(a, pm + tile * st, sp, w1.data(), A, pb, K, rows_in, cols_in,
+                                  po + ((n * Ho + ti * m) * Wo + tj * m) * K, Wo * K)) {
         continue;
       }
       for (int64_t r = 0; r < rows_in; ++r) {

@@ -454,3 +454,29 @@ def test_the_fused_kernels_cover_whole_and_partial_channel_vectors(tile, c, k):
     q8.set_form("separable", None)
     ref = q8(x)
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("tile", [2, 4, 6])
+def test_the_fused_int8_product_and_output_transform_change_no_bit(tile):
+    """winograd_q8_conv's fused form (the product of a block of tiles transformed from a buffer
+    in cache) against its unfused form (the product written whole, then transformed): the same
+    operations on the same values, so the same bits, for partial blocks, a cropped output, with
+    and without bias, and any number of images per group."""
+    if not cpu_kernels.available() or not cpu_kernels.kernels().q8_product_supported():
+        pytest.skip("no AVX-512 VNNI build here")
+    ext = cpu_kernels.kernels()
+    torch.manual_seed(tile)
+    A_t, G, B_t = transform_matrices(tile)
+    x = torch.randn(5, 24, 13, 11).relu().contiguous(memory_format=torch.channels_last)
+    for bias in (None, torch.randn(40)):
+        mod = WinogradConv(torch.randn(40, 24, 3, 3), bias, A_t, G, B_t, bits=8, act_amax=3.0)
+        packed, sums, scales = mod._vnni_weights()
+        scale, inv = mod._position_scales()
+        xn = x.permute(0, 2, 3, 1)
+        for chunk in (1, 2, 5):
+            args = (xn, mod.B_t, mod.A_t, inv, scale, packed, sums, scales, 40, mod.bias, chunk)
+            fused = ext.winograd_q8_conv(*args, fuse_product=True)
+            plain = ext.winograd_q8_conv(*args, fuse_product=False)
+            assert fused.shape == (5, 13, 11, 40)
+            assert torch.equal(fused, plain)
+        assert torch.equal(mod(x), fused.permute(0, 3, 1, 2))  # the module runs the fused form

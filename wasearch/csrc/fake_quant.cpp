@@ -561,10 +561,12 @@ WASEARCH_VNNI void q8_tiles(int nkb, const uint8_t* q, int64_t q_stride, const i
   }
 }
 
-// Tiles t0 .. t1 of position p, every output channel.
+// Tiles t0 .. t1 of position p, every output channel; tile t's K values at
+// po + p * out_pos_stride + (t - out_t0) * K.
 WASEARCH_VNNI void q8_position(const uint8_t* pq, const int8_t* pw, const int32_t* ps,
                                const float* psc, float* po, int64_t p, int64_t t0, int64_t t1,
-                               int64_t NT, int64_t Cs, int64_t K, int64_t Kb, int32_t zp) {
+                               int64_t NT, int64_t Cs, int64_t K, int64_t Kb, int32_t zp,
+                               int64_t out_pos_stride, int64_t out_t0) {
   const int64_t c4 = Cs / 4, Kp = Kb * 16;
   const int8_t* wp = pw + p * Kb * c4 * 64;
   for (int64_t kb = 0; kb < Kb; kb += kNKB) {
@@ -576,7 +578,7 @@ WASEARCH_VNNI void q8_position(const uint8_t* pq, const int8_t* pw, const int32_
     for (int64_t t = t0; t < t1; t += kTB) {
       const int tb = static_cast<int>(std::min<int64_t>(kTB, t1 - t));
       const uint8_t* q = pq + (p * NT + t) * Cs;
-      float* out = po + (p * NT + t) * K + kb * 16;
+      float* out = po + p * out_pos_stride + (t - out_t0) * K + kb * 16;
       const int64_t qs = Cs, os = K, ws = c4 * 64;
       switch (tb) {
         case 1: q8_tiles<1>(nkb, q, qs, w, ws, c4, wsum, wscale, zp, out, os, k_left); break;
@@ -638,7 +640,8 @@ at::Tensor q8_product(const at::Tensor& q, const at::Tensor& wpack, const at::Te
   at::parallel_for(0, a2 * nblk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item % a2, t0 = (item / a2) * block;
-      q8_position(pq, pw, ps, psc, po, p, t0, std::min(NT, t0 + block), NT, Cs, K, Kb, zp);
+      q8_position(pq, pw, ps, psc, po, p, t0, std::min(NT, t0 + block), NT, Cs, K, Kb, zp,
+                  NT * K, 0);
     }
   });
 #endif
@@ -814,25 +817,96 @@ at::Tensor winograd_f32_conv(const at::Tensor& x, const at::Tensor& bt, const at
 // batch 1 a layer is some tens of microseconds, and the interpreter's and dispatcher's share of
 // it grew where the layer ran among others (its code paths cold): 0.05 ms alone, 0.15 ms in a
 // network of direct convolutions.
+//
+// fuse_product: where the packed weights of all positions fit in kFuseWeightBytes (they are
+// then read from cache once per block of tiles), the product and the output transform run per
+// block of tiles, the block's int32 sums dequantized into a buffer that stays in cache and
+// transformed from there: the product (alpha^2 x tiles x K floats) is never written to memory
+// and read back. The same operations on the same values: the output is the unfused form's bit
+// for bit.
+constexpr int64_t kFuseWeightBytes = 1 << 20;
+constexpr int64_t kFuseBufferBytes = 256 << 10;
+
 at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at::Tensor& at_,
                             const at::Tensor& inv_scale, const at::Tensor& pos_scale,
                             const at::Tensor& wpack, const at::Tensor& wsum,
                             const at::Tensor& wscale, int64_t K,
-                            const std::optional<at::Tensor>& bias, int64_t chunk_images) {
+                            const std::optional<at::Tensor>& bias, int64_t chunk_images,
+                            bool fuse_product) {
   TORCH_CHECK(x.dim() == 4, "x must be (N, H, W, C)");
-  TORCH_CHECK(at_.dim() == 2 && at_.size(0) >= 1, "A_t must be a matrix");
+  TORCH_CHECK(at_.dim() == 2 && at_.size(0) >= 1 && at_.scalar_type() == at::kFloat &&
+                  at_.is_contiguous(),
+              "A_t must be a contiguous float32 matrix");
   TORCH_CHECK(wpack.dim() == 5, "wpack must be (alpha^2, K16 / 16, Cs / 4, 16, 4)");
   TORCH_CHECK(chunk_images >= 1, "chunk_images must be at least 1");
-  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), m = at_.size(0);
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), m = at_.size(0), a = at_.size(1);
   const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, Cs = wpack.size(2) * 4;
+  const int64_t a2 = a * a, Kb = wpack.size(1), T = th * tw;
   at::Tensor out = at::empty({N, H, W, K}, x.options());
   const at::Tensor no_bias;
-  for (int64_t n0 = 0; n0 < N; n0 += chunk_images) {
-    const int64_t nb = std::min(chunk_images, N - n0);
-    const at::Tensor q = winograd_input_q8(x, bt, m, th, tw, n0, nb, inv_scale, 128, Cs, true);
-    const at::Tensor mp = q8_product(q, wpack, wsum, wscale, K, 128);
-    winograd_output(mp, at_, bias.has_value() ? *bias : no_bias, out, th, tw, n0, pos_scale);
+  const bool fuse = fuse_product && has_tile_v(a) && m == a - 2 &&
+                    a2 * Cs * Kb * 16 <= kFuseWeightBytes;
+  if (!fuse) {
+    for (int64_t n0 = 0; n0 < N; n0 += chunk_images) {
+      const int64_t nb = std::min(chunk_images, N - n0);
+      const at::Tensor q = winograd_input_q8(x, bt, m, th, tw, n0, nb, inv_scale, 128, Cs, true);
+      const at::Tensor mp = q8_product(q, wpack, wsum, wscale, K, 128);
+      winograd_output(mp, at_, bias.has_value() ? *bias : no_bias, out, th, tw, n0, pos_scale);
+    }
+    return out;
   }
+#if defined(__AVX512F__)
+  TORCH_CHECK(q8_product_supported(), "the fused product needs a CPU with VNNI");
+  TORCH_CHECK(wpack.scalar_type() == at::kChar && wpack.is_contiguous() && wpack.size(0) == a2,
+              "wpack must be contiguous int8, one slice per position");
+  TORCH_CHECK(K > (Kb - 1) * 16 && K <= Kb * 16, "K must lie in (K16 - 16, K16]");
+  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.is_contiguous() && wsum.numel() == a2 * Kb * 16,
+              "wsum must be (alpha^2, K16) contiguous int32");
+  TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.is_contiguous() &&
+                  wscale.numel() == a2 * Kb * 16,
+              "wscale must be (alpha^2, K16) contiguous float32");
+  TORCH_CHECK(pos_scale.scalar_type() == at::kFloat && pos_scale.is_contiguous() &&
+                  pos_scale.numel() == a2,
+              "pos_scale must be alpha^2 contiguous float32 values");
+  const bool has_bias = bias.has_value() && bias->defined() && bias->numel() > 0;
+  TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->numel() == K &&
+                            bias->is_contiguous()),
+              "bias must be K contiguous float32 values");
+  const float* A = at_.data_ptr<float>();
+  const float* psc_pos = pos_scale.data_ptr<float>();
+  std::vector<float> w1(m * a * a);  // as winograd_output builds it
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < a; ++j)
+      for (int64_t i = 0; i < a; ++i) w1[(r * a + j) * a + i] = A[r * a + i] * psc_pos[i * a + j];
+  const int8_t* pw = wpack.data_ptr<int8_t>();
+  const int32_t* ps = wsum.data_ptr<int32_t>();
+  const float* psc = wscale.data_ptr<float>();
+  const float* pb = has_bias ? bias->data_ptr<float>() : nullptr;
+  float* po = out.data_ptr<float>();
+  // tiles per block: a multiple of kTB whose product buffer stays within kFuseBufferBytes
+  const int64_t fit = kFuseBufferBytes / (a2 * K * static_cast<int64_t>(sizeof(float)));
+  const int64_t tb2 = std::max<int64_t>(kTB, std::min<int64_t>(48, fit / kTB * kTB));
+  for (int64_t n0 = 0; n0 < N; n0 += chunk_images) {
+    const int64_t nb = std::min(chunk_images, N - n0), NT = nb * T;
+    const at::Tensor q = winograd_input_q8(x, bt, m, th, tw, n0, nb, inv_scale, 128, Cs, true);
+    const uint8_t* pq = q.data_ptr<uint8_t>();
+    const int64_t nblk = (NT + tb2 - 1) / tb2;
+    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(a2 * tb2 * K);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t t0 = blk * tb2, t1 = std::min(NT, t0 + tb2);
+        for (int64_t p = 0; p < a2; ++p)
+          q8_position(pq, pw, ps, psc, buf.data(), p, t0, t1, NT, Cs, K, Kb, 128, tb2 * K, t0);
+        for (int64_t tile = t0; tile < t1; ++tile) {
+          const int64_t n = n0 + tile / T, ti = (tile % T) / tw, tj = tile % tw;
+          const int64_t rows_in = std::min(m, H - ti * m), cols_in = std::min(m, W - tj * m);
+          output_tile_fast(a, buf.data() + (tile - t0) * K, tb2 * K, w1.data(), A, pb, K, rows_in,
+                           cols_in, po + ((n * H + ti * m) * W + tj * m) * K, W * K);
+        }
+      }
+    });
+  }
+#endif
   return out;
 }
 
@@ -1604,7 +1678,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("winograd_f32_conv", &winograd_f32_conv,
         "deploy Winograd: the float32 layer, input to output, in one call");
   m.def("winograd_q8_conv", &winograd_q8_conv,
-        "deploy Winograd: the 8-bit layer on the VNNI path, input to output, in one call");
+        "deploy Winograd: the 8-bit layer on the VNNI path, input to output, in one call",
+        py::arg("x"), py::arg("B_t"), py::arg("A_t"), py::arg("inv_scale"), py::arg("pos_scale"),
+        py::arg("wpack"), py::arg("wsum"), py::arg("wscale"), py::arg("K"), py::arg("bias"),
+        py::arg("chunk_images"), py::arg("fuse_product") = true);
   m.def("winograd_output", &winograd_output, "deploy Winograd: output transform and untiling",
         py::arg("mprod"), py::arg("A_t"), py::arg("bias"), py::arg("out"), py::arg("th"),
         py::arg("tw"), py::arg("n0"), py::arg("pos_scale") = py::none());

@@ -36,7 +36,7 @@ transform's pass (uint8 straight into the product's layout) and scales each
 position's product inside the output transform's: three passes per group of images, where the
 float Winograd-domain input was written, then read and rewritten five times by the quantizer's
 torch chain, and the product rescaled in a pass of its own. With ``q8_product``, whose weights
-of all positions fit in 1 MiB, two: the product of each block of tiles is transformed from a
+of all positions fit in 3 MiB, two: the product of each block of tiles is transformed from a
 buffer in cache (``winograd_q8_conv``), and the whole layer is one call into the kernels.
 """
 

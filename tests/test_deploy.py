@@ -480,3 +480,30 @@ def test_the_fused_int8_product_and_output_transform_change_no_bit(tile):
             assert fused.shape == (5, 13, 11, 40)
             assert torch.equal(fused, plain)
         assert torch.equal(mod(x), fused.permute(0, 3, 1, 2))  # the module runs the fused form
+
+
+def test_int8_winograd_packed_weights_follow_loaded_weights():
+    """The kernels' packed copies of the Winograd-domain weights (oneDNN's, the VNNI product's)
+    are built from ``qu`` on first use and again when it changes: a layer that loads another's
+    state computes what the other does, in every form; and where the VNNI product runs,
+    oneDNN's copy is never built."""
+    if not int8_available():
+        pytest.skip("no int8 kernel here")
+    torch.manual_seed(3)
+    A_t, G, B_t = transform_matrices(4)
+    x = torch.randn(2, 8, 9, 9).relu()
+    for form in (("fused", 256), ("separable", None)):
+        a = WinogradConv(torch.randn(12, 8, 3, 3), None, A_t, G, B_t, bits=8, act_amax=3.0)
+        b = WinogradConv(torch.randn(12, 8, 3, 3), None, A_t, G, B_t, bits=8, act_amax=3.0)
+        a.set_form(*form)
+        b.set_form(*form)
+        before = b(x)  # packs b's own weights
+        b.load_state_dict(a.state_dict())
+        assert torch.equal(b(x), a(x))
+        assert not torch.equal(b(x), before)
+    c = WinogradConv(torch.randn(12, 8, 3, 3), None, A_t, G, B_t, bits=8, act_amax=3.0)
+    c.set_form("fused", 256)
+    c(x)
+    if c.int8_product == "vnni":
+        assert getattr(c, "_onednn_for", None) is None
+        assert getattr(c, "_vnni_for", None) is not None

@@ -426,7 +426,6 @@ class WinogradConv(nn.Module):
         qu, scales = _quantize_weight(u.reshape(a * a * k, c, 1, 1), 63)
         self.register_buffer("u_scales", scales)
         self.register_buffer("qu", qu)
-        self.packed = _qprepack(qu, scales, 1.0, 128, 0, a * a)
         ext = cpu_kernels.kernels()
         #: The fused form's 8-bit Winograd-domain product: ``"vnni"``, wasearch's own kernel
         #: (the AVX-512 build on a CPU with VNNI: ``q8_product``), else ``"onednn"``, the grouped
@@ -489,7 +488,7 @@ class WinogradConv(nn.Module):
         torch.mul(v.permute(1, 0, 2), (1.0 / scale).view(1, a2, 1), out=buf)
         q = _quantize_act(buf, 1.0, 128, 255, out=buf)
         q = q.as_strided((1, a2 * c, nt, 1), (nt * a2 * c, 1, a2 * c, a2 * c))
-        mprod = _qconv(q, 1.0, 128, self.packed, self.u_scales, None, 0, a2)  # (1, a2*K, NT, 1)
+        mprod = _qconv(q, 1.0, 128, self._onednn_weights(), self.u_scales, None, 0, a2)
         k = mprod.shape[1] // a2
         out = torch.empty((a2, nt, k), dtype=mprod.dtype, device=mprod.device)
         mv = mprod.as_strided((nt, a2, k), (a2 * k, k, 1)).permute(1, 0, 2)
@@ -505,6 +504,20 @@ class WinogradConv(nn.Module):
             scale = (amax.float().clamp_min(1e-12) / 127).contiguous()
             self._scales_for = cached = (key, scale, 1.0 / scale)
         return cached[1], cached[2]
+
+    def _onednn_weights(self) -> torch.Tensor:
+        """``qu`` prepacked for oneDNN's grouped 1x1 convolution (one group per tile position),
+        built on first use and again when ``qu`` changes: where the VNNI product runs it is
+        never needed, and it would be a third copy of the layer's Winograd-domain weights."""
+        key = (id(self.qu), self.qu._version)
+        cached = getattr(self, "_onednn_for", None)
+        if cached is None or cached[0] != key:
+            a2 = (self.tile + 2) ** 2
+            self._onednn_for = cached = (
+                key,
+                _qprepack(self.qu, self.u_scales, 1.0, 128, 0, a2),
+            )
+        return cached[1]
 
     def _vnni_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The int8 Winograd-domain filters as ``q8_product`` reads them: (packed (alpha^2,
@@ -554,7 +567,7 @@ class WinogradConv(nn.Module):
             q = ext.winograd_input_q8(xn, self.B_t, m, th, tw, i, nb, inv, 128, c, False)
             nt = q.shape[0]
             q = q.as_strided((1, a2 * c, nt, 1), (nt * a2 * c, 1, a2 * c, a2 * c))
-            mprod = _qconv(q, 1.0, 128, self.packed, self.u_scales, None, 0, a2)
+            mprod = _qconv(q, 1.0, 128, self._onednn_weights(), self.u_scales, None, 0, a2)
             if not mprod.is_contiguous(memory_format=torch.channels_last):
                 mprod = mprod.contiguous(memory_format=torch.channels_last)
             mv = mprod.as_strided((a2, nt, k), (k, a2 * k, 1))  # its (NT, a2, K) memory

@@ -42,8 +42,6 @@ buffer in cache (``winograd_q8_conv``), and the whole layer is one call into the
 
 from __future__ import annotations
 
-import functools
-import logging
 from typing import Any
 
 import torch
@@ -51,6 +49,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
+from .int8_kernels import (
+    ActRange,
+    has_int_kernel,
+    int8_available,
+    qconv,
+    qprepack,
+    quantize_act,
+    quantize_weight,
+)
 from .winograd import tile_counts
 
 __all__ = [
@@ -64,8 +71,6 @@ __all__ = [
     "winograd_input_tiles",
 ]
 
-logger = logging.getLogger(__name__)
-
 #: Tiles from which the separable (two-GEMM) transform is used; below, the Kronecker form.
 _SEPARABLE_FROM_TILE = 4
 #: Tiles per group of images the Winograd pipeline runs on (see ``winograd_deploy_conv2d``):
@@ -74,105 +79,6 @@ _SEPARABLE_FROM_TILE = 4
 #: (2-core AVX2 machine, batch 32, F4, time relative to conv2d: 64 channels at 32x32 from 2.5x
 #: with the whole batch at once to 1.1x; 64 at 16x16 from 1.4x to 0.9x).
 CHUNK_TILES = 256
-
-
-# -- capability probes ---------------------------------------------------------------------------
-@functools.cache
-def int8_available() -> bool:
-    """Whether oneDNN's int8 convolution runs, and computes exactly, on this CPU and build."""
-    try:
-        x = torch.randint(0, 128, (1, 4, 5, 5), dtype=torch.uint8)
-        x = x.contiguous(memory_format=torch.channels_last)
-        w = torch.randint(-127, 128, (3, 4, 3, 3), dtype=torch.int8)
-        scales = torch.full((3,), 0.01)
-        y = _qconv(x, 0.02, 0, _qprepack(w, scales, 0.02, 0, 1, 1), scales, None, 1, 1)
-        ref = F.conv2d(x.float() * 0.02, w.float() * 0.01, padding=1)
-        return bool(torch.allclose(y, ref, rtol=1e-4, atol=1e-4))
-    except (RuntimeError, AttributeError, NotImplementedError) as err:
-        logger.info("no int8 convolution kernel on this build: %s", err)
-        return False
-
-
-def has_int_kernel(bits: int | None, device: str | torch.device = "cpu") -> bool:
-    """True when a layer of ``bits`` runs on a real kernel of its own precision here.
-
-    Floating point always does; 8-bit does on the CPU when :func:`int8_available`; every other
-    bit-width (and 8-bit on CUDA, where no int8 convolution is wired up) does not.
-    """
-    if bits is None:
-        return True
-    return bits == 8 and torch.device(device).type == "cpu" and int8_available()
-
-
-# -- integer kernels (oneDNN) --------------------------------------------------------------------
-def _qprepack(
-    w: torch.Tensor, scales: torch.Tensor, x_scale: float, x_zp: int, padding: int, groups: int
-) -> torch.Tensor:
-    return torch.ops.onednn.qconv_prepack(
-        w, scales, float(x_scale), int(x_zp), [1, 1], [padding, padding], [1, 1], groups, None
-    )
-
-
-def _qconv(
-    qx: torch.Tensor,
-    x_scale: float,
-    x_zp: int,
-    packed: torch.Tensor,
-    w_scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    padding: int,
-    groups: int,
-) -> torch.Tensor:
-    zps = torch.zeros(w_scales.shape, dtype=torch.int64)
-    return torch.ops.onednn.qconv2d_pointwise(
-        qx,
-        float(x_scale),
-        int(x_zp),
-        packed,
-        w_scales,
-        zps,
-        bias,
-        [1, 1],
-        [padding, padding],
-        [1, 1],
-        groups,
-        1.0,
-        0,
-        torch.float32,
-        "none",
-        [],
-        "",
-    )
-
-
-def _quantize_weight(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel quantization to ``[-levels, levels]``: (int8, scales)."""
-    amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1).clamp_min(1e-12)
-    scales = (amax / levels).float()
-    q = torch.round(w / scales.view(-1, *([1] * (w.dim() - 1)))).clamp_(-levels, levels)
-    return q.to(torch.int8), scales
-
-
-def _quantize_act(
-    x: torch.Tensor, scale: float, zero_point: int, top: int, *, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Round ``x / scale + zero_point`` into ``[0, top]`` as uint8 (``out``: a float buffer)."""
-    t = torch.mul(x, 1.0 / scale, out=out) if out is not None else x * (1.0 / scale)
-    t.round_()
-    if zero_point:
-        t.add_(zero_point)
-    return t.clamp_(0, top).to(torch.uint8)
-
-
-class _ActRange:
-    """An activation's quantization range: fixed (from training or calibration), else per call."""
-
-    def __init__(self, amax: float | None) -> None:
-        self.amax = None if amax is None else float(amax)
-
-    def scale(self, x: torch.Tensor, levels: int) -> float:
-        amax = self.amax if self.amax is not None else float(x.detach().abs().max())
-        return max(amax, 1e-12) / levels
 
 
 # -- modules -------------------------------------------------------------------------------------
@@ -209,8 +115,8 @@ class DirectConv(nn.Module):
         # 7 bits on one side keeps AVX2's u8 x s8 pair sums inside int16 (see the module doc).
         self.x_zp, self.x_top, self.x_levels = (128, 255, 127) if signed_input else (0, 127, 127)
         w_levels = 63 if signed_input else 127
-        self.range = _ActRange(act_amax)
-        qw, scales = _quantize_weight(weight.detach().float(), w_levels)
+        self.range = ActRange(act_amax)
+        qw, scales = quantize_weight(weight.detach().float(), w_levels)
         self.register_buffer("w_scales", scales)
         self.register_buffer("qweight", qw)
         self._packed: dict[float, torch.Tensor] = {}
@@ -228,13 +134,13 @@ class DirectConv(nn.Module):
         scale = self.range.scale(x, self.x_levels)
         packed = self._packed.get(scale)
         if packed is None:  # prepacking depends on the input scale; fixed ranges pack once
-            packed = _qprepack(self.qweight, self.w_scales, scale, self.x_zp, self.padding, 1)
+            packed = qprepack(self.qweight, self.w_scales, scale, self.x_zp, self.padding, 1)
             if self.range.amax is not None:
                 self._packed = {scale: packed}
-        qx = _quantize_act(
+        qx = quantize_act(
             x.contiguous(memory_format=torch.channels_last), scale, self.x_zp, self.x_top
         )
-        return _qconv(qx, scale, self.x_zp, packed, self.w_scales, self.bias, self.padding, 1)
+        return qconv(qx, scale, self.x_zp, packed, self.w_scales, self.bias, self.padding, 1)
 
 
 def _apply_2d(
@@ -423,7 +329,7 @@ class WinogradConv(nn.Module):
         if act_amax is not None:
             act_amax = torch.as_tensor(act_amax, dtype=torch.float32).expand(a * a).clone()
         self.register_buffer("act_amax", act_amax)
-        qu, scales = _quantize_weight(u.reshape(a * a * k, c, 1, 1), 63)
+        qu, scales = quantize_weight(u.reshape(a * a * k, c, 1, 1), 63)
         self.register_buffer("u_scales", scales)
         self.register_buffer("qu", qu)
         ext = cpu_kernels.kernels()
@@ -486,9 +392,9 @@ class WinogradConv(nn.Module):
         # channels-last (1, a2*C, NT, 1): one group per tile position.
         buf = torch.empty((nt, a2, c), dtype=v.dtype, device=v.device)
         torch.mul(v.permute(1, 0, 2), (1.0 / scale).view(1, a2, 1), out=buf)
-        q = _quantize_act(buf, 1.0, 128, 255, out=buf)
+        q = quantize_act(buf, 1.0, 128, 255, out=buf)
         q = q.as_strided((1, a2 * c, nt, 1), (nt * a2 * c, 1, a2 * c, a2 * c))
-        mprod = _qconv(q, 1.0, 128, self._onednn_weights(), self.u_scales, None, 0, a2)
+        mprod = qconv(q, 1.0, 128, self._onednn_weights(), self.u_scales, None, 0, a2)
         k = mprod.shape[1] // a2
         out = torch.empty((a2, nt, k), dtype=mprod.dtype, device=mprod.device)
         mv = mprod.as_strided((nt, a2, k), (a2 * k, k, 1)).permute(1, 0, 2)
@@ -515,7 +421,7 @@ class WinogradConv(nn.Module):
             a2 = (self.tile + 2) ** 2
             self._onednn_for = cached = (
                 key,
-                _qprepack(self.qu, self.u_scales, 1.0, 128, 0, a2),
+                qprepack(self.qu, self.u_scales, 1.0, 128, 0, a2),
             )
         return cached[1]
 
@@ -567,7 +473,7 @@ class WinogradConv(nn.Module):
             q = ext.winograd_input_q8(xn, self.B_t, m, th, tw, i, nb, inv, 128, c, False)
             nt = q.shape[0]
             q = q.as_strided((1, a2 * c, nt, 1), (nt * a2 * c, 1, a2 * c, a2 * c))
-            mprod = _qconv(q, 1.0, 128, self._onednn_weights(), self.u_scales, None, 0, a2)
+            mprod = qconv(q, 1.0, 128, self._onednn_weights(), self.u_scales, None, 0, a2)
             if not mprod.is_contiguous(memory_format=torch.channels_last):
                 mprod = mprod.contiguous(memory_format=torch.channels_last)
             mv = mprod.as_strided((a2, nt, k), (k, a2 * k, 1))  # its (NT, a2, K) memory

@@ -42,6 +42,7 @@ buffer in cache (``winograd_q8_conv``), and the whole layer is one call into the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -143,6 +144,12 @@ class DirectConv(nn.Module):
         return qconv(qx, scale, self.x_zp, packed, self.w_scales, self.bias, self.padding, 1)
 
 
+def _images_per_group(n: int, tiles_per_image: int, chunk_tiles: int | None) -> int:
+    """Images per group of the Winograd pipeline: whole images holding at least ``chunk_tiles``
+    tiles (all ``n`` when ``chunk_tiles`` is None or 0)."""
+    return n if not chunk_tiles else min(n, max(1, -(-chunk_tiles // tiles_per_image)))
+
+
 def _apply_2d(
     mat: torch.Tensor, kron: torch.Tensor | None, t: torch.Tensor, a: int, x: int
 ) -> torch.Tensor:
@@ -195,7 +202,7 @@ def winograd_deploy_conv2d(
     a2 = a * a
     th, tw = tile_counts(h, w, m)
     per_image = th * tw
-    step = n if not chunk_tiles else min(n, max(1, -(-chunk_tiles // per_image)))
+    step = _images_per_group(n, per_image, chunk_tiles)
 
     ext = None
     if fused and x.device.type == "cpu" and x.dtype == torch.float32:
@@ -400,39 +407,41 @@ class WinogradConv(nn.Module):
         mv = mprod.as_strided((nt, a2, k), (a2 * k, k, 1)).permute(1, 0, 2)
         return torch.mul(mv, scale.view(a2, 1, 1), out=out)
 
-    def _position_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, 1 / scale) per tile position for the fixed range ``act_amax``, computed once
-        per value of it (``act_amax`` may be set after construction, as the latency models do)."""
-        amax = self.act_amax
-        key = (id(amax), amax._version)
-        cached = getattr(self, "_scales_for", None)
+    def _derived(self, attr: str, source: torch.Tensor, build: Callable[[], Any]) -> Any:
+        """``build()``, kept in ``attr`` until ``source`` is replaced or changed in place (a
+        range set after construction, as the latency models do; weights loaded)."""
+        key = (id(source), source._version)
+        cached = getattr(self, attr, None)
         if cached is None or cached[0] != key:
-            scale = (amax.float().clamp_min(1e-12) / 127).contiguous()
-            self._scales_for = cached = (key, scale, 1.0 / scale)
-        return cached[1], cached[2]
+            cached = (key, build())
+            setattr(self, attr, cached)
+        return cached[1]
+
+    def _position_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, 1 / scale) per tile position for the fixed range ``act_amax``."""
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            scale = (self.act_amax.float().clamp_min(1e-12) / 127).contiguous()
+            return scale, 1.0 / scale
+
+        return self._derived("_scales_for", self.act_amax, build)
 
     def _onednn_weights(self) -> torch.Tensor:
         """``qu`` prepacked for oneDNN's grouped 1x1 convolution (one group per tile position),
-        built on first use and again when ``qu`` changes: where the VNNI product runs it is
-        never needed, and it would be a third copy of the layer's Winograd-domain weights."""
-        key = (id(self.qu), self.qu._version)
-        cached = getattr(self, "_onednn_for", None)
-        if cached is None or cached[0] != key:
-            a2 = (self.tile + 2) ** 2
-            self._onednn_for = cached = (
-                key,
-                qprepack(self.qu, self.u_scales, 1.0, 128, 0, a2),
-            )
-        return cached[1]
+        built on first use: where the VNNI product runs it is never needed, and it would be a
+        third copy of the layer's Winograd-domain weights."""
+        a2 = (self.tile + 2) ** 2
+        return self._derived(
+            "_onednn_for", self.qu, lambda: qprepack(self.qu, self.u_scales, 1.0, 128, 0, a2)
+        )
 
     def _vnni_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The int8 Winograd-domain filters as ``q8_product`` reads them: (packed (alpha^2,
         K16 / 16, C4 / 4, 16, 4), their sums over the input channels (alpha^2, K16) int32, the
         weight scales (alpha^2, K16)), K padded to K16 (a multiple of 16) and C to C4 (of 4)
-        with zeros; built once per value of ``qu``."""
-        key = (id(self.qu), self.qu._version)
-        cached = getattr(self, "_vnni_for", None)
-        if cached is None or cached[0] != key:
+        with zeros."""
+
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             a2, k, c = (self.tile + 2) ** 2, self.out_channels, self.in_channels
             c4, k16 = -(-c // 4) * 4, -(-k // 16) * 16
             w = self.qu.view(a2, k, c)
@@ -443,8 +452,9 @@ class WinogradConv(nn.Module):
             sums[:, :k] = w.sum(dim=2, dtype=torch.int32)
             scales = torch.zeros((a2, k16))
             scales[:, :k] = self.u_scales.view(a2, k)
-            self._vnni_for = cached = (key, packed, sums, scales)
-        return cached[1], cached[2], cached[3]
+            return packed, sums, scales
+
+        return self._derived("_vnni_for", self.qu, build)
 
     def _forward_int8_fused(self, x: torch.Tensor, ext: Any) -> torch.Tensor:
         """The 8-bit kernel in three passes per group of images: tiles gathered, transformed and
@@ -456,8 +466,7 @@ class WinogradConv(nn.Module):
         n, c, h, w = x.shape
         m, a2, k = self.tile, (self.tile + 2) ** 2, self.out_channels
         th, tw = tile_counts(h, w, m)
-        chunk = getattr(self, "chunk_tiles", CHUNK_TILES)
-        step = n if not chunk else min(n, max(1, -(-chunk // (th * tw))))
+        step = _images_per_group(n, th * tw, getattr(self, "chunk_tiles", CHUNK_TILES))
         scale, inv = self._position_scales()
         xn = x.permute(0, 2, 3, 1)  # a view of channels-last data: no copy
         if getattr(self, "int8_product", "onednn") == "vnni":

@@ -271,6 +271,11 @@ void input_tile(const float* px, const float* B, int64_t H, int64_t W, int64_t C
 }
 
 #if defined(__AVX512F__)
+// The lanes of a 16-float vector that hold channels: all, or the first `left` (1..15) of the last.
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
 // input_tile with 16 channels at a time in vector registers, alpha = A known at compile time:
 // each column of the tile loaded once (zeros where it lies in the padding), B applied along it
 // into rows[p][j], then along the rows, every product a fused multiply-add (the generic form
@@ -283,9 +288,7 @@ void input_tile_v(const float* px, const float* B, int64_t H, int64_t W, int64_t
                   const float* inv, float zp) {
   __m512 rows[A][A];
   for (int64_t c0 = 0; c0 < C; c0 += 16) {
-    const int64_t left = C - c0;
-    const __mmask16 mask =
-        left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 mask = tail_mask(C - c0);
     for (int j = 0; j < A; ++j) {
       const int64_t q = tj * m + j - 1;
       __m512 d[A];
@@ -487,9 +490,7 @@ WASEARCH_VNNI inline void q8_store(__m512i acc, int32_t zp, const int32_t* wsum,
   const __m512i comp = _mm512_mullo_epi32(_mm512_set1_epi32(zp), _mm512_loadu_si512(wsum));
   const __m512 y =
       _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, comp)), _mm512_loadu_ps(wscale));
-  const __mmask16 mask =
-      k_left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << k_left) - 1);
-  _mm512_mask_storeu_ps(out, mask, y);
+  _mm512_mask_storeu_ps(out, tail_mask(k_left), y);
 }
 
 // One register block: TB tiles x NKB * 16 output channels, every accumulator a named
@@ -595,6 +596,29 @@ WASEARCH_VNNI void q8_position(const uint8_t* pq, const int8_t* pw, const int32_
 }  // namespace
 #endif
 
+namespace {
+
+// The packed 8-bit weights q8_product reads, for alpha^2 = a2 positions, Cs (padded) input and
+// K output channels: wpack int8 (a2, K16 / 16, Cs / 4, 16, 4), wsum int32 and wscale float32
+// (a2, K16), K16 the multiple of 16 at or above K.
+void check_q8_weights(const at::Tensor& wpack, const at::Tensor& wsum, const at::Tensor& wscale,
+                      int64_t a2, int64_t Cs, int64_t K) {
+  TORCH_CHECK(wpack.scalar_type() == at::kChar && wpack.is_contiguous() && wpack.dim() == 5 &&
+                  wpack.size(0) == a2 && wpack.size(2) == Cs / 4 && wpack.size(3) == 16 &&
+                  wpack.size(4) == 4,
+              "wpack must be a contiguous (alpha^2, K16 / 16, Cs / 4, 16, 4) int8 tensor");
+  const int64_t Kb = wpack.size(1);
+  TORCH_CHECK(K > (Kb - 1) * 16 && K <= Kb * 16, "K must lie in (K16 - 16, K16]");
+  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.is_contiguous() &&
+                  wsum.numel() == a2 * Kb * 16,
+              "wsum must be (alpha^2, K16) contiguous int32");
+  TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.is_contiguous() &&
+                  wscale.numel() == a2 * Kb * 16,
+              "wscale must be (alpha^2, K16) contiguous float32");
+}
+
+}  // namespace
+
 // Whether q8_product runs here: the AVX-512 build, on a CPU with VNNI.
 bool q8_product_supported() {
 #if defined(__AVX512F__)
@@ -615,18 +639,8 @@ at::Tensor q8_product(const at::Tensor& q, const at::Tensor& wpack, const at::Te
                   q.dim() == 3 && q.size(2) % 4 == 0,
               "q must be a contiguous (alpha^2, tiles, Cs) uint8 tensor, Cs a multiple of 4");
   const int64_t a2 = q.size(0), NT = q.size(1), Cs = q.size(2);
-  TORCH_CHECK(wpack.scalar_type() == at::kChar && wpack.is_contiguous() && wpack.dim() == 5 &&
-                  wpack.size(0) == a2 && wpack.size(2) == Cs / 4 && wpack.size(3) == 16 &&
-                  wpack.size(4) == 4,
-              "wpack must be a contiguous (alpha^2, K16 / 16, Cs / 4, 16, 4) int8 tensor");
+  check_q8_weights(wpack, wsum, wscale, a2, Cs, K);
   const int64_t Kb = wpack.size(1);
-  TORCH_CHECK(K > (Kb - 1) * 16 && K <= Kb * 16, "K must lie in (K16 - 16, K16]");
-  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.is_contiguous() &&
-                  wsum.numel() == a2 * Kb * 16,
-              "wsum must be (alpha^2, K16) contiguous int32");
-  TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.is_contiguous() &&
-                  wscale.numel() == a2 * Kb * 16,
-              "wscale must be (alpha^2, K16) contiguous float32");
   at::Tensor out = at::empty({a2, NT, K}, q.options().dtype(at::kFloat));
 #if defined(__AVX512F__)
   const uint8_t* pq = q.data_ptr<uint8_t>();
@@ -650,6 +664,17 @@ at::Tensor q8_product(const at::Tensor& q, const at::Tensor& wpack, const at::Te
 
 namespace {
 
+// The output transform's first-pass weights, w1[(r * a + j) * a + i]: the weight of M[i][j] in
+// row r, A[r][i] times position (i, j)'s scale (ps: alpha^2 values, or null for none).
+std::vector<float> first_pass_weights(const float* A, int64_t m, int64_t a, const float* ps) {
+  std::vector<float> w1(m * a * a);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < a; ++j)
+      for (int64_t i = 0; i < a; ++i)
+        w1[(r * a + j) * a + i] = A[r * a + i] * (ps ? ps[i * a + j] : 1.0f);
+  return w1;
+}
+
 #if defined(__AVX512F__)
 // One tile of winograd_output with 16 channels at a time in vector registers, alpha = A (m =
 // A - 2) known at compile time: each column j of M loaded once, the first pass's weights w1
@@ -662,9 +687,7 @@ void output_tile_v(const float* pm, int64_t sp, const float* w1, const float* At
   constexpr int m = A - 2;
   __m512 rows[m][A];
   for (int64_t c0 = 0; c0 < K; c0 += 16) {
-    const int64_t left = K - c0;
-    const __mmask16 mask =
-        left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 mask = tail_mask(K - c0);
     for (int j = 0; j < A; ++j) {
       __m512 col[A];
       for (int i = 0; i < A; ++i) col[i] = _mm512_maskz_loadu_ps(mask, pm + (i * A + j) * sp + c0);
@@ -749,12 +772,7 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
   const float* pb = has_bias ? bias.data_ptr<float>() : nullptr;
   const float* ps = scaled ? pos_scale->data_ptr<float>() : nullptr;
   float* po = out.data_ptr<float>();
-  // w1[(r * a + j) * a + i]: the first pass's weight of M[i][j] in row r
-  std::vector<float> w1(m * a * a);
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t j = 0; j < a; ++j)
-      for (int64_t i = 0; i < a; ++i)
-        w1[(r * a + j) * a + i] = A[r * a + i] * (scaled ? ps[i * a + j] : 1.0f);
+  const std::vector<float> w1 = first_pass_weights(A, m, a, ps);
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a * a * K, 1));
   const bool vec = has_tile_v(a) && m == a - 2;  // the vector form serves F(a - 2, 3)
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
@@ -859,14 +877,7 @@ at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at:
   }
 #if defined(__AVX512F__)
   TORCH_CHECK(q8_product_supported(), "the fused product needs a CPU with VNNI");
-  TORCH_CHECK(wpack.scalar_type() == at::kChar && wpack.is_contiguous() && wpack.size(0) == a2,
-              "wpack must be contiguous int8, one slice per position");
-  TORCH_CHECK(K > (Kb - 1) * 16 && K <= Kb * 16, "K must lie in (K16 - 16, K16]");
-  TORCH_CHECK(wsum.scalar_type() == at::kInt && wsum.is_contiguous() && wsum.numel() == a2 * Kb * 16,
-              "wsum must be (alpha^2, K16) contiguous int32");
-  TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.is_contiguous() &&
-                  wscale.numel() == a2 * Kb * 16,
-              "wscale must be (alpha^2, K16) contiguous float32");
+  check_q8_weights(wpack, wsum, wscale, a2, Cs, K);
   TORCH_CHECK(pos_scale.scalar_type() == at::kFloat && pos_scale.is_contiguous() &&
                   pos_scale.numel() == a2,
               "pos_scale must be alpha^2 contiguous float32 values");
@@ -876,10 +887,7 @@ at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at:
               "bias must be K contiguous float32 values");
   const float* A = at_.data_ptr<float>();
   const float* psc_pos = pos_scale.data_ptr<float>();
-  std::vector<float> w1(m * a * a);  // as winograd_output builds it
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t j = 0; j < a; ++j)
-      for (int64_t i = 0; i < a; ++i) w1[(r * a + j) * a + i] = A[r * a + i] * psc_pos[i * a + j];
+  const std::vector<float> w1 = first_pass_weights(A, m, a, psc_pos);
   const int8_t* pw = wpack.data_ptr<int8_t>();
   const int32_t* ps = wsum.data_ptr<int32_t>();
   const float* psc = wscale.data_ptr<float>();

@@ -11,7 +11,7 @@ from ..arch import Arch, LayerChoice
 from ..cli import UserError
 from ..models import ConvSpec
 from .generic import is_guessed
-from .ops import NetOp, OpKey, conv_key, network_ops
+from .ops import NetOp, OpKey, conv_key, keys_in_context, network_ops
 
 __all__ = [
     "LatencyError",
@@ -126,6 +126,11 @@ class LatencyModel(ABC):
         """One line naming the model (and its profile or table)."""
         return self.kind
 
+    def in_context(self) -> bool:
+        """Whether :meth:`price` asks for each operation in its network's context (``OpKey.after``:
+        what ran before it); a table with rows in context says yes."""
+        return False
+
     # -- public -----------------------------------------------------------------------------------
     def op_cost(self, key: OpKey) -> tuple[float, bool]:
         """Seconds of one operation and whether it is estimated (cached)."""
@@ -152,13 +157,15 @@ class LatencyModel(ABC):
         batch)."""
         b = self.batch if batch is None else batch
         size = arch.input_size if input_size is None else input_size
+        ops = self.network_ops(arch, input_size=size)
+        keys = (
+            keys_in_context(ops, b) if self.in_context() else [op.key.with_batch(b) for op in ops]
+        )
         entries = []
-        for op in self.network_ops(arch, input_size=size):
-            seconds, est = self.op_cost(op.key.with_batch(b))
+        for op, key in zip(ops, keys, strict=True):
+            seconds, est = self.op_cost(key)
             label = arch.choice(op.name).label if op.searchable else ""
-            entries.append(
-                LatencyEntry(op.name, op.key.with_batch(b), seconds, est, op.searchable, label)
-            )
+            entries.append(LatencyEntry(op.name, key, seconds, est, op.searchable, label))
         return LatencyReport(tuple(entries), b, size, self.describe())
 
     def network_ops(self, arch: Arch, *, input_size: int | None = None) -> list[NetOp]:

@@ -16,7 +16,7 @@ __all__ = ["MODEL_KEYS", "load_latency_model"]
 #: Keys each kind accepts (``kind`` and ``batch`` always).
 MODEL_KEYS: dict[str, tuple[str, ...]] = {
     "analytical": ("profile",),
-    "table": ("path", "fallback", "base_profile"),
+    "table": ("path", "fallback", "base_profile", "context"),
     "measured": (
         "path",
         "device",
@@ -25,6 +25,7 @@ MODEL_KEYS: dict[str, tuple[str, ...]] = {
         "measure_missing",
         "fallback",
         "base_profile",
+        "context",
     ),
 }
 
@@ -50,6 +51,8 @@ def load_latency_model(spec: Mapping[str, Any] | str | os.PathLike) -> LatencyMo
       rows (default: table null, measured ``calibrate``);
     * ``base_profile`` (table, measured): the profile whose ratios fill what calibration cannot
       see (``cortex-a73``);
+    * ``context`` (table, measured): price each operation with the table's row in its context
+      (what ran before it) where the table has one (true), or with the pooled rows only;
     * ``device`` (measured): ``cpu`` | ``cuda``; ``threads``: torch threads while timing;
       ``repeats``: timed samples per row (15); ``measure_missing``: time rows the table lacks on
       first use (true).
@@ -77,7 +80,9 @@ def load_latency_model(spec: Mapping[str, Any] | str | os.PathLike) -> LatencyMo
     batch = spec.get("batch", 1)
     if kind == "analytical":
         return AnalyticalModel(spec.get("profile", "cortex-a73"), batch=batch)
-    opts = {k: spec[k] for k in ("fallback", "base_profile") if k in spec}
+    if not isinstance(spec.get("context", True), bool):
+        raise LatencyError(f"latency: context {spec['context']!r} must be true or false")
+    opts = {k: spec[k] for k in ("fallback", "base_profile", "context") if k in spec}
     if kind == "table":
         if "path" not in spec:
             raise LatencyError("latency: kind 'table' needs a 'path' to a CSV table")

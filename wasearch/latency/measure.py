@@ -84,19 +84,7 @@ def _check_identity(
 
 
 def _static_twin(key: OpKey) -> OpKey:
-    if key.conv != "flex":
-        return key
-    return OpKey(
-        key.op,
-        key.in_channels,
-        key.out_channels,
-        key.height,
-        key.width,
-        key.batch,
-        "static",
-        key.tile,
-        key.bits,
-    )
+    return replace(key, conv="static") if key.conv == "flex" else key
 
 
 def _rows(targets: Iterable[OpKey], timing: Timing, ident: dict[str, str], stat: str) -> list[Row]:
@@ -118,13 +106,25 @@ def rows_from_samples(
     stat: str = "median",
     identity: Mapping[str, str] | None = None,
 ) -> list[Row]:
-    """Table rows for ``keys`` from pooled samples (a flex key takes its static twin's)."""
+    """Table rows for ``keys`` (keys over every context) from samples (a flex key takes its
+    static twin's). Samples keyed in a context (``OpKey.after``, :class:`NetworkTimer`'s
+    ``context``) make a row of their own per context, and count in the key's pooled row too,
+    which holds every sample of the key."""
     ident = dict(identity or device_identity())
+    pooled: dict[OpKey, list[float]] = {}
+    contexts: dict[OpKey, dict[str, list[float]]] = {}
+    for k, got in samples.items():
+        pooled.setdefault(k.pooled(), []).extend(got)
+        if k.after is not None:
+            contexts.setdefault(k.pooled(), {}).setdefault(k.after, []).extend(got)
     rows = []
-    for k in keys:
-        got = samples.get(_static_twin(k))
+    for k in dict.fromkeys(key.pooled() for key in keys):
+        twin = _static_twin(k)
+        got = pooled.get(twin)
         if got:
             rows.extend(_rows([k], Timing(tuple(got)), ident, stat))
+        for after, in_ctx in sorted(contexts.get(twin, {}).items()):
+            rows.extend(_rows([replace(k, after=after)], Timing(tuple(in_ctx)), ident, stat))
     return rows
 
 
@@ -147,8 +147,11 @@ def measure_plan(
     ``remeasure``: the uniform ones and, where direct and Winograd layers mix, the alternating
     ones) for ``repeats`` forward passes each; a key's row pools its samples from every network
     and layer that runs it (layers that share a geometry pool theirs; a kernel is timed next to
-    either kind of neighbour). Keys no network produced are timed in isolation
-    (:func:`measure_table`). Returns the table and the keys left untimed (no kernel here).
+    either kind of neighbour), and a row per context (``after``: the kernel family of the
+    searchable layer before it) pools those taken in that context, which
+    :class:`TableModel` uses to price a network. Keys no network produced are timed in
+    isolation (:func:`measure_table`), pooled only. Returns the table and the keys left
+    untimed (no kernel here).
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -178,22 +181,23 @@ def measure_plan(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(nets), desc="measure", unit="net", leave=False)
-        pooled: dict[OpKey, list[float]] = {}  # every network's samples of a missing key
+        found: dict[OpKey, list[float]] = {}  # every network's samples of a missing key
         for arch in nets:
             if bar is not None:
                 bar.set_postfix_str(arch.summary(), refresh=False)
             for key, samples in time_network_ops(
-                arch, batch=b, device=dev, repeats=repeats, warmup_s=warmup_s
+                arch, batch=b, device=dev, repeats=repeats, warmup_s=warmup_s, context=True
             ).items():
-                if key in missing:
-                    pooled.setdefault(key, []).extend(samples)
+                if key.pooled() in missing:
+                    found.setdefault(key, []).extend(samples)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        for key, samples in pooled.items():
-            for row in _rows(missing.pop(key), Timing(tuple(samples)), ident, stat):
-                table.add(row)
+        timed = {k.pooled() for k in found}
+        targets = [t for twin in timed for t in missing.pop(twin)]
+        for row in rows_from_samples(found, targets, stat=stat, identity=ident):
+            table.add(row)
     finally:
         torch.set_num_threads(prev_threads)
     # A traced network's generic operations run only in place: one no network produced stays
@@ -302,6 +306,7 @@ class MeasuredModel(TableModel):
         measure_missing: bool = True,
         fallback: str | None = "calibrate",
         base_profile: str = "cortex-a73",
+        context: bool = True,
     ) -> None:
         dev = torch.device(device)
         self.path = (
@@ -314,7 +319,9 @@ class MeasuredModel(TableModel):
             if self.path.exists()
             else LatencyTable(source=str(self.path))
         )
-        super().__init__(table, batch=batch, fallback=fallback, base_profile=base_profile)
+        super().__init__(
+            table, batch=batch, fallback=fallback, base_profile=base_profile, context=context
+        )
         self.device, self.threads, self.repeats = dev, threads, repeats
         self.measure_missing = measure_missing
         ident, old = device_identity(dev, threads=threads), table.identity()
@@ -374,6 +381,7 @@ class MeasuredModel(TableModel):
         row = self._lookup(key)
         if row is not None:
             return row.seconds, False
+        key = key.pooled()  # timed alone: no context
         if (
             self.measure_missing
             and not key.generic  # timed in place, by price

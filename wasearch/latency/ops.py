@@ -29,13 +29,23 @@ unit module call and group of functions between two is a *generic* operation
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ..arch import Arch, LayerChoice
 from ..models import ConvSpec, searchable_convs
 from .generic import generic_fields
 
-__all__ = ["OPS", "SEARCHABLE_OP", "NetOp", "OpKey", "conv_key", "network_ops", "traced_ops"]
+__all__ = [
+    "OPS",
+    "SEARCHABLE_OP",
+    "NetOp",
+    "OpKey",
+    "conv_key",
+    "keys_in_context",
+    "network_ops",
+    "traced_ops",
+]
 
 SEARCHABLE_OP = "conv3x3"
 OPS = (SEARCHABLE_OP, "conv1x1", "stem", "maxpool", "relu", "add_relu", "head")
@@ -46,7 +56,10 @@ class OpKey:
     """One operation at one geometry, batch and algorithm: the unit a latency model prices.
 
     ``conv`` and ``tile`` are set for ``conv3x3`` only (tile None for normal); ``bits`` is None for
-    floating point and is meaningful for ``conv3x3`` and ``conv1x1``.
+    floating point and is meaningful for ``conv3x3`` and ``conv1x1``. ``after`` is the
+    operation's *context*: the kernel family (``direct``, ``F2`` ...) of the searchable
+    convolution that ran last before it in the forward pass (see :func:`keys_in_context`);
+    None for a key priced over every context (a table's pooled row).
     """
 
     op: str
@@ -60,9 +73,15 @@ class OpKey:
     bits: int | None = None
     #: A generic operation's type, parameters and shapes (``wasearch.latency.generic``).
     detail: str | None = None
+    #: The kernel family of the last searchable convolution before this operation.
+    after: str | None = None
 
     def with_batch(self, batch: int) -> OpKey:
         return replace(self, batch=batch)
+
+    def pooled(self) -> OpKey:
+        """This key over every context (``after`` None)."""
+        return self if self.after is None else replace(self, after=None)
 
     @property
     def generic(self) -> bool:
@@ -79,15 +98,16 @@ class OpKey:
     def describe(self) -> str:
         bits = "fp32" if self.bits is None else f"{self.bits}-bit"
         geo = f"{self.in_channels}->{self.out_channels} @{self.height}x{self.width} b{self.batch}"
+        after = "" if self.after is None else f" after {self.after}"
         if self.op == SEARCHABLE_OP:
             algo = "normal" if self.conv == "normal" else f"F{self.tile}-{self.conv}"
-            return f"conv3x3 {algo} {bits} {geo}"
+            return f"conv3x3 {algo} {bits} {geo}{after}"
         if self.op == "conv1x1":
-            return f"conv1x1 {bits} {geo}"
+            return f"conv1x1 {bits} {geo}{after}"
         if self.detail is not None:
             prec = "" if self.bits is None else f" {bits}"
-            return f"{self.op}{prec} {self.detail} b{self.batch}"
-        return f"{self.op} {geo}"
+            return f"{self.op}{prec} {self.detail} b{self.batch}{after}"
+        return f"{self.op} {geo}{after}"
 
 
 def conv_key(spec: ConvSpec, choice: LayerChoice, batch: int = 1) -> OpKey:
@@ -188,6 +208,22 @@ def network_ops(arch: Arch, *, input_size: int | None = None) -> list[NetOp]:
         prev_c, prev_h, prev_w = spec.out_channels, spec.height, spec.width
     ops.append(NetOp("head", OpKey("head", prev_c, arch.num_classes, prev_h, prev_w)))
     return ops
+
+
+def keys_in_context(ops: Sequence[NetOp], batch: int | None = None) -> list[OpKey]:
+    """Each operation's key with its context: ``after`` set to the kernel family (``direct``,
+    ``F2`` ...) of the last searchable convolution before it in ``ops`` (None before the
+    first). A layer's time depends on what ran just before it: a Winograd layer among direct
+    ones, and the direct layer after it, run slower than among their own kind (their code,
+    scratch and data come back into cache), so a table can hold a row per context
+    (docs/latency.md, "Neighbours")."""
+    out, last = [], None
+    for op in ops:
+        key = op.key if batch is None else op.key.with_batch(batch)
+        out.append(key if last is None else replace(key, after=last))
+        if op.searchable:
+            last = op.key.algorithm
+    return out
 
 
 def traced_ops(arch: Arch, *, input_size: int | None = None) -> list[NetOp]:

@@ -28,6 +28,9 @@ measured_at    no        ISO time of the measurement
 note           no        free text (``measure`` writes ``same kernel as static`` on flex rows)
 detail         generic   a generic op's type, parameters and shapes, as ``latency.generic``
                          writes it (required for those ops, empty for the others)
+after          no        the context: the kernel family (``direct``, ``F2`` ... ``F8``) of the
+                         searchable conv that ran last before the op; empty: every context
+                         pooled (the row used where a context has none)
 =============  ========  =========================================================================
 
 Any other column is kept and ignored. Tables are written atomically (temporary file, then rename).
@@ -77,6 +80,7 @@ COLUMNS = REQUIRED + (
     "measured_at",
     "note",
     "detail",
+    "after",
 )
 _IDENTITY = ("device", "cores", "threads", "torch", "stat")
 
@@ -107,6 +111,7 @@ class Row:
             "spread": "" if self.spread is None else f"{self.spread:.3e}",
             "repeats": "" if self.repeats is None else str(self.repeats),
             "detail": k.detail or "",
+            "after": k.after or "",
         }
         rec.update({c: str(self.info.get(c, "")) for c in COLUMNS if c not in rec})
         rec.update({c: str(v) for c, v in self.info.items() if c not in rec})
@@ -182,6 +187,13 @@ def _parse_row(rec: dict[str, str], where: str) -> Row:
         bits,
         detail,
     )
+    after = (rec.get("after") or "").strip() or None
+    if after is not None and not _is_family(after):
+        raise LatencyError(
+            f"{where}: column 'after': {after!r}; use direct, F2 .. F{MAX_TILE} or leave it empty"
+        )
+    if after is not None:
+        key = replace(key, after=after)
     seconds = number("seconds", required=True)
     spread = number("spread", required=False)
     rep_text = (rec.get("repeats") or "").strip()
@@ -190,10 +202,17 @@ def _parse_row(rec: dict[str, str], where: str) -> Row:
         c: (v or "").strip()
         for c, v in rec.items()
         if c is not None
-        and c not in REQUIRED + ("spread", "repeats", "detail")
+        and c not in REQUIRED + ("spread", "repeats", "detail", "after")
         and (v or "").strip()
     }
     return Row(key, float(seconds), spread, repeats, info)
+
+
+def _is_family(text: str) -> bool:
+    """Whether ``text`` names a kernel family: ``direct`` or ``F<tile>``, tile 2..MAX_TILE."""
+    if text == "direct":
+        return True
+    return text[:1] == "F" and text[1:].isdigit() and 2 <= int(text[1:]) <= MAX_TILE
 
 
 class LatencyTable:
@@ -202,6 +221,7 @@ class LatencyTable:
     def __init__(self, rows: Iterable[Row] = (), *, source: str = "table") -> None:
         self.source = source
         self._rows: dict[OpKey, Row] = {}
+        self._in_context = 0  # rows with a context (``after``)
         for r in rows:
             self.add(r)
 
@@ -219,9 +239,18 @@ class LatencyTable:
         return self._rows.get(key)
 
     def add(self, row: Row, *, replace_existing: bool = True) -> None:
-        if not replace_existing and row.key in self._rows:
-            return
+        if row.key in self._rows:
+            if not replace_existing:
+                return
+        elif row.key.after is not None:
+            self._in_context += 1
         self._rows[row.key] = row
+
+    @property
+    def has_context(self) -> bool:
+        """Whether any row is timed in a context (``after`` set): then a
+        :class:`TableModel` prices each operation in its network's context."""
+        return self._in_context > 0
 
     def keys(self) -> list[OpKey]:
         return list(self._rows)
@@ -315,6 +344,7 @@ def _sort_key(k: OpKey, order: dict[str, int]) -> tuple:
         k.tile or 0,
         -1 if k.bits is None else k.bits,
         k.detail or "",
+        k.after or "",
     )
 
 
@@ -334,6 +364,12 @@ class TableModel(LatencyModel):
     alone; such entries are flagged estimated. ``fallback="calibrate"`` fits a profile to the
     table itself (``analytical.calibrate``), ratios for unmeasured precisions taken from
     ``base_profile``. Without a fallback, a missing row raises :class:`LatencyError`.
+
+    Where the table holds rows in context (column ``after``, ``search.py measure`` writes
+    them), :meth:`price` looks each operation up in its network's context (what ran before it,
+    ``ops.keys_in_context``), and the pooled row where that context has none; ``context=False``
+    prices with the pooled rows only. :meth:`layer_cost` prices a layer alone, so with the
+    pooled rows: its context is the other layers' choice.
     """
 
     kind = "table"
@@ -345,9 +381,11 @@ class TableModel(LatencyModel):
         batch: int = 1,
         fallback: Profile | str | None = None,
         base_profile: str = "cortex-a73",
+        context: bool = True,
     ) -> None:
         super().__init__(batch=batch)
         self.table = table if isinstance(table, LatencyTable) else LatencyTable.read(table)
+        self.context = context
         self._fallback_spec = fallback
         self._fallback: Profile | None = fallback if isinstance(fallback, Profile) else None
         self.base_profile = base_profile
@@ -369,13 +407,21 @@ class TableModel(LatencyModel):
                 self._fallback = load_profile(self._fallback_spec)
         return self._fallback
 
+    def in_context(self) -> bool:
+        return self.context and self.table.has_context
+
     def _lookup(self, key: OpKey) -> Row | None:
+        """The row of ``key``: its own, its static twin's (flex), or, for a key in a context
+        the table lacks, the pooled row's (``after`` empty)."""
         row = self.table.get(key)
         if row is None and key.conv == "flex":
             row = self.table.get(_normalize(key))
+        if row is None and key.after is not None:
+            return self._lookup(key.pooled())
         return row
 
     def _missing(self, key: OpKey) -> tuple[float, bool]:
+        key = key.pooled()
         profile = self.fallback
         if profile is None:
             raise LatencyError(
@@ -396,6 +442,8 @@ class TableModel(LatencyModel):
         best, best_rank = None, None
         for row in self.table:
             k = _normalize(row.key)
+            if k.after is not None:
+                continue
             if (k.op, k.in_channels, k.out_channels, k.height, k.width, k.conv, k.tile) != (
                 want.op,
                 want.in_channels,
@@ -425,9 +473,11 @@ class TableModel(LatencyModel):
 
 
 def table_rows_as_samples(table: LatencyTable) -> list[tuple[OpKey, float]]:
-    """``(key, seconds)`` for calibration; flex rows that copy static ones are skipped."""
+    """``(key, seconds)`` for calibration: the pooled rows (those in a context time the same
+    operations again), less flex rows that copy static ones."""
     return [
         (r.key, r.seconds)
         for r in table
-        if not (r.key.conv == "flex" and r.info.get("note") == "same kernel as static")
+        if r.key.after is None
+        and not (r.key.conv == "flex" and r.info.get("note") == "same kernel as static")
     ]

@@ -24,7 +24,7 @@ import torch
 from .. import deploy
 from ..arch import Arch
 from ..discovery import OUTPUT_OP
-from .ops import OpKey, network_ops
+from .ops import OpKey, keys_in_context, network_ops
 
 __all__ = [
     "STATS",
@@ -210,9 +210,20 @@ class NetworkTimer:
     :meth:`run_total` times plain forward passes end to end. In place, each operation runs with
     the caches and allocator state a real forward pass leaves it, which timing one kernel alone
     in a loop does not reproduce.
+
+    With ``context``, each operation's samples are keyed in its context (``OpKey.after``: the
+    kernel family of the searchable convolution before it, ``ops.keys_in_context``), so that
+    one operation timed after a direct layer and after a Winograd one keeps two sets of samples.
     """
 
-    def __init__(self, arch: Arch, *, batch: int = 1, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        arch: Arch,
+        *,
+        batch: int = 1,
+        device: str | torch.device = "cpu",
+        context: bool = False,
+    ) -> None:
         from ..models import build
 
         self.arch = arch
@@ -225,7 +236,8 @@ class NetworkTimer:
                 build(arch).eval().to(self.device), calibration=self.x if quantized else None
             )
         ops = network_ops(arch)
-        self.keys = {op.name: op.key.with_batch(batch) for op in ops}
+        keys = keys_in_context(ops, batch) if context else [op.key.with_batch(batch) for op in ops]
+        self.keys = {op.name: key for op, key in zip(ops, keys, strict=True)}
         self.modules = [op.module for op in ops if op.module is not None]
         self._hook_cost: float | None = None
         self._op_overhead: float | None = None
@@ -364,8 +376,10 @@ def time_network_ops(
     device: str | torch.device = "cpu",
     repeats: int = 15,
     warmup_s: float = 0.05,
+    context: bool = False,
 ) -> dict[OpKey, list[float]]:
     """Per-operation samples of ``repeats`` forward passes of ``arch``'s deploy model, timed in
-    place (see :class:`NetworkTimer`), after ``warmup_s`` seconds of warm-up."""
-    timer = NetworkTimer(arch, batch=batch, device=device).warmup(warmup_s)
+    place (see :class:`NetworkTimer`, also for ``context``), after ``warmup_s`` seconds of
+    warm-up."""
+    timer = NetworkTimer(arch, batch=batch, device=device, context=context).warmup(warmup_s)
     return timer.run(repeats)

@@ -21,21 +21,26 @@ space's). Every searchable layer may be direct (``normal``) or static/flex Winog
    every prediction reported comes from the full table of step 2.
 2. **Timing.** The table: every operation timed in place in ``measure``'s networks (the 4
    uniform deploy networks, direct and static F2/F4/F6, and each tile's 2 networks alternating
-   it with direct), each key's row pooling every network's samples, as ``search.py measure``
-   does; the end-to-end times: each chosen
+   it with direct), each key's row pooling every network's samples, and a row per context
+   (the kind of the searchable layer before the operation), as ``search.py measure`` does;
+   the end-to-end times: each chosen
    network's deploy model, plain forward passes. Interleaved (default): ``--repeats`` rounds,
    each running every op-by-op job and every end-to-end job once in a shuffled order, each
    timed pass right after 2 untimed passes of the same network (so neither a table row nor an
    end-to-end time is charged the cold start of switching networks: caches, oneDNN primitives,
    allocator). ``--sequential``: the table first (``measure_plan``: warm-up, then ``--repeats``
    passes per network), then each network (warm-up, then ``--repeats`` passes).
-3. **End to end.** For each network, the table's prediction (``TableModel.price(arch).total``)
-   against its measured time: mean absolute percentage error (MAPE), worst error, Spearman's
-   rank correlation (average ranks for ties: static and flex share a kernel, so their uniform
-   references tie in the prediction).
+3. **End to end.** For each network, the table's prediction (``TableModel.price(arch).total``,
+   each operation priced in its context) against its measured time: mean absolute percentage
+   error (MAPE), worst error, Spearman's rank correlation (average ranks for ties: static and
+   flex share a kernel, so their uniform references tie in the prediction). The same figures
+   for the table's pooled rows alone (``TableModel(context=False)``) are printed beside them
+   (``pooled`` in the JSON): the two readings of one measurement, paired.
 4. **Per layer.** For each searchable layer, its distinct kernels (direct, and Winograd F2/F4/F6;
-   flex runs the static kernel, so it is not a distinct option) ordered by the table's rows
-   (timed in place, step 2) against an *independent* measurement, paired by round:
+   flex runs the static kernel, so it is not a distinct option) ordered by the table (swap:
+   the swapped network priced end to end, less the all-direct one, so that the rows in
+   context of the layer and of the operations after it count; isolated: the layer's pooled
+   rows) against an *independent* measurement, paired by round:
    ``--layer-reference swap`` (default): the layer set to each option in turn in a *context*
    network whose searchable layers are all direct, each such network timed end to end (a
    separate harness and separate minutes from the table's), ``--layer-repeats`` interleaved
@@ -401,9 +406,11 @@ def references(base: Arch, bits: int | None) -> list[Arch]:
 
 class FastPredictor:
     """A table's end-to-end prediction of ``base``'s mixes as the fixed parts plus each layer's
-    cost (what ``TableModel.price(arch).total`` sums, without pricing every operation again)."""
+    pooled row (what the table's pooled reading, ``TableModel(context=False).price``, sums,
+    without pricing every operation again): it only picks the mixes to measure."""
 
     def __init__(self, model: TableModel, base: Arch) -> None:
+        model = TableModel(model.table, batch=model.batch, context=False)
         report = model.price(base)
         self.model = model
         self.fixed = report.total - report.searchable_total
@@ -571,6 +578,98 @@ def layer_agreement(
     }
 
 
+# -- scoring a table -----------------------------------------------------------------------------
+def readings(model: TableModel, pooled: TableModel) -> list[tuple[str, TableModel]]:
+    """The two readings of one table the benchmark scores: in context (the default) and
+    pooled (its rows over every context only)."""
+    return [("context", model), ("pooled", pooled)]
+
+
+def end_to_end(
+    model: TableModel, archs: Sequence[Arch], measured: Sequence[float], args: argparse.Namespace
+) -> dict:
+    """``model``'s end-to-end predictions of ``archs`` against their measured seconds: the
+    predictions, signed errors, and MAPE and Spearman with their bootstrap intervals."""
+    pred = np.array([model.price(a).total for a in archs])
+    meas = np.asarray(measured, dtype=float)
+    errors = (pred - meas) / meas
+    errs = np.abs(errors)
+    mape = bootstrap_ci(
+        lambda ix: float(np.mean(errs[ix])), len(archs), resamples=args.bootstrap, seed=args.seed
+    )
+    rho = bootstrap_ci(
+        lambda ix: spearman(pred[ix], meas[ix]),
+        len(archs),
+        resamples=args.bootstrap,
+        seed=args.seed,
+    )
+    return {"pred": pred, "errors": errors, "mape": mape, "spearman": rho}
+
+
+def per_layer(
+    model: TableModel,
+    base: Arch,
+    bits: int | None,
+    rounds: dict,
+    tie: float,
+    args: argparse.Namespace,
+) -> dict:
+    """``model``'s order of each layer's options against ``rounds`` (the swaps or the kernels
+    alone). Swap: an option's prediction is the all-direct network with the layer set to it,
+    priced end to end, less the all-direct network (so the neighbours' rows in context count,
+    as in the measurement); isolated: the option's pooled row. Returns the layers' entries and
+    the pooled tau with its interval."""
+    swap = args.layer_reference == "swap"
+    opts = layer_options(bits)
+    context = base.with_layers({spec.name: opts[0] for spec in base.specs()})
+    ctx_total = model.price(context).total if swap else 0.0
+    layers = []
+    for li, spec in enumerate(base.specs()):
+        if swap:
+            p = [model.price(context.with_layers({spec.name: o})).total - ctx_total for o in opts]
+            p[0] = 0.0  # the context itself, exactly
+        else:
+            p = [model.op_cost(conv_key(spec, c, args.batch))[0] for c in opts]
+        got = rounds[spec.name] if swap else [rounds[conv_key(spec, c, args.batch)] for c in opts]
+        # swap: each option's network less the context's, per round (the layer's marginal cost)
+        med = np.median(np.asarray(got) - (np.asarray(got[0]) if swap else 0), axis=1)
+        agree = layer_agreement(
+            p,
+            got,
+            tie=tie,
+            resamples=args.bootstrap,
+            seed=args.seed + 1000 * li,
+            scale=float(np.median(got[0])) if swap else None,
+        )
+        layers.append(
+            {
+                "layer": spec.name,
+                "geometry": f"{spec.in_channels}->{spec.out_channels} @{spec.height}x{spec.width}",
+                "table_ms": [round(v * 1e3, 4) for v in p],
+                "measured_ms": [round(float(v) * 1e3, 4) for v in med],
+                "rho": spearman(p, med),
+                **agree,
+            }
+        )
+    # pooled over layers: (concordant - discordant) / resolved pairs, so that a layer whose
+    # rounds resolve one pair weighs one pair, not as much as a layer with six
+    c = np.array([e["concordant"] for e in layers], dtype=float)
+    d = np.array([e["discordant"] for e in layers], dtype=float)
+    r = np.array([e["resolved"] for e in layers], dtype=float)
+    rank = bootstrap_ci(
+        lambda ix: float((c[ix].sum() - d[ix].sum()) / r[ix].sum()) if r[ix].sum() else np.nan,
+        len(layers),
+        resamples=args.bootstrap,
+        seed=args.seed,
+    )
+    return {
+        "layers": layers,
+        "rank": rank,
+        "resolved": int(r.sum()),
+        "ranked": int(np.count_nonzero(r)),
+    }
+
+
 # -- the benchmark -------------------------------------------------------------------------------
 def parse_bits(values: Sequence[str]) -> list[str]:
     out: list[str] = []
@@ -682,7 +781,9 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
     )
     ident = device_identity(device, threads=args.threads)
     keys = plan.keys()
-    table_nets = [NetworkTimer(a, batch=args.batch, device=device) for a in plan_networks(plan)]
+    table_nets = [  # samples keyed in context: rows per neighbour kind, and pooled
+        NetworkTimer(a, batch=args.batch, device=device, context=True) for a in plan_networks(plan)
+    ]
 
     # 1. the networks: uniform references + stratified mixes (picked with a pilot table)
     if args.sequential:
@@ -749,99 +850,67 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
         path = Path(tempfile.mkdtemp()) / f"fidelity-{bits_name}.csv"
     table.write(path)
     model = TableModel(table, batch=args.batch)
+    pooled = TableModel(table, batch=args.batch, context=False)
+    n_ctx = sum(1 for r in table if r.key.after is not None)
     print(
-        f"table: {len(table)} rows; {'sequential' if args.sequential else 'interleaved'} "
-        f"timing, {args.repeats} samples per row and network, stat {args.stat} ({path})"
+        f"table: {len(table)} rows ({n_ctx} in context); "
+        f"{'sequential' if args.sequential else 'interleaved'} timing, {args.repeats} samples "
+        f"per row and network, stat {args.stat} ({path})"
     )
 
-    # 3. end to end
+    # 3. end to end: the table in context (each operation's row after its predecessor's kind)
+    # and its pooled rows alone, from the same timings
+    e2e_meas = [Timing(tuple(t)).stat(args.stat) for t in e2e]
+    ends = {name: end_to_end(m, archs, e2e_meas, args) for name, m in readings(model, pooled)}
     rows = []
-    print(f"{'#':>3} {'kind':<4} {'architecture':<52} {'pred ms':>9} {'meas ms':>9} {'error':>7}")
+    print(
+        f"{'#':>3} {'kind':<4} {'architecture':<52} {'pred ms':>9} {'meas ms':>9} {'error':>7} "
+        f"{'pooled':>7}"
+    )
     for i, (arch, kind) in enumerate(zip(archs, kinds, strict=True)):
-        meas = Timing(tuple(e2e[i])).stat(args.stat)
-        pred = model.price(arch).total
-        err = (pred - meas) / meas
+        pred, meas = ends["context"]["pred"][i], e2e_meas[i]
+        err, err_pooled = (pred - meas) / meas, ends["pooled"]["errors"][i]
         rows.append(
             {
                 "kind": kind,
                 "arch": arch.summary(),
                 "predicted_s": pred,
+                "predicted_pooled_s": ends["pooled"]["pred"][i],
                 "measured_s": meas,
                 "error": err,
             }
         )
         print(
             f"{i:>3} {kind:<4} {arch.summary()[:52]:<52} {pred * 1e3:>9.3f} {meas * 1e3:>9.3f} "
-            f"{err:>+7.1%}",
+            f"{err:>+7.1%} {err_pooled:>+7.1%}",
             flush=True,
         )
-    pred = np.array([r["predicted_s"] for r in rows])
-    meas = np.array([r["measured_s"] for r in rows])
-    errs = np.abs(pred - meas) / meas
-    mape = bootstrap_ci(
-        lambda ix: float(np.mean(errs[ix])), len(rows), resamples=args.bootstrap, seed=args.seed
-    )
-    rho = bootstrap_ci(
-        lambda ix: spearman(pred[ix], meas[ix]),
-        len(rows),
-        resamples=args.bootstrap,
-        seed=args.seed,
-    )
+    meas = np.array(e2e_meas)
+    errs = np.abs(ends["context"]["errors"])
+    mape, rho = ends["context"]["mape"], ends["context"]["spearman"]
 
     # 4. per layer: the table's order of each layer's kernels against an independent timing
     swap = args.layer_reference == "swap"
     rounds = (swapped_layer_rounds if swap else isolated_layer_rounds)(base, bits, args, device)
     tie = args.layer_tie if args.layer_tie is not None else LAYER_TIE[args.layer_reference]
-    layers = []
-    for li, spec in enumerate(base.specs()):
-        ks = [conv_key(spec, c, args.batch) for c in layer_options(bits)]
-        p = [model.op_cost(k)[0] for k in ks]
-        got = rounds[spec.name] if swap else [rounds[k] for k in ks]
-        # swap: each option's network less the context's, per round (the layer's marginal cost)
-        med = np.median(np.asarray(got) - (np.asarray(got[0]) if swap else 0), axis=1)
-        agree = layer_agreement(
-            p,
-            got,
-            tie=tie,
-            resamples=args.bootstrap,
-            seed=args.seed + 1000 * li,
-            scale=float(np.median(got[0])) if swap else None,
-        )
-        layers.append(
-            {
-                "layer": spec.name,
-                "geometry": f"{spec.in_channels}->{spec.out_channels} @{spec.height}x{spec.width}",
-                "table_ms": [round(v * 1e3, 4) for v in p],
-                "measured_ms": [round(float(v) * 1e3, 4) for v in med],
-                "rho": spearman(p, med),
-                **agree,
-            }
-        )
-    # pooled over layers: (concordant - discordant) / resolved pairs, so that a layer whose
-    # rounds resolve one pair weighs one pair, not as much as a layer with six
-    c = np.array([e["concordant"] for e in layers], dtype=float)
-    d = np.array([e["discordant"] for e in layers], dtype=float)
-    r = np.array([e["resolved"] for e in layers], dtype=float)
-    layer_rank = bootstrap_ci(
-        lambda ix: float((c[ix].sum() - d[ix].sum()) / r[ix].sum()) if r[ix].sum() else np.nan,
-        len(layers),
-        resamples=args.bootstrap,
-        seed=args.seed,
-    )
+    per = {
+        name: per_layer(m, base, bits, rounds, tie, args) for name, m in readings(model, pooled)
+    }
+    layers, layer_rank = per["context"]["layers"], per["context"]["rank"]
     rho_all = np.array([e["rho"] for e in layers], dtype=float)
     rho_all = rho_all[~np.isnan(rho_all)]
     regret = np.array([e["regret"] for e in layers])
-    resolved, ranked = int(r.sum()), int(np.count_nonzero(r))  # pairs; layers with one
+    resolved, ranked = per["context"]["resolved"], per["context"]["ranked"]
     pairs = sum(e["pairs"] for e in layers)
     worst = min(
         (e for e in layers if not np.isnan(e["tau"])), key=lambda e: e["tau"], default=None
     )
     if swap:
         print(
-            f"\nper layer: the table's rows (timed in place) vs the layer swapped into an "
-            f"all-direct network, timed end to end ({args.layer_repeats} interleaved rounds); "
-            f"options direct, F2, F4, F6; table: rows (ms), measured: network less the "
-            f"all-direct one (ms, median over rounds); tau over the pairs the rounds resolve "
+            f"\nper layer: the table's prediction vs the layer swapped into an all-direct "
+            f"network, timed end to end ({args.layer_repeats} interleaved rounds); options "
+            f"direct, F2, F4, F6; both: the network less the all-direct one (ms; table: priced "
+            f"in context, measured: median over rounds); tau over the pairs the rounds resolve "
             f"(differ by >= {tie:.1%} of the network, 95% CI); regret of the network"
         )
     else:
@@ -852,14 +921,15 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
         )
     print(
         f"{'layer':<24} {'geometry':<18} {'table':<30} {'measured':<30} {'tau':>6} "
-        f"{'pairs':>5} {'rho':>6} {'regret':>7}"
+        f"{'pairs':>5} {'rho':>6} {'regret':>7} {'pooled':>6}"
     )
-    for e in layers:
-        tb = " ".join(f"{v:.3f}" for v in e["table_ms"])
+    for e, p in zip(layers, per["pooled"]["layers"], strict=True):
+        tb = " ".join(f"{v:+.3f}" if swap else f"{v:.3f}" for v in e["table_ms"])
         al = " ".join(f"{v:+.3f}" if swap else f"{v:.3f}" for v in e["measured_ms"])
         print(
             f"{e['layer'][:24]:<24} {e['geometry']:<18} {tb:<30} {al:<30} {e['tau']:>6.2f} "
-            f"{e['resolved']:>2}/{e['pairs']:<2} {e['rho']:>6.2f} {e['regret']:>+7.1%}"
+            f"{e['resolved']:>2}/{e['pairs']:<2} {e['rho']:>6.2f} {e['regret']:>+7.1%} "
+            f"{p['tau']:>6.2f}"
         )
 
     met = {
@@ -890,6 +960,12 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
         f"  layer rho     {float(np.mean(rho_all)) if len(rho_all) else float('nan'):7.3f}  "
         f"(Spearman over all 4 options, unresolved pairs included)   pick regret: mean "
         f"{regret.mean():.1%}, worst {regret.max():.1%}"
+    )
+    pe, pl = ends["pooled"], per["pooled"]
+    print(
+        f"  pooled rows   MAPE {pe['mape'][0]:.1%}, Spearman {pe['spearman'][0]:.3f}, layer rank "
+        f"{pl['rank'][0]:.3f} ({pl['resolved']} pairs): the same table without its rows in "
+        f"context ({n_ctx} of {len(table)} rows)"
     )
     print(f"  CI: percentile bootstrap over networks / layers, {args.bootstrap} resamples")
     print(f"  machine: {machine_line(device, threads=args.threads)}")
@@ -929,6 +1005,16 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
         "spearman_target_met": bool(met["spearman"]),
         "layer_rank_target_met": bool(met["layer_rank"]),
         "targets_met": bool(all(met.values())),
+        "context_rows": n_ctx,
+        "pooled": {
+            "mape": round(pe["mape"][0], 4),
+            "mape_ci": _ci(pe["mape"]),
+            "spearman": round(pe["spearman"][0], 4),
+            "spearman_ci": _ci(pe["spearman"]),
+            "layer_rank": round(pl["rank"][0], 4),
+            "layer_rank_ci": _ci(pl["rank"]),
+            "layer_pairs_resolved": pl["resolved"],
+        },
         "machine": machine_line(device, threads=args.threads),
         "rows": rows,
         "layers": layers,

@@ -225,12 +225,18 @@ def test_miniature_run_prints_machine_table_and_json_last(fid, capsys, tmp_path)
         assert hi > 1.2 * lo  # the pool itself spans a range (all-direct to Winograd-heavy)
         assert "rows" not in r  # the JSON line holds figures only
     assert any(line.startswith("  layer rank") and "target >= 0.9" in line for line in out)
-    # the fast prediction that picks the mixes is the table's price, end to end
+    # the fast prediction that picks the mixes is the table's pooled price, end to end
     base = fid.base_arch(fid.build_parser().parse_args(["--space", str(_space(tmp_path))]), None)
-    model = TableModel(LatencyTable.read(tmp_path / "t-fp32.csv"))
-    fast = fid.FastPredictor(model, base)
+    table = LatencyTable.read(tmp_path / "t-fp32.csv")
+    assert table.has_context  # the table networks were timed in context
+    pooled = TableModel(table, context=False)
+    fast = fid.FastPredictor(TableModel(table), base)
     arch = fid.random_arch(random.Random(5), base, None)
-    assert fast(arch) == pytest.approx(model.price(arch).total, rel=1e-9)
+    assert fast(arch) == pytest.approx(pooled.price(arch).total, rel=1e-9)
+    # both readings scored, each its own figures
+    r = figures["results"]["fp32"]
+    assert r["context_rows"] > 0 and set(r["pooled"]) >= {"mape", "spearman", "layer_rank"}
+    assert any(line.startswith("  pooled rows   MAPE") for line in out)
 
 
 @pytest.mark.parametrize("network", ["paper", "torchvision", "vgg"])

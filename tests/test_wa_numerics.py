@@ -321,6 +321,25 @@ def test_quantized_tensors_are_kept_as_int8_levels(mode, kept):
         assert not [n for n in float_sizes if n >= big], float_sizes
 
 
+@pytest.mark.parametrize("mode", ["static", "flex"])
+@pytest.mark.parametrize("gran", ["tensor", "tap"])
+def test_winograd_domain_weights_are_kept_as_levels(mode, gran):
+    """The Winograd-domain weights U (quantized by ``weight_wd``), which the input's gradient
+    needs, are kept as int8 levels, not as floats (a quarter of the memory)."""
+    torch.manual_seed(0)
+    layer = WinogradConv2d(16, 24, tile=4, mode=mode, bits=8, granularity=gran).train()
+    x = torch.randn(1, 16, 4, 4, requires_grad=True)
+    u_numel = 36 * 24 * 16  # alpha^2 x K x C; no other tensor of the layer has as many
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t, keep=saved.append: keep(t) or t, lambda t: t
+    ):
+        y = layer(x)
+    assert [t.dtype for t in saved if t.numel() == u_numel] == [torch.int8]
+    y.sum().backward()  # and the gradients through the rebuilt U (bit for bit: the test above)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("bits, dtype", [(8, torch.int8), (4, torch.int8), (12, torch.int16)])
 @pytest.mark.parametrize("axis", [None, 0])
 def test_levels_rebuild_the_values_exactly(bits, dtype, axis):

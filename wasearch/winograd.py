@@ -386,25 +386,38 @@ def _fused_product_output(q, mprod: torch.Tensor, A_t: torch.Tensor):
 
 
 class _GridBmm(torch.autograd.Function):
-    """``torch.bmm(u, v)`` for a ``v`` on a quantization grid (``v == codes * scale``), keeping
-    ``v`` as its integer levels for ``u``'s gradient: the same products as autograd's bmm
-    backward, on the same values, in a quarter of the memory at 8 bits."""
+    """``torch.bmm(u, v)`` for a ``u`` or ``v`` on a quantization grid (``u == u_codes *
+    u_scale``; ``v`` alike; None: not on one), keeping each operand the other's gradient needs
+    as its integer levels where it has them: the same products as autograd's bmm backward, on
+    the same values, in a quarter of the memory at 8 bits."""
 
     @staticmethod
-    def forward(ctx, u, v, codes, scale):
+    def forward(ctx, u, v, u_codes, u_scale, v_codes, v_scale):
         ctx.dtype = v.dtype
-        ctx.save_for_backward(u, codes if ctx.needs_input_grad[0] else None, scale)
+        need_u, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        keep_v = need_u and v_codes is None  # v for u's gradient: as floats if no levels
+        keep_u = need_v and u_codes is None
+        ctx.save_for_backward(
+            u if keep_u else None,
+            u_codes if need_v else None,
+            u_scale,
+            v if keep_v else None,
+            v_codes if need_u else None,
+            v_scale,
+        )
         return torch.bmm(u, v)
 
     @staticmethod
     def backward(ctx, grad):
-        u, codes, scale = ctx.saved_tensors
+        u, u_codes, u_scale, v, v_codes, v_scale = ctx.saved_tensors
         grad_u = grad_v = None
         if ctx.needs_input_grad[0]:
-            grad_u = grad.bmm(rebuild(codes, scale, ctx.dtype).transpose(1, 2))
+            v = v if v_codes is None else rebuild(v_codes, v_scale, ctx.dtype)
+            grad_u = grad.bmm(v.transpose(1, 2))
         if ctx.needs_input_grad[1]:
+            u = u if u_codes is None else rebuild(u_codes, u_scale, ctx.dtype)
             grad_v = u.transpose(1, 2).bmm(grad)
-        return grad_u, grad_v, None, None
+        return grad_u, grad_v, None, None, None, None
 
 
 class _GatherTiles(torch.autograd.Function):
@@ -507,7 +520,8 @@ def winograd_conv2d(
     Memory: the tensors autograd keeps that lie on a quantization grid are kept as their
     integer levels (1 byte each at 8 bits, 2 up to 16) and rebuilt bit for bit in the
     backward: the Winograd-domain input, for the weights' gradient, when ``"input_wd"`` is a
-    :class:`~wasearch.quant.FakeQuantize`; for learned transforms (flex), the input tiles when
+    :class:`~wasearch.quant.FakeQuantize`; the Winograd-domain weights, for the input's
+    gradient, when ``"weight_wd"`` is one; for learned transforms (flex), the input tiles when
     ``x_grid`` gives the input's grid (``(scale, bits)``: ``x`` is a whole multiple of
     ``scale`` everywhere, as the layer's input quantizer makes it) and the product when
     ``"product"`` is one. The outputs and gradients are those of keeping the float tensors.
@@ -539,10 +553,12 @@ def winograd_conv2d(
     else:
         u = torch.kron(G, G) @ w_tiles
     u = u.reshape(a2, k, c)
-    if "weight_wd" in q:
-        u = q["weight_wd"](u)
-
     grad = torch.is_grad_enabled()
+    u_codes = u_scale = None
+    if "weight_wd" in q:  # its levels kept for the input's gradient
+        keep_u = grad and (x.requires_grad or B_t.requires_grad)
+        u, u_codes, u_scale = _quantize_stage(q["weight_wd"], u, keep_u)
+
     keep_grid = x_grid is not None and grad and B_t.requires_grad
     if _fused_transforms(B_t, x) is not None:  # the tiles read in place from x
         x = x.contiguous()
@@ -559,12 +575,12 @@ def winograd_conv2d(
             tile_codes = grid_levels(tiles, tile_scale, x_bits)
         v = _transform_2d(B_t, tiles, tile_codes, tile_scale)  # (a2, C*N*T): B^T d B
     v = v.reshape(a2, c, n * t)
-    v_codes = None
+    v_codes = v_scale = None
     if "input_wd" in q:
         v, v_codes, v_scale = _quantize_stage(q["input_wd"], v, grad and u.requires_grad)
 
-    if v_codes is not None:  # (a2, K, N*T): the Hadamard product summed over C
-        mprod = _GridBmm.apply(u, v, v_codes, v_scale)
+    if v_codes is not None or u_codes is not None:  # (a2, K, N*T): summed over C
+        mprod = _GridBmm.apply(u, v, u_codes, u_scale, v_codes, v_scale)
     else:
         mprod = torch.bmm(u, v)
     untile = (n, k, h, w, th, tw)

@@ -325,7 +325,8 @@ def test_quantized_tensors_are_kept_as_int8_levels(mode, kept):
 @pytest.mark.parametrize("gran", ["tensor", "tap"])
 def test_winograd_domain_weights_are_kept_as_levels(mode, gran):
     """The Winograd-domain weights U (quantized by ``weight_wd``), which the input's gradient
-    needs, are kept as int8 levels, not as floats (a quarter of the memory)."""
+    needs, are kept as int8 levels, not as floats (a quarter of the memory); so are, for a
+    learned G (flex), the weights G's gradient needs."""
     torch.manual_seed(0)
     layer = WinogradConv2d(16, 24, tile=4, mode=mode, bits=8, granularity=gran).train()
     x = torch.randn(1, 16, 4, 4, requires_grad=True)
@@ -336,6 +337,9 @@ def test_winograd_domain_weights_are_kept_as_levels(mode, gran):
     ):
         y = layer(x)
     assert [t.dtype for t in saved if t.numel() == u_numel] == [torch.int8]
+    if mode == "flex":  # the learned G's gradient needs the weights: their levels, not floats
+        w_numel = 9 * 24 * 16
+        assert [t.dtype for t in saved if t.numel() == w_numel] == [torch.int8]
     y.sum().backward()  # and the gradients through the rebuilt U (bit for bit: the test above)
     assert x.grad is not None and torch.isfinite(x.grad).all()
 

@@ -339,15 +339,17 @@ class WinogradConv2d(nn.Module):
             y = winograd_conv2d(self._pad_input(x), self.weight, A_t, G, B_t, bias=self.bias)
             return self._crop_output(y)
         x, x_grid = self._quantize_input(x)
+        weight, w_grid = self._quantize_weight()
         y = winograd_conv2d(
             self._pad_input(x),  # zeros: still on the input's grid
-            self.q_weight(self.weight),
+            weight,
             A_t,
             G,
             B_t,
             bias=self.bias,
             quant=self._stage_quantizers(),
             x_grid=x_grid,
+            w_grid=w_grid,
         )
         return self.q_output(self._crop_output(y))
 
@@ -358,6 +360,14 @@ class WinogradConv2d(nn.Module):
             return self.q_input(x), None
         xq = self.q_input(x, grid=True)
         return xq.values, (xq.scale, self.bits)
+
+    def _quantize_weight(self) -> tuple[torch.Tensor, tuple | None]:
+        """The quantized weights and, where the learned G keeps them for its gradient (flex,
+        training), their grid ``(scale, bits)``: they are kept as levels."""
+        if self.mode != "flex" or not torch.is_grad_enabled():
+            return self.q_weight(self.weight), None
+        wq = self.q_weight(self.weight, grid=True)
+        return wq.values, (wq.scale, self.bits)
 
     def _stage_quantizers(self) -> dict[str, FakeQuantize]:
         return {

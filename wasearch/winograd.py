@@ -497,6 +497,7 @@ def winograd_conv2d(
     bias: torch.Tensor | None = None,
     quant: dict[str, torch.nn.Module] | None = None,
     x_grid: tuple[torch.Tensor, int] | None = None,
+    w_grid: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """3x3, stride 1, padding 1 convolution computed as Winograd F(m x m, 3 x 3).
 
@@ -523,8 +524,9 @@ def winograd_conv2d(
     :class:`~wasearch.quant.FakeQuantize`; the Winograd-domain weights, for the input's
     gradient, when ``"weight_wd"`` is one; for learned transforms (flex), the input tiles when
     ``x_grid`` gives the input's grid (``(scale, bits)``: ``x`` is a whole multiple of
-    ``scale`` everywhere, as the layer's input quantizer makes it) and the product when
-    ``"product"`` is one. The outputs and gradients are those of keeping the float tensors.
+    ``scale`` everywhere, as the layer's input quantizer makes it), the weights when ``w_grid``
+    gives theirs (one scale) and the product when ``"product"`` is one. The outputs and
+    gradients are those of keeping the float tensors.
     Where the CPU kernels run and ``"product"`` is a :class:`~wasearch.quant.FakeQuantize`,
     the product is quantized to its levels only and the output transform reads them
     (:class:`_QuantizedOutput`): its float values, a tensor as large as the Winograd-domain
@@ -547,13 +549,18 @@ def winograd_conv2d(
     # CPU kernels, as the activations' transforms (one pass); else as kron(G, G) @ vec(g), one
     # GEMM whose inner dimension is 9 (on the CPU, MKL ran it and its backward at 1-3 GFLOP/s:
     # 10 % of a flex F4 training step).
+    grad = torch.is_grad_enabled()
     w_tiles = weight.reshape(k * c, 9).t()  # (9, K*C): position-major
     if _fused_transforms(G, w_tiles) is not None:
-        u = _transform_2d(G, w_tiles.contiguous())
+        w_tiles = w_tiles.contiguous()
+        w_codes = w_scale = None
+        if w_grid is not None and grad and G.requires_grad and w_grid[0].numel() == 1:
+            w_scale, w_bits = w_grid  # the weights' levels, for G's gradient
+            w_codes = grid_levels(w_tiles, w_scale, w_bits)
+        u = _transform_2d(G, w_tiles, w_codes, w_scale)
     else:
         u = torch.kron(G, G) @ w_tiles
     u = u.reshape(a2, k, c)
-    grad = torch.is_grad_enabled()
     u_codes = u_scale = None
     if "weight_wd" in q:  # its levels kept for the input's gradient
         keep_u = grad and (x.requires_grad or B_t.requires_grad)

@@ -18,7 +18,7 @@ import torch
 from wasearch import cpu_kernels
 from wasearch.layers import WinogradConv2d
 from wasearch.quant import fake_quantize, grid_levels, qmax, quantize, rebuild
-from wasearch.winograd import _fused_transforms, _transform_2d
+from wasearch.winograd_autograd import fused_transforms, transform_2d
 
 HAS_TOOLCHAIN = shutil.which("c++") is not None and importlib.util.find_spec("ninja") is not None
 
@@ -186,7 +186,7 @@ def _reference(mat, tiles, grad):
 def _fused(mat, tiles, grad):
     m = mat.clone().requires_grad_(True)
     t = tiles.clone().requires_grad_(True)
-    out = _transform_2d(m, t)
+    out = transform_2d(m, t)
     out.backward(grad)
     return out.detach(), t.grad, m.grad
 
@@ -205,7 +205,7 @@ def test_transforms_match_float64(fused, p, a):
         mat = torch.randn(p, a, generator=g)
         tiles = torch.randn(a * a, count, generator=g)
         grad = torch.randn(p * p, count, generator=g)
-        assert _fused_transforms(mat, tiles) is fused
+        assert fused_transforms(mat, tiles) is fused
         out, d_tiles, d_mat = _fused(mat, tiles, grad)
         ref_out, ref_tiles, ref_mat = _reference(mat, tiles, grad)
         _close(out, ref_out)
@@ -368,7 +368,7 @@ def test_the_product_quantized_into_the_output_transform_is_the_same(
     values first."""
     from wasearch import winograd
 
-    real = winograd._fused_product_output
+    real = winograd.fused_product_output
     taken = []
 
     def fusing(*args):
@@ -378,7 +378,7 @@ def test_the_product_quantized_into_the_output_transform_is_the_same(
 
     def run(fuse: bool):
         monkeypatch.setattr(
-            winograd, "_fused_product_output", fusing if fuse else (lambda *a: None)
+            winograd, "fused_product_output", fusing if fuse else (lambda *a: None)
         )
         torch.manual_seed(0)
         layer = WinogradConv2d(6, 5, tile, mode=mode, bits=bits, granularity=gran).train(train)
@@ -417,9 +417,9 @@ def test_transform_shapes_outside_the_kernels_take_torch(fused):
     assert not fused.transform2d_supports(5, 5) and not fused.transform2d_supports(3, 5)
     mat, tiles = torch.randn(3, 6), torch.randn(36, 40)
     assert not fused.transform2d_supports(3, 6)
-    assert _fused_transforms(mat, tiles) is None
-    assert _fused_transforms(mat.double(), tiles.double()) is None
-    torch.testing.assert_close(_transform_2d(mat, tiles), torch.kron(mat, mat) @ tiles)
+    assert fused_transforms(mat, tiles) is None
+    assert fused_transforms(mat.double(), tiles.double()) is None
+    torch.testing.assert_close(transform_2d(mat, tiles), torch.kron(mat, mat) @ tiles)
     with pytest.raises(RuntimeError, match="unsupported matrix shape"):
         fused.transform2d(mat, tiles)
 

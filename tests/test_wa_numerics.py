@@ -18,7 +18,8 @@ from reference_wa import reference_forward
 
 from wasearch.layers import WinogradConv2d
 from wasearch.quant import Quantized
-from wasearch.winograd import _transform_2d, winograd_conv2d
+from wasearch.winograd import winograd_conv2d
+from wasearch.winograd_autograd import transform_2d
 
 
 def _run(layer, forward, batches, train=True):
@@ -149,7 +150,7 @@ def test_separable_transform_equals_kronecker_product(p, a):
     mat = torch.randn(p, a, dtype=torch.float64)
     tiles = torch.randn(a * a, 7, dtype=torch.float64)
     torch.testing.assert_close(
-        _transform_2d(mat, tiles), torch.kron(mat, mat) @ tiles, rtol=1e-12, atol=1e-12
+        transform_2d(mat, tiles), torch.kron(mat, mat) @ tiles, rtol=1e-12, atol=1e-12
     )
 
 
@@ -205,8 +206,8 @@ def test_separable_transform_gradients(p, a):
     torch.manual_seed(0)
     mat = torch.randn(p, a, dtype=torch.float64, requires_grad=True)
     tiles = torch.randn(a * a, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_transform_2d, (mat, tiles))
-    assert torch.autograd.gradcheck(_transform_2d, (mat.detach(), tiles))
+    assert torch.autograd.gradcheck(transform_2d, (mat, tiles))
+    assert torch.autograd.gradcheck(transform_2d, (mat.detach(), tiles))
 
 
 def test_static_quantized_transforms_are_kept_until_a_buffer_changes():

@@ -116,7 +116,7 @@ def test_context_rows_round_trip_and_bad_contexts_are_named(tmp_path) -> None:
     text = path.read_text().splitlines()
     col = text[0].split(",").index("after")
     # a bad context: one message naming the row and the column
-    for bad in ("F1", "F9", "winograd", "f2"):
+    for bad in ("F1", "F9", "winograd", "f2", "F\u00b2", "F"):
         lines = list(text)
         cells = lines[1].split(",")
         cells[col] = bad

@@ -212,7 +212,8 @@ def _is_family(text: str) -> bool:
     """Whether ``text`` names a kernel family: ``direct`` or ``F<tile>``, tile 2..MAX_TILE."""
     if text == "direct":
         return True
-    return text[:1] == "F" and text[1:].isdigit() and 2 <= int(text[1:]) <= MAX_TILE
+    tile = text[1:]
+    return text[:1] == "F" and tile.isascii() and tile.isdigit() and 2 <= int(tile) <= MAX_TILE
 
 
 class LatencyTable:

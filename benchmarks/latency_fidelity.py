@@ -625,9 +625,11 @@ def per_layer(
     ctx_total = model.price(context).total if swap else 0.0
     layers = []
     for li, spec in enumerate(base.specs()):
-        if swap:
-            p = [model.price(context.with_layers({spec.name: o})).total - ctx_total for o in opts]
-            p[0] = 0.0  # the context itself, exactly
+        if swap:  # the first option (direct) is the context itself: 0
+            p = [0.0] + [
+                model.price(context.with_layers({spec.name: o})).total - ctx_total
+                for o in opts[1:]
+            ]
         else:
             p = [model.op_cost(conv_key(spec, c, args.batch))[0] for c in opts]
         got = rounds[spec.name] if swap else [rounds[conv_key(spec, c, args.batch)] for c in opts]
@@ -851,7 +853,7 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
     table.write(path)
     model = TableModel(table, batch=args.batch)
     pooled = TableModel(table, batch=args.batch, context=False)
-    n_ctx = sum(1 for r in table if r.key.after is not None)
+    n_ctx = table.rows_in_context
     print(
         f"table: {len(table)} rows ({n_ctx} in context); "
         f"{'sequential' if args.sequential else 'interleaved'} timing, {args.repeats} samples "

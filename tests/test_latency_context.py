@@ -100,6 +100,7 @@ def test_context_rows_round_trip_and_bad_contexts_are_named(tmp_path) -> None:
     path = table.write(tmp_path / "t.csv")
     again = LatencyTable.read(path)
     assert set(again.keys()) == set(table.keys()) and again.has_context
+    assert again.rows_in_context == sum(1 for k in table.keys() if k.after is not None) > 0
     assert "after" in path.read_text().splitlines()[0].split(",")
     for row in table:
         assert math.isclose(again.get(row.key).seconds, row.seconds, rel_tol=1e-5)

@@ -338,8 +338,8 @@ class WinogradConv2d(nn.Module):
         if self.bits is None:
             y = winograd_conv2d(self._pad_input(x), self.weight, A_t, G, B_t, bias=self.bias)
             return self._crop_output(y)
-        x, x_grid = self._quantize_input(x)
-        weight, w_grid = self._quantize_weight()
+        x, x_grid = self._quantize_keeping_grid(self.q_input, x)
+        weight, w_grid = self._quantize_keeping_grid(self.q_weight, self.weight)
         y = winograd_conv2d(
             self._pad_input(x),  # zeros: still on the input's grid
             weight,
@@ -353,21 +353,16 @@ class WinogradConv2d(nn.Module):
         )
         return self.q_output(self._crop_output(y))
 
-    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
-        """The quantized input and, where learned transforms will keep its tiles for their
-        gradient (flex, training), its grid ``(scale, bits)``: the tiles are kept as levels."""
+    def _quantize_keeping_grid(
+        self, q: FakeQuantize, t: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple | None]:
+        """``q(t)`` and, where the learned transforms keep ``t`` for their gradient (flex,
+        training: B^T the input's tiles, G the weights), its grid ``(scale, bits)``, so that
+        they keep it as levels."""
         if self.mode != "flex" or not torch.is_grad_enabled():
-            return self.q_input(x), None
-        xq = self.q_input(x, grid=True)
-        return xq.values, (xq.scale, self.bits)
-
-    def _quantize_weight(self) -> tuple[torch.Tensor, tuple | None]:
-        """The quantized weights and, where the learned G keeps them for its gradient (flex,
-        training), their grid ``(scale, bits)``: they are kept as levels."""
-        if self.mode != "flex" or not torch.is_grad_enabled():
-            return self.q_weight(self.weight), None
-        wq = self.q_weight(self.weight, grid=True)
-        return wq.values, (wq.scale, self.bits)
+            return q(t), None
+        tq = q(t, grid=True)
+        return tq.values, (tq.scale, self.bits)
 
     def _stage_quantizers(self) -> dict[str, FakeQuantize]:
         return {

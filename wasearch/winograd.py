@@ -233,6 +233,15 @@ def _input_tiles(x: torch.Tensor, a: int, m: int, th: int, tw: int) -> torch.Ten
     return cols.view(n, c, a2, t).permute(2, 1, 0, 3).reshape(a2, c * n * t)
 
 
+def _levels_on(t: torch.Tensor, grid: tuple[torch.Tensor, int] | None, keep: bool):
+    """``(levels, scale)`` of ``t``, which lies on ``grid`` ``(scale, bits)``, for a fused
+    transform to keep: where ``keep`` and the grid has one scale; else ``(None, None)``."""
+    if grid is None or not keep or grid[0].numel() != 1:
+        return None, None
+    scale, bits = grid
+    return grid_levels(t, scale, bits), scale
+
+
 def _quantize_stage(q, x: torch.Tensor, keep: bool):
     """A stage's quantizer applied to ``x``: ``(values, codes, scale)``, the codes only when
     ``keep`` and the quantizer can say its grid (a :class:`~wasearch.quant.FakeQuantize`); any
@@ -331,10 +340,8 @@ def winograd_conv2d(
     w_tiles = weight.reshape(k * c, 9).t()  # (9, K*C): position-major
     if fused_transforms(G, w_tiles) is not None:
         w_tiles = w_tiles.contiguous()
-        w_codes = w_scale = None
-        if w_grid is not None and grad and G.requires_grad and w_grid[0].numel() == 1:
-            w_scale, w_bits = w_grid  # the weights' levels, for G's gradient
-            w_codes = grid_levels(w_tiles, w_scale, w_bits)
+        # the weights' levels, for G's gradient
+        w_codes, w_scale = _levels_on(w_tiles, w_grid, grad and G.requires_grad)
         u = transform_2d(G, w_tiles, w_codes, w_scale)
     else:
         u = torch.kron(G, G) @ w_tiles
@@ -347,10 +354,7 @@ def winograd_conv2d(
     keep_grid = x_grid is not None and grad and B_t.requires_grad
     if fused_transforms(B_t, x) is not None:  # the tiles read in place from x
         x = x.contiguous()
-        x_codes = x_scale = None
-        if keep_grid and x_grid[0].numel() == 1:  # the input's levels, for B^T's gradient
-            x_scale, x_bits = x_grid
-            x_codes = grid_levels(x, x_scale, x_bits)
+        x_codes, x_scale = _levels_on(x, x_grid, keep_grid)  # the input's, for B^T's gradient
         v = Transform2d.apply(B_t, x, x_codes, x_scale, None, (n, c, h, w, th, tw))
     else:
         tiles = _input_tiles(x, a, m, th, tw)  # (a2, C*N*T)

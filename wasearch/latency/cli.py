@@ -150,10 +150,9 @@ def _measure(args: argparse.Namespace) -> int:
     finally:
         if len(table):
             table.write(out_path)  # keep what was timed, even when interrupted
-    in_context = sum(1 for row in table if row.key.after is not None)
     print(
         f"timed in {time.perf_counter() - t0:.1f} s; {len(table)} rows in {out_path} "
-        f"({in_context} of them in context: after a direct or a Winograd layer)"
+        f"({table.rows_in_context} of them in context: after a direct or a Winograd layer)"
     )
     print()
     fallback = "calibrate" if len(table) >= 3 else None

@@ -248,9 +248,14 @@ class LatencyTable:
         self._rows[row.key] = row
 
     @property
+    def rows_in_context(self) -> int:
+        """How many rows are timed in a context (``after`` set)."""
+        return self._in_context
+
+    @property
     def has_context(self) -> bool:
-        """Whether any row is timed in a context (``after`` set): then a
-        :class:`TableModel` prices each operation in its network's context."""
+        """Whether any row is timed in a context: then a :class:`TableModel` prices each
+        operation in its network's context."""
         return self._in_context > 0
 
     def keys(self) -> list[OpKey]:

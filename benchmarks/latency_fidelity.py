@@ -871,7 +871,7 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
     )
     for i, (arch, kind) in enumerate(zip(archs, kinds, strict=True)):
         pred, meas = ends["context"]["pred"][i], e2e_meas[i]
-        err, err_pooled = (pred - meas) / meas, ends["pooled"]["errors"][i]
+        err, err_pooled = ends["context"]["errors"][i], ends["pooled"]["errors"][i]
         rows.append(
             {
                 "kind": kind,

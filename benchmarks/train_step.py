@@ -282,6 +282,10 @@ def main() -> int:
         return 0
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
+    if args.batch < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--batch and --threads must be at least 1")
+    if not args.width > 0:
+        p.error("--width must be positive")
 
     base_env = dict(os.environ)
 

@@ -214,6 +214,22 @@ def test_train_step_interleaves_configurations_and_pairs_their_ratios():
     assert all(r["env"] == mine for r in res.values())
 
 
+@pytest.mark.parametrize(
+    "flag, value", [("--threads", "0"), ("--batch", "0"), ("--width", "0"), ("--steps", "0")]
+)
+def test_train_step_refuses_a_bad_flag_in_one_line(flag, value):
+    got = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), flag, value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert got.returncode == 2 and got.stdout == ""
+    last = got.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_step.py: error:") and flag in last
+    assert "Traceback" not in got.stderr
+
+
 def test_train_step_tap_configurations_build_the_spaces_quantizers():
     """``_tap`` configurations measure the shipped CIFAR spaces' layers (per-tap ranges and
     transform scales); the others the paper's (per tensor), and the default run only those."""

@@ -123,8 +123,10 @@ def test_a_training_step_of_a_wa_layer_is_the_same(fused, mode, tile, gran, bits
         layer = WinogradConv2d(8, 6, tile, mode=mode, bits=bits, granularity=gran)
         x = torch.randn(3, 8, 11, 9, requires_grad=True)
         for _ in range(2):  # the second step runs with a running range already folded
-            # The transforms' kernel sums in another order (tested below): off in both runs.
-            with cpu_kernels.disabled() if off else cpu_kernels.disabled("transforms"):
+            # The transforms' kernel sums in another order (tested below), the product on the
+            # levels exactly (tests/test_grid_product.py): both off in both runs.
+            parts = ("transforms", "grid_product")
+            with cpu_kernels.disabled() if off else cpu_kernels.disabled(*parts):
                 y = layer(x)
                 y.square().sum().backward()
         grads = [p.grad for p in layer.parameters()] + [x.grad]

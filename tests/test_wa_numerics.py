@@ -251,7 +251,10 @@ def test_tensors_kept_as_levels_give_the_same_outputs_and_gradients(
 ):
     """The layer keeps its quantized tensors for the backward as integer levels; the same
     pipeline with every stage quantizer behind a plain callable (which keeps floats) must give
-    the same outputs and gradients bit for bit, through steps whose running ranges clip."""
+    the same outputs and gradients bit for bit, through steps whose running ranges clip. (The
+    product on the levels, which rounds otherwise than bmm, is off here: it has its own tests.)"""
+    from wasearch import cpu_kernels
+
     torch.manual_seed(3)
     layer = WinogradConv2d(
         6,
@@ -269,7 +272,8 @@ def test_tensors_kept_as_levels_give_the_same_outputs_and_gradients(
     for scale in (1.0, 3.0):
         x = scale * torch.randn(2, 6, 10, 9)
         x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        y = layer(x1)
+        with cpu_kernels.disabled("grid_product"):
+            y = layer(x1)
         _weighted_backward(y)
         A_t, G, B_t = ref.transforms()
         plain = {k: (lambda t, q=q: q(t)) for k, q in ref._stage_quantizers().items()}

@@ -76,9 +76,10 @@ def _build() -> ModuleType:
 
 
 #: The kernels that can be switched off on their own (:func:`disabled`): ``"transforms"``, the
-#: Winograd-aware layer's 2-D transforms, which change float rounding (the others compute the
+#: Winograd-aware layer's 2-D transforms, and ``"grid_product"``, its Winograd-domain product on
+#: two 8-bit grids as exact integer sums; both change float rounding (the others compute the
 #: torch chain's values bit for bit).
-PARTS = ("transforms",)
+PARTS = ("transforms", "grid_product")
 
 
 def kernels(part: str | None = None) -> ModuleType | None:

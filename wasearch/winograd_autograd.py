@@ -209,7 +209,13 @@ class GridBmm(torch.autograd.Function):
     """``torch.bmm(u, v)`` for a ``u`` or ``v`` on a quantization grid (``u == u_codes *
     u_scale``; ``v`` alike; None: not on one), keeping each operand the other's gradient needs
     as its integer levels where it has them: the same products as autograd's bmm backward, on
-    the same values, in a quarter of the memory at 8 bits."""
+    the same values, in a quarter of the memory at 8 bits.
+
+    Where both operands come with 8-bit levels and the CPU has AVX-512 VNNI, the forward product
+    itself runs on the levels (``q8_grid_bmm``): exact integer sums, then one product with the
+    two scales, where ``torch.bmm`` of the float values rounds after every addition; so the
+    product differs from bmm's by float rounding only (3-6x faster on the CPU measured; the
+    ``"grid_product"`` part of :func:`~wasearch.cpu_kernels.disabled` switches it off)."""
 
     @staticmethod
     def forward(ctx, u, v, u_codes, u_scale, v_codes, v_scale):
@@ -225,6 +231,10 @@ class GridBmm(torch.autograd.Function):
             v_codes if need_u else None,
             v_scale,
         )
+        ext = _grid_product_kernels(u, u_codes, u_scale, v_codes, v_scale)
+        if ext is not None:  # exact integer sums of the levels, scaled once
+            scale = (u_scale * v_scale).reshape(-1).expand(u.shape[0]).contiguous()
+            return ext.q8_grid_bmm(u_codes, v_codes, scale)
         return torch.bmm(u, v)
 
     @staticmethod
@@ -238,6 +248,26 @@ class GridBmm(torch.autograd.Function):
             u = u if u_codes is None else rebuild(u_codes, u_scale, ctx.dtype)
             grad_v = u.transpose(1, 2).bmm(grad)
         return grad_u, grad_v, None, None, None, None
+
+
+def _grid_product_kernels(u, u_codes, u_scale, v_codes, v_scale):
+    """The compiled kernels where :class:`GridBmm`'s product runs on the levels (``q8_grid_bmm``:
+    int8 levels of both operands, one scale each or one per tile position, float32 CPU tensors,
+    a CPU with AVX-512 VNNI), else None."""
+    if u_codes is None or v_codes is None or u.dtype != torch.float32 or u.device.type != "cpu":
+        return None
+    if u_codes.dtype != torch.int8 or v_codes.dtype != torch.int8:
+        return None
+    a2 = u.shape[0]
+    if any(
+        s.numel() not in (1, a2) or (s.numel() == a2 and s.shape[0] != a2)
+        for s in (u_scale, v_scale)
+    ):
+        return None
+    ext = cpu_kernels.kernels("grid_product")
+    if ext is None or not ext.q8_product_supported():
+        return None
+    return ext
 
 
 class GatherTiles(torch.autograd.Function):

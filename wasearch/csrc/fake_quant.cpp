@@ -671,6 +671,103 @@ at::Tensor q8_product(const at::Tensor& q, const at::Tensor& wpack, const at::Te
   return out;
 }
 
+// The training pipeline's Winograd-domain product on two 8-bit grids, u = u_codes * su and
+// v = v_codes * sv: out[p] = (u_codes[p] @ v_codes[p]) * scale[p], scale = su * sv per position.
+// u_codes (alpha^2, K, C) and v_codes (alpha^2, C, NT) int8 levels (at most 127 in magnitude),
+// scale float32 (alpha^2); returns float32 (alpha^2, K, NT). The integer sums are exact (int32,
+// then one conversion and one product: float32 holds them exactly up to C * 127 * 127 < 2^24,
+// C up to 1040), so the result is the exact product rounded once, where torch.bmm on the float
+// values rounds after every addition. Runs q8_position's u8 x s8 kernel with the roles of its
+// operands swapped: u's rows, offset by 128 to unsigned, are the broadcast rows; v, packed as
+// (alpha^2, NT16 / 16, Cs / 4, 16, 4), the vector operand; v's column sums take the offset out.
+at::Tensor q8_grid_bmm(const at::Tensor& u_codes, const at::Tensor& v_codes,
+                       const at::Tensor& scale) {
+  TORCH_CHECK(q8_product_supported(), "q8_grid_bmm needs the AVX-512 build on a CPU with VNNI");
+  TORCH_CHECK(u_codes.device().is_cpu() && u_codes.scalar_type() == at::kChar &&
+                  u_codes.dim() == 3 && v_codes.device().is_cpu() &&
+                  v_codes.scalar_type() == at::kChar && v_codes.dim() == 3 &&
+                  u_codes.size(0) == v_codes.size(0) && u_codes.size(2) == v_codes.size(1),
+              "u_codes (alpha^2, K, C) and v_codes (alpha^2, C, NT) must be int8 CPU tensors");
+  const int64_t a2 = u_codes.size(0), K = u_codes.size(1), C = u_codes.size(2);
+  const int64_t NT = v_codes.size(2);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == a2,
+              "scale must hold alpha^2 float32 values");
+  at::Tensor out = at::empty({a2, K, NT}, u_codes.options().dtype(at::kFloat));
+#if defined(__AVX512F__)
+  const at::Tensor uc = u_codes.contiguous(), vc = v_codes.contiguous();
+  const at::Tensor sc = scale.contiguous();
+  const int64_t Cs = (C + 3) / 4 * 4, c4 = Cs / 4, Nb = (NT + 15) / 16, Np = Nb * 16;
+  // u's rows offset to unsigned (a padded channel's 128 meets a zero of v: no contribution)
+  at::Tensor q = at::empty({a2, K, Cs}, uc.options().dtype(at::kByte));
+  at::Tensor w = at::empty({a2, Nb, c4, 16, 4}, uc.options());
+  at::Tensor sums = at::empty({a2, Np}, uc.options().dtype(at::kInt));
+  at::Tensor scales = at::empty({a2, Np}, uc.options().dtype(at::kFloat));
+  const int8_t* pu = uc.data_ptr<int8_t>();
+  const int8_t* pv = vc.data_ptr<int8_t>();
+  uint8_t* pq = q.data_ptr<uint8_t>();
+  int8_t* pw = w.data_ptr<int8_t>();
+  int32_t* ps = sums.data_ptr<int32_t>();
+  float* psc = scales.data_ptr<float>();
+  const float* pscale = sc.data_ptr<float>();
+  at::parallel_for(0, a2, 1, [&](int64_t begin, int64_t end) {
+    alignas(16) int8_t zeros[16] = {}, part[4][16];
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int8_t* src = pu + (p * K + k) * C;
+        uint8_t* dst = pq + (p * K + k) * Cs;
+        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<uint8_t>(src[c]) ^ 0x80u;
+        for (int64_t c = C; c < Cs; ++c) dst[c] = 128;
+      }
+      const int8_t* vp = pv + p * C * NT;
+      int8_t* wp = pw + p * Nb * c4 * 64;
+      int32_t* sp = ps + p * Np;
+      std::fill(sp, sp + Np, 0);
+      std::fill(psc + p * Np, psc + (p + 1) * Np, pscale[p]);
+      // 4 channels x 16 columns at a time, transposed to (16 columns, 4 channels) by byte and
+      // word interleaves; the columns' sums kept as 16 int32 lanes
+      for (int64_t cb = 0; cb < c4; ++cb) {
+        const int8_t* rows[4];
+        for (int64_t j = 0; j < 4; ++j) rows[j] = cb * 4 + j < C ? vp + (cb * 4 + j) * NT : nullptr;
+        for (int64_t nb = 0; nb < Nb; ++nb) {
+          const int64_t t0 = nb * 16, nt = std::min<int64_t>(16, NT - t0);
+          __m128i r[4];
+          for (int64_t j = 0; j < 4; ++j) {
+            const int8_t* src = rows[j] ? rows[j] + t0 : zeros;
+            if (rows[j] && nt < 16) {
+              std::memset(part[j], 0, 16);
+              std::memcpy(part[j], src, nt);
+              src = part[j];
+            }
+            r[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+          }
+          const __m128i lo01 = _mm_unpacklo_epi8(r[0], r[1]), hi01 = _mm_unpackhi_epi8(r[0], r[1]);
+          const __m128i lo23 = _mm_unpacklo_epi8(r[2], r[3]), hi23 = _mm_unpackhi_epi8(r[2], r[3]);
+          __m128i* block = reinterpret_cast<__m128i*>(wp + (nb * c4 + cb) * 64);
+          _mm_storeu_si128(block, _mm_unpacklo_epi16(lo01, lo23));
+          _mm_storeu_si128(block + 1, _mm_unpackhi_epi16(lo01, lo23));
+          _mm_storeu_si128(block + 2, _mm_unpacklo_epi16(hi01, hi23));
+          _mm_storeu_si128(block + 3, _mm_unpackhi_epi16(hi01, hi23));
+          __m512i sum = _mm512_loadu_si512(sp + t0);
+          for (int64_t j = 0; j < 4; ++j) sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(r[j]));
+          _mm512_storeu_si512(sp + t0, sum);
+        }
+      }
+    }
+  });
+  float* po = out.data_ptr<float>();
+  // Work items: (position, block of u's rows); the packed v of a position stays in cache.
+  const int64_t block = 48, nblk = (K + block - 1) / block;
+  at::parallel_for(0, a2 * nblk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item % a2, k0 = (item / a2) * block;
+      q8_position(pq, pw, ps, psc, po, p, k0, std::min(K, k0 + block), K, Cs, NT, Nb, 128,
+                  K * NT, 0);
+    }
+  });
+#endif
+  return out;
+}
+
 namespace {
 
 // The output transform's first-pass weights, w1[(r * a + j) * a + i]: the weight of M[i][j] in
@@ -1694,6 +1791,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_product_supported", &q8_product_supported,
         "whether q8_product runs here (AVX-512 build, VNNI CPU)");
   m.def("q8_product", &q8_product, "deploy Winograd: the 8-bit Winograd-domain product (VNNI)");
+  m.def("q8_grid_bmm", &q8_grid_bmm,
+        "training: the Winograd-domain product of two 8-bit grids, exact integer sums (VNNI)");
   m.def("winograd_f32_conv", &winograd_f32_conv,
         "deploy Winograd: the float32 layer, input to output, in one call");
   m.def("winograd_q8_conv", &winograd_q8_conv,

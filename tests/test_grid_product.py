@@ -1,0 +1,124 @@
+"""The Winograd-domain product on two 8-bit grids as exact integer sums (``q8_grid_bmm``, used
+by :class:`wasearch.winograd_autograd.GridBmm` where the CPU has AVX-512 VNNI): the exact
+product of the levels, scaled once; the backward unchanged; a layer's training step the same
+up to float rounding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from wasearch import cpu_kernels
+from wasearch.layers import WinogradConv2d
+from wasearch.winograd_autograd import GridBmm
+
+
+def _kernels():
+    ext = cpu_kernels.kernels()
+    if ext is None or not ext.q8_product_supported():
+        pytest.skip("the product on levels needs the AVX-512 build on a CPU with VNNI")
+    return ext
+
+
+@pytest.mark.parametrize(
+    "a2, k, c, nt",
+    [(16, 5, 7, 19), (36, 32, 32, 70), (4, 3, 1, 1), (36, 20, 9, 50), (64, 17, 66, 33)],
+)
+def test_the_integer_product_is_exact(a2, k, c, nt):
+    ext = _kernels()
+    torch.manual_seed(a2 + k + c + nt)
+    u = torch.randint(-127, 128, (a2, k, c), dtype=torch.int8)
+    v = torch.randint(-127, 128, (a2, c, nt), dtype=torch.int8)
+    u[0, 0, :] = -127  # the extremes: the unsigned offset of u and the column sums of v
+    v[0, :, 0] = -127
+    scale = torch.rand(a2) + 0.01
+    got = ext.q8_grid_bmm(u, v, scale)
+    exact = torch.bmm(u.long(), v.long())
+    assert torch.equal(got, exact.float() * scale.view(-1, 1, 1))
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_grid_bmm_runs_on_the_levels_and_keeps_its_backward(per_position):
+    _kernels()
+    torch.manual_seed(1)
+    a2, k, c, nt = 36, 12, 10, 40
+    su = torch.rand(a2, 1, 1) / 50 + 1e-3 if per_position else torch.tensor(0.013)
+    sv = torch.rand(a2, 1, 1) / 50 + 1e-3 if per_position else torch.tensor(0.021)
+    uc = torch.randint(-127, 128, (a2, k, c), dtype=torch.int8)
+    vc = torch.randint(-127, 128, (a2, c, nt), dtype=torch.int8)
+    runs = []
+    for off in (True, False):
+        u = (uc.float() * su).requires_grad_(True)
+        v = (vc.float() * sv).requires_grad_(True)
+        if off:
+            with cpu_kernels.disabled("grid_product"):
+                out = GridBmm.apply(u, v, uc, su, vc, sv)
+        else:
+            out = GridBmm.apply(u, v, uc, su, vc, sv)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+        out.backward(g)
+        runs.append((out.detach(), u.grad, v.grad))
+    (y_bmm, gu0, gv0), (y_lv, gu1, gv1) = runs
+    exact = torch.bmm(uc.long(), vc.long()).float() * (su * sv).reshape(-1, 1, 1)
+    assert torch.equal(y_lv, exact)  # the levels' exact sums, scaled once
+    assert not torch.equal(y_lv, y_bmm)  # bmm of the float values rounds otherwise
+    torch.testing.assert_close(y_lv, y_bmm, rtol=1e-5, atol=1e-6)
+    assert torch.equal(gu0, gu1) and torch.equal(gv0, gv1)  # the backward is bmm's
+
+
+def test_not_used_without_8_bit_levels():
+    _kernels()
+    from wasearch.winograd_autograd import _grid_product_kernels
+
+    u = torch.randn(16, 4, 4)
+    lv8 = torch.zeros(16, 4, 4, dtype=torch.int8)
+    lv16 = torch.zeros(16, 4, 4, dtype=torch.int16)
+    s = torch.tensor(0.1)
+    assert _grid_product_kernels(u, lv8, s, lv8, s) is not None
+    assert _grid_product_kernels(u, lv16, s, lv8, s) is None  # 9 to 16 bits: bmm
+    assert _grid_product_kernels(u, None, None, lv8, s) is None
+    assert _grid_product_kernels(u.double(), lv8, s, lv8, s) is None
+    assert _grid_product_kernels(u, lv8, torch.rand(4, 1, 1), lv8, s) is None  # not per position
+    with cpu_kernels.disabled("grid_product"):
+        assert _grid_product_kernels(u, lv8, s, lv8, s) is None
+
+
+@pytest.mark.parametrize("mode, tile, gran", [("flex", 4, "tensor"), ("static", 6, "tap")])
+def test_a_training_step_differs_only_at_rounding_boundaries(mode, tile, gran, monkeypatch):
+    _kernels()
+    from wasearch import winograd_autograd
+
+    calls = []
+    real = winograd_autograd._grid_product_kernels
+
+    def counted(*args):
+        ext = real(*args)
+        calls.append(ext is not None)
+        return ext
+
+    monkeypatch.setattr(winograd_autograd, "_grid_product_kernels", counted)
+    torch.manual_seed(4)
+    layer = WinogradConv2d(16, 16, tile=tile, mode=mode, bits=8, granularity=gran).train()
+    ref = copy.deepcopy(layer)
+    outs = []
+    for lay, off in ((ref, True), (layer, False)):
+        x = torch.randn(4, 16, 12, 12, generator=torch.Generator().manual_seed(5))
+        x.requires_grad_(True)
+        if off:
+            with cpu_kernels.disabled("grid_product"):
+                y = lay(x)
+        else:
+            y = lay(x)
+        y.square().sum().backward()
+        outs.append((y.detach(), x.grad, lay.weight.grad))
+    (y0, gx0, gw0), (y1, gx1, gw1) = outs
+    assert calls == [False, True]  # off, then on the levels
+    step = y0.abs().max() / 127
+    diff = (y1 - y0).abs()
+    assert (diff > 1e-3 * step).float().mean() < 0.02  # almost every value identical
+    assert diff.max() <= 2 * step + 1e-6  # the rest: a flip to a neighbouring level
+    for a, b in ((gx0, gx1), (gw0, gw1)):
+        cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+        assert cos > 0.99

@@ -65,7 +65,35 @@ def test_grid_bmm_runs_on_the_levels_and_keeps_its_backward(per_position):
     assert torch.equal(y_lv, exact)  # the levels' exact sums, scaled once
     assert not torch.equal(y_lv, y_bmm)  # bmm of the float values rounds otherwise
     torch.testing.assert_close(y_lv, y_bmm, rtol=1e-5, atol=1e-6)
-    assert torch.equal(gu0, gu1) and torch.equal(gv0, gv1)  # the backward is bmm's
+    # the backward from the levels: bmm's products, summed in another order
+    g64 = torch.randn(y_bmm.shape, generator=torch.Generator().manual_seed(2)).double()
+    u64, v64 = uc.double() * su.double(), vc.double() * sv.double()
+    exact_u, exact_v = g64.bmm(v64.transpose(1, 2)), u64.transpose(1, 2).bmm(g64)
+    for got, ref, ex in ((gu1, gu0, exact_u), (gv1, gv0, exact_v)):
+        assert not torch.equal(got, ref)
+        err, ref_err = (got.double() - ex).abs().max(), (ref.double() - ex).abs().max()
+        assert err <= 4 * ref_err + 1e-7 * ex.abs().max()
+
+
+@pytest.mark.parametrize(
+    "a2, k, c, nt",
+    [(16, 5, 7, 19), (36, 32, 32, 300), (4, 3, 1, 1), (36, 20, 9, 50), (16, 9, 17, 33)],
+)
+def test_the_backward_from_the_levels(a2, k, c, nt):
+    """Both gradients, every tail of the 8 x 32 and 4 x 4 blocks, long and short sums."""
+    ext = _kernels()
+    torch.manual_seed(a2 * k + c + nt)
+    uc = torch.randint(-127, 128, (a2, k, c), dtype=torch.int8)
+    vc = torch.randint(-127, 128, (a2, c, nt), dtype=torch.int8)
+    su, sv, g = torch.rand(a2) + 0.01, torch.rand(a2) + 0.01, torch.randn(a2, k, nt)
+    gu, gv = ext.grid_bmm_backward(g, uc, su, vc, sv, True, True)
+    u64 = uc.double() * su.double().view(-1, 1, 1)
+    v64 = vc.double() * sv.double().view(-1, 1, 1)
+    eu, ev = g.double().bmm(v64.transpose(1, 2)), u64.transpose(1, 2).bmm(g.double())
+    torch.testing.assert_close(gu.double(), eu, rtol=1e-5, atol=1e-5 * float(eu.abs().max()))
+    torch.testing.assert_close(gv.double(), ev, rtol=1e-5, atol=1e-5 * float(ev.abs().max()))
+    only_u, none_v = ext.grid_bmm_backward(g, uc, su, vc, sv, True, False)
+    assert torch.equal(only_u, gu) and none_v is None  # only what was asked
 
 
 def test_not_used_without_8_bit_levels():

@@ -270,11 +270,30 @@ void input_tile(const float* px, const float* B, int64_t H, int64_t W, int64_t C
   }
 }
 
+// Position-major rows of kLargeRows bytes and more are written past the caches (whole 64-byte
+// lines, non-temporal): the rows lie count floats apart, often a power of two, so that every
+// row's line of a block falls into one cache set, and alpha^2 of them (36 at F4) evict each
+// other before the block is done; written through the caches, each line was also read first.
+// Measured on Zen 5 at F4, batch 32: a 32-channel 32x32 layer's A^T backward 3.6 -> 1.1 ms, a
+// 64-channel 16x16 layer's B^T forward 2.3 -> 0.8 ms. (A consumer then reads the rows from
+// memory, where rows this large would have been anyway.) Callers that store so fence after
+// their parallel loop (stream_fence).
+constexpr int64_t kLargeRows = int64_t{2} << 20;
+
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
 #if defined(__AVX512F__)
 // The lanes of a 16-float vector that hold channels: all, or the first `left` (1..15) of the last.
 inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
 }
+
+// tail_mask, or no lanes where none are left (left <= 0).
+inline __mmask16 lanes_left(int64_t left) { return left <= 0 ? 0 : tail_mask(left); }
 
 // input_tile with 16 channels at a time in vector registers, alpha = A known at compile time:
 // each column of the tile loaded once (zeros where it lies in the padding), B applied along it
@@ -768,6 +787,194 @@ at::Tensor q8_grid_bmm(const at::Tensor& u_codes, const at::Tensor& v_codes,
   return out;
 }
 
+// The backward of q8_grid_bmm's product (GridBmm): grad_u[p] = sv[p] * grad[p] @ v_codes[p]^T
+// (K x C) and grad_v[p] = su[p] * u_codes[p]^T @ grad[p] (C x NT), float32 products read
+// straight from the levels (no float u or v rebuilt), in AVX-512 registers: on Zen 5 torch.bmm
+// runs MKL's AVX2 code, about half this machine's float rate. grad_u sums along the tiles, 4 x 4
+// outputs at a time (16 tiles per vector, the lanes added at the end: the same order for any
+// number of threads); grad_v broadcasts u's levels (as floats, 8 channels) against 32 tiles of
+// grad, copied to a small contiguous panel first (grad's rows lie NT floats apart).
+#if defined(__AVX512F__)
+namespace {
+
+// Below this many tiles, grad_u sums as an (8 x 32)-blocked product of transposed copies.
+constexpr int64_t kShortSums = 256;
+
+// 16 int8 levels as floats (exact)
+inline __m512 levels16(const int8_t* p, __mmask16 mask) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+
+void grid_grad_u(const float* g, const int8_t* v, float sv, int64_t K, int64_t C, int64_t NT,
+                 float* out) {
+  for (int64_t k0 = 0; k0 < K; k0 += 4) {
+    const float* gr[4];
+    for (int i = 0; i < 4; ++i) gr[i] = g + std::min<int64_t>(k0 + i, K - 1) * NT;
+    for (int64_t c0 = 0; c0 < C; c0 += 4) {
+      const int8_t* vr[4];
+      for (int j = 0; j < 4; ++j) vr[j] = v + std::min<int64_t>(c0 + j, C - 1) * NT;
+      __m512 acc[4][4];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < NT; t += 16) {
+        const __mmask16 mask = lanes_left(NT - t);
+        __m512 gv[4];
+        for (int i = 0; i < 4; ++i) gv[i] = _mm512_maskz_loadu_ps(mask, gr[i] + t);
+        for (int j = 0; j < 4; ++j) {
+          const __m512 vv = levels16(vr[j] + t, mask);
+          for (int i = 0; i < 4; ++i) acc[i][j] = _mm512_fmadd_ps(gv[i], vv, acc[i][j]);
+        }
+      }
+      for (int i = 0; i < 4 && k0 + i < K; ++i)
+        for (int j = 0; j < 4 && c0 + j < C; ++j)
+          out[(k0 + i) * C + c0 + j] = _mm512_reduce_add_ps(acc[i][j]) * sv;
+    }
+  }
+}
+
+// out[i][j] = scale * sum_k a[k][i] * b[k][j] for i < M, j < N (out's rows ldo apart): a packed
+// as (M / 8 blocks, Kred, 8) floats, b's columns [j0, j0 + 32) copied by fill(panel, j0) as
+// Kred x 32 floats (zeros past N). 8 x 32 outputs in 16 registers; rows of out that make a
+// large tensor are written past the caches (store_rows, as the transforms' position-major rows).
+template <typename Fill>
+void nn_product(const float* a, int64_t M, int64_t Kred, int64_t N, float scale, float* out,
+                int64_t ldo, bool stream, std::vector<float>& panel, const Fill& fill) {
+  const int64_t M8 = (M + 7) / 8;
+  panel.resize(Kred * 32);
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < N; j0 += 32) {
+    fill(panel.data(), j0);
+    const __mmask16 m0 = lanes_left(N - j0), m1 = lanes_left(N - j0 - 16);
+    const bool whole = stream && N - j0 >= 32 && (ldo & 15) == 0 &&
+                       (reinterpret_cast<uintptr_t>(out + j0) & 63) == 0;
+    for (int64_t ib = 0; ib < M8; ++ib) {
+      const float* ab = a + ib * Kred * 8;
+      __m512 acc[8][2];
+      for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < Kred; ++k) {
+        const __m512 b0 = _mm512_loadu_ps(panel.data() + k * 32);
+        const __m512 b1 = _mm512_loadu_ps(panel.data() + k * 32 + 16);
+        for (int i = 0; i < 8; ++i) {
+          const __m512 x = _mm512_set1_ps(ab[k * 8 + i]);
+          acc[i][0] = _mm512_fmadd_ps(x, b0, acc[i][0]);
+          acc[i][1] = _mm512_fmadd_ps(x, b1, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < 8 && ib * 8 + i < M; ++i) {
+        float* o = out + (ib * 8 + i) * ldo + j0;
+        if (whole) {
+          _mm512_stream_ps(o, _mm512_mul_ps(acc[i][0], s));
+          _mm512_stream_ps(o + 16, _mm512_mul_ps(acc[i][1], s));
+        } else {
+          _mm512_mask_storeu_ps(o, m0, _mm512_mul_ps(acc[i][0], s));
+          _mm512_mask_storeu_ps(o + 16, m1, _mm512_mul_ps(acc[i][1], s));
+        }
+      }
+    }
+  }
+}
+
+// grad_v = su * u^T @ grad: a = u's levels as floats, b = grad's rows.
+void grid_grad_v(const float* g, const int8_t* u, float su, int64_t K, int64_t C, int64_t NT,
+                 float* out, bool stream, std::vector<float>& a, std::vector<float>& panel) {
+  const int64_t C8 = (C + 7) / 8;
+  a.resize(C8 * K * 8);  // a[cb][k][i] = u[k][cb * 8 + i], 0 past C
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t cb = 0; cb < C8; ++cb) {
+      const int64_t n = std::min<int64_t>(8, C - cb * 8);
+      int64_t eight = 0;
+      std::memcpy(&eight, u + k * C + cb * 8, n);
+      const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(eight)));
+      _mm256_storeu_ps(a.data() + (cb * K + k) * 8, f);
+    }
+  }
+  nn_product(a.data(), C, K, NT, su, out, NT, stream, panel, [&](float* pn, int64_t t0) {
+    const __mmask16 m0 = lanes_left(NT - t0), m1 = lanes_left(NT - t0 - 16);
+    for (int64_t k = 0; k < K; ++k) {
+      _mm512_storeu_ps(pn + k * 32, _mm512_maskz_loadu_ps(m0, g + k * NT + t0));
+      _mm512_storeu_ps(pn + k * 32 + 16, _mm512_maskz_loadu_ps(m1, g + k * NT + t0 + 16));
+    }
+  });
+}
+
+// grad_u = sv * grad @ v^T for few tiles (the sums along them too short for grid_grad_u's
+// lanes): a = grad transposed, b = v's levels transposed, as floats.
+void grid_grad_u_short(const float* g, const int8_t* v, float sv, int64_t K, int64_t C,
+                       int64_t NT, float* out, std::vector<float>& a, std::vector<float>& panel) {
+  const int64_t K8 = (K + 7) / 8;
+  a.assign(K8 * NT * 8, 0.0f);  // a[kb][t][i] = g[kb * 8 + i][t]
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t t = 0; t < NT; ++t) a[((k / 8) * NT + t) * 8 + k % 8] = g[k * NT + t];
+  nn_product(a.data(), K, NT, C, sv, out, C, false, panel, [&](float* pn, int64_t c0) {
+    for (int64_t t = 0; t < NT; ++t)
+      for (int64_t j = 0; j < 32; ++j) pn[t * 32 + j] = c0 + j < C ? v[(c0 + j) * NT + t] : 0.0f;
+  });
+}
+
+}  // namespace
+#endif
+
+// Whether grid_bmm_backward runs here (the AVX-512 build).
+bool grid_bmm_backward_supported() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// grad (alpha^2, K, NT) float32, u_codes (alpha^2, K, C) and v_codes (alpha^2, C, NT) int8,
+// u_scale and v_scale float32 (alpha^2): {grad_u (alpha^2, K, C) if need_u, grad_v (alpha^2,
+// C, NT) if need_v} (undefined tensors where not asked).
+std::vector<at::Tensor> grid_bmm_backward(const at::Tensor& grad, const at::Tensor& u_codes,
+                                          const at::Tensor& u_scale, const at::Tensor& v_codes,
+                                          const at::Tensor& v_scale, bool need_u, bool need_v) {
+  TORCH_CHECK(grid_bmm_backward_supported(), "grid_bmm_backward needs the AVX-512 build");
+  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.dim() == 3,
+              "grad must be a (alpha^2, K, NT) float32 CPU tensor");
+  const int64_t a2 = grad.size(0), K = grad.size(1), NT = grad.size(2);
+  TORCH_CHECK(u_codes.scalar_type() == at::kChar && v_codes.scalar_type() == at::kChar &&
+                  u_codes.dim() == 3 && v_codes.dim() == 3 && u_codes.size(0) == a2 &&
+                  u_codes.size(1) == K && v_codes.size(0) == a2 && v_codes.size(2) == NT &&
+                  u_codes.size(2) == v_codes.size(1),
+              "u_codes (alpha^2, K, C) and v_codes (alpha^2, C, NT) must be int8");
+  const int64_t C = u_codes.size(2);
+  TORCH_CHECK(u_scale.scalar_type() == at::kFloat && u_scale.numel() == a2 &&
+                  v_scale.scalar_type() == at::kFloat && v_scale.numel() == a2,
+              "u_scale and v_scale must hold alpha^2 float32 values");
+  at::Tensor gu, gv;
+#if defined(__AVX512F__)
+  const at::Tensor gc = grad.contiguous(), uc = u_codes.contiguous(), vc = v_codes.contiguous();
+  const at::Tensor us = u_scale.contiguous(), vs = v_scale.contiguous();
+  if (need_u) gu = at::empty({a2, K, C}, gc.options());
+  if (need_v) gv = at::empty({a2, C, NT}, gc.options());
+  const float* pg = gc.data_ptr<float>();
+  const int8_t* pu = uc.data_ptr<int8_t>();
+  const int8_t* pv = vc.data_ptr<int8_t>();
+  const float* pus = us.data_ptr<float>();
+  const float* pvs = vs.data_ptr<float>();
+  float* pgu = need_u ? gu.data_ptr<float>() : nullptr;
+  float* pgv = need_v ? gv.data_ptr<float>() : nullptr;
+  const bool stream = a2 * C * NT * int64_t{sizeof(float)} >= kLargeRows;
+  at::parallel_for(0, a2, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> a, panel;
+    for (int64_t p = begin; p < end; ++p) {
+      const float* g = pg + p * K * NT;
+      if (pgu && NT >= kShortSums) {
+        grid_grad_u(g, pv + p * C * NT, pvs[p], K, C, NT, pgu + p * K * C);
+      } else if (pgu) {
+        grid_grad_u_short(g, pv + p * C * NT, pvs[p], K, C, NT, pgu + p * K * C, a, panel);
+      }
+      if (pgv) {
+        grid_grad_v(g, pu + p * K * C, pus[p], K, C, NT, pgv + p * C * NT, stream, a, panel);
+      }
+    }
+  });
+  if (stream) stream_fence();
+#endif
+  return {gu, gv};
+}
+
 namespace {
 
 // The output transform's first-pass weights, w1[(r * a + j) * a + i]: the weight of M[i][j] in
@@ -1240,16 +1447,6 @@ struct TileRows {
   }
 };
 
-// Position-major rows of kLargeRows bytes and more are written past the caches (whole 64-byte
-// lines, non-temporal): the rows lie count floats apart, often a power of two, so that every
-// row's line of a block falls into one cache set, and alpha^2 of them (36 at F4) evict each
-// other before the block is done; written through the caches, each line was also read first.
-// Measured on Zen 5 at F4, batch 32: a 32-channel 32x32 layer's A^T backward 3.6 -> 1.1 ms, a
-// 64-channel 16x16 layer's B^T forward 2.3 -> 0.8 ms. (A consumer then reads the rows from
-// memory, where rows this large would have been anyway.) Callers that store so fence after
-// their parallel loop (stream_fence).
-constexpr int64_t kLargeRows = int64_t{2} << 20;
-
 inline bool stream_rows(const float* base, int rows, int64_t count, int64_t c0, int64_t n) {
 #if defined(__AVX512F__)
   return n >= kV && rows * count * int64_t{sizeof(float)} >= kLargeRows && (count & 15) == 0 &&
@@ -1259,11 +1456,6 @@ inline bool stream_rows(const float* base, int rows, int64_t count, int64_t c0, 
 #endif
 }
 
-inline void stream_fence() {
-#if defined(__AVX512F__)
-  _mm_sfence();
-#endif
-}
 
 // Rows [0, rows) of kV tiles from c0 into v, and back: one out-of-line copy shared by every
 // shape, so that the templates below hold only arithmetic.
@@ -1834,6 +2026,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_product_supported", &q8_product_supported,
         "whether q8_product runs here (AVX-512 build, VNNI CPU)");
   m.def("q8_product", &q8_product, "deploy Winograd: the 8-bit Winograd-domain product (VNNI)");
+  m.def("grid_bmm_backward_supported", &grid_bmm_backward_supported,
+        "whether grid_bmm_backward runs here (AVX-512 build)");
+  m.def("grid_bmm_backward", &grid_bmm_backward,
+        "training: the gradients of the Winograd-domain product, read from the levels");
   m.def("q8_grid_bmm", &q8_grid_bmm,
         "training: the Winograd-domain product of two 8-bit grids, exact integer sums (VNNI)");
   m.def("winograd_f32_conv", &winograd_f32_conv,

@@ -116,17 +116,17 @@ def test_not_used_without_8_bit_levels():
 @pytest.mark.parametrize("mode, tile, gran", [("flex", 4, "tensor"), ("static", 6, "tap")])
 def test_a_training_step_differs_only_at_rounding_boundaries(mode, tile, gran, monkeypatch):
     _kernels()
-    from wasearch import winograd_autograd
+    from wasearch import winograd
 
     calls = []
-    real = winograd_autograd._grid_product_kernels
+    real = winograd.quantized_grid_product
 
     def counted(*args):
-        ext = real(*args)
-        calls.append(ext is not None)
-        return ext
+        out = real(*args)
+        calls.append(out is not None)
+        return out
 
-    monkeypatch.setattr(winograd_autograd, "_grid_product_kernels", counted)
+    monkeypatch.setattr(winograd, "quantized_grid_product", counted)
     torch.manual_seed(4)
     layer = WinogradConv2d(16, 16, tile=tile, mode=mode, bits=8, granularity=gran).train()
     ref = copy.deepcopy(layer)
@@ -150,3 +150,42 @@ def test_a_training_step_differs_only_at_rounding_boundaries(mode, tile, gran, m
     for a, b in ((gx0, gx1), (gw0, gw1)):
         cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
         assert cos > 0.99
+
+
+@pytest.mark.parametrize("mode", ["static", "flex"])
+@pytest.mark.parametrize("gran", ["tensor", "tap"])
+def test_quantizing_to_levels_only_changes_nothing(mode, gran, monkeypatch):
+    """QuantizedGridBmm (the quantizers write levels and masks only) against quantizing to
+    values first and GridBmm on the levels: the same outputs, gradients and running ranges bit
+    for bit, through a batch that the running ranges clip and in evaluation."""
+    _kernels()
+    from wasearch import winograd
+
+    torch.manual_seed(6)
+    layer = WinogradConv2d(12, 10, tile=4, mode=mode, bits=8, granularity=gran, bias=True)
+    ref = copy.deepcopy(layer)
+    seen = []
+    real = winograd.quantized_grid_product
+
+    def fused(*args):
+        out = real(*args)
+        seen.append(out is not None)
+        return out
+
+    for scale, train in ((1.0, True), (3.0, True), (1.0, False)):
+        x = scale * torch.randn(2, 12, 9, 10, generator=torch.Generator().manual_seed(7))
+        results = []
+        for lay, patched in ((layer, fused), (ref, lambda *args: None)):
+            monkeypatch.setattr(winograd, "quantized_grid_product", patched)
+            lay.train(train)
+            xi = x.clone().requires_grad_(True)
+            y = lay(xi)
+            (y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum().backward()
+            grads = [xi.grad] + [p.grad.clone() for p in lay.parameters()]
+            lay.zero_grad(set_to_none=True)
+            results.append((y.detach(), grads, [b.clone() for b in lay.buffers()]))
+        (y1, g1, b1), (y2, g2, b2) = results
+        assert torch.equal(y1, y2)
+        for a, b in zip(g1 + b1, g2 + b2, strict=True):
+            assert torch.equal(a, b)
+    assert seen and all(seen)  # the fused step ran in every pass

@@ -49,6 +49,7 @@ __all__ = [
     "qmax",
     "quantize",
     "rebuild",
+    "scale_rows",
 ]
 
 _EPS = 1e-12
@@ -152,7 +153,7 @@ class _RoundSTE(torch.autograd.Function):
         return mask.to(grad.dtype).mul_(grad), None, None, None, None
 
 
-def _scale_rows(shape: torch.Size, scale: torch.Tensor) -> torch.Tensor | None:
+def scale_rows(shape: torch.Size, scale: torch.Tensor) -> torch.Tensor | None:
     """``scale`` as the fused kernels take it for a tensor of ``shape``: one value, or one per
     index of dimension 0; None for any other layout."""
     if scale.dtype != torch.float32:
@@ -169,7 +170,7 @@ def _fused_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     they do not apply and the torch chain runs."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
         return None
-    return _scale_rows(x.shape, scale)
+    return scale_rows(x.shape, scale)
 
 
 def grid_levels(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -187,7 +188,7 @@ def rebuild(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
     """A fake-quantized tensor from its integer levels: the quantizer's own last operation
     (``level * scale``), so the same values bit for bit."""
     if dtype == torch.float32 and codes.device.type == "cpu" and codes.is_contiguous():
-        rows = _scale_rows(codes.shape, scale)
+        rows = scale_rows(codes.shape, scale)
         ext = cpu_kernels.kernels() if rows is not None else None
         if ext is not None:
             return ext.rebuild(codes, rows)

@@ -51,6 +51,7 @@ from .winograd_autograd import (
     Transform2d,
     fused_product_output,
     fused_transforms,
+    quantized_grid_product,
     transform_2d,
 )
 
@@ -274,6 +275,21 @@ def _output_transform(A_t, mprod, q, grad: bool, untile) -> torch.Tensor:
     return y
 
 
+def _quantized_product(q, u, v, keep_u: bool, grad: bool) -> torch.Tensor:
+    """The Winograd-domain quantizers (where ``q`` has them) and the product ``bmm(u, v)``,
+    keeping the operands' levels for the backward (:class:`GridBmm`) where they have them: the
+    weights' for the input's gradient, the input's for the weights'."""
+    u_codes = u_scale = None
+    if "weight_wd" in q:
+        u, u_codes, u_scale = _quantize_stage(q["weight_wd"], u, keep_u)
+    v_codes = v_scale = None
+    if "input_wd" in q:
+        v, v_codes, v_scale = _quantize_stage(q["input_wd"], v, grad and u.requires_grad)
+    if v_codes is not None or u_codes is not None:
+        return GridBmm.apply(u, v, u_codes, u_scale, v_codes, v_scale)
+    return torch.bmm(u, v)
+
+
 def winograd_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -346,10 +362,7 @@ def winograd_conv2d(
     else:
         u = torch.kron(G, G) @ w_tiles
     u = u.reshape(a2, k, c)
-    u_codes = u_scale = None
-    if "weight_wd" in q:  # its levels kept for the input's gradient
-        keep_u = grad and (x.requires_grad or B_t.requires_grad)
-        u, u_codes, u_scale = _quantize_stage(q["weight_wd"], u, keep_u)
+    keep_u = grad and (x.requires_grad or B_t.requires_grad)
 
     keep_grid = x_grid is not None and grad and B_t.requires_grad
     if fused_transforms(B_t, x) is not None:  # the tiles read in place from x
@@ -364,14 +377,11 @@ def winograd_conv2d(
             tile_codes = grid_levels(tiles, tile_scale, x_bits)
         v = transform_2d(B_t, tiles, tile_codes, tile_scale)  # (a2, C*N*T): B^T d B
     v = v.reshape(a2, c, n * t)
-    v_codes = v_scale = None
-    if "input_wd" in q:
-        v, v_codes, v_scale = _quantize_stage(q["input_wd"], v, grad and u.requires_grad)
-
-    if v_codes is not None or u_codes is not None:  # (a2, K, N*T): summed over C
-        mprod = GridBmm.apply(u, v, u_codes, u_scale, v_codes, v_scale)
-    else:
-        mprod = torch.bmm(u, v)
+    # (a2, K, N*T): summed over C. Both operands quantized to their levels only and multiplied
+    # on them where the CPU kernels serve (QuantizedGridBmm), else quantized to values here.
+    mprod = quantized_grid_product(q.get("weight_wd"), q.get("input_wd"), u, v)
+    if mprod is None:
+        mprod = _quantized_product(q, u, v, keep_u, grad)
     untile = (n, k, h, w, th, tw)
     fused_q = fused_product_output(q.get("product"), mprod, A_t)
     if fused_q is not None:  # quantized and transformed in one step: A^T M A, N x K x H x W

@@ -12,15 +12,17 @@ from __future__ import annotations
 import torch
 
 from . import cpu_kernels
-from .quant import FakeQuantize, rebuild
+from .quant import FakeQuantize, qmax, rebuild, scale_rows
 
 __all__ = [
     "GatherTiles",
     "GridBmm",
+    "QuantizedGridBmm",
     "QuantizedOutput",
     "Transform2d",
     "fused_product_output",
     "fused_transforms",
+    "quantized_grid_product",
     "transform_2d",
 ]
 
@@ -285,6 +287,75 @@ def _grid_product_kernels(u, u_codes, u_scale, v_codes, v_scale):
     if ext is None or not ext.q8_product_supported():
         return None
     return ext
+
+
+class QuantizedGridBmm(torch.autograd.Function):
+    """The two Winograd-domain quantizers and the product as one step: ``u`` (``G g G^T``) and
+    ``v`` (``B^T d B``) quantized to their integer levels and clip masks only, in one pass each
+    (their float values, as large as the Winograd-domain input, are never written), the
+    product summed exactly on the levels (``q8_grid_bmm``), its backward read from the levels
+    (``grid_bmm_backward``) and masked where the quantizers may clip. The same outputs and
+    gradients, bit for bit, as quantizing to values and running :class:`GridBmm` on the levels.
+    """
+
+    @staticmethod
+    def forward(ctx, u, v, u_scale, v_scale, u_top, v_top, u_clip, v_clip, ext):
+        a2 = u.shape[0]
+        need_u, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        u_rows, v_rows = scale_rows(u.shape, u_scale), scale_rows(v.shape, v_scale)
+        _, u_mask, u_codes = ext.quantize(u, u_rows, u_top, False, need_u and u_clip, 1)
+        _, v_mask, v_codes = ext.quantize(v, v_rows, v_top, False, need_v and v_clip, 1)
+        scale = (u_scale * v_scale).reshape(-1).expand(a2).contiguous()
+        out = ext.q8_grid_bmm(u_codes, v_codes, scale)
+        ctx.ext = ext
+        if need_u or need_v:
+            ctx.save_for_backward(
+                u_codes,
+                u_rows.expand(a2).contiguous(),
+                u_mask if need_u and u_clip else None,
+                v_codes,
+                v_rows.expand(a2).contiguous(),
+                v_mask if need_v and v_clip else None,
+            )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        u_codes, u_scale, u_mask, v_codes, v_scale, v_mask = ctx.saved_tensors
+        need_u, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_u, grad_v = ctx.ext.grid_bmm_backward(
+            grad.contiguous(), u_codes, u_scale, v_codes, v_scale, need_u, need_v
+        )
+        if u_mask is not None:  # the quantizers' straight-through gradients
+            grad_u = ctx.ext.masked_grad(grad_u, u_mask)
+        if v_mask is not None:
+            grad_v = ctx.ext.masked_grad(grad_v, v_mask)
+        return grad_u, grad_v, None, None, None, None, None, None, None
+
+
+def quantized_grid_product(q_u, q_v, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """``bmm(q_u(u), q_v(v))`` by :class:`QuantizedGridBmm` where it serves: both quantizers
+    :class:`~wasearch.quant.FakeQuantize` of 8 bits or fewer, one scale or one per tile
+    position, float32 CPU tensors, a CPU with AVX-512 VNNI, and (with autograd on) both
+    operands needing their gradient; else None, and neither quantizer has run."""
+    for q in (q_u, q_v):
+        if not isinstance(q, FakeQuantize) or q.bits is None or q.bits > 8:
+            return None
+        if q.granularity not in ("tensor", "tap"):
+            return None
+    for t in (u, v):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            return None
+    if torch.is_grad_enabled() and not (u.requires_grad and v.requires_grad):
+        return None
+    ext = cpu_kernels.kernels("grid_product")
+    if ext is None or not ext.q8_product_supported():
+        return None
+    u_scale, u_clip = q_u.grid(u)  # folds a training batch into the running range, as q_u(u)
+    v_scale, v_clip = q_v.grid(v)
+    return QuantizedGridBmm.apply(
+        u, v, u_scale, v_scale, qmax(q_u.bits), qmax(q_v.bits), u_clip, v_clip, ext
+    )
 
 
 class GatherTiles(torch.autograd.Function):

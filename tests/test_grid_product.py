@@ -94,6 +94,9 @@ def test_the_backward_from_the_levels(a2, k, c, nt):
     torch.testing.assert_close(gv.double(), ev, rtol=1e-5, atol=1e-5 * float(ev.abs().max()))
     only_u, none_v = ext.grid_bmm_backward(g, uc, su, vc, sv, True, False)
     assert torch.equal(only_u, gu) and none_v is None  # only what was asked
+    mask = torch.randint(0, 2, gv.shape, dtype=torch.int8)
+    _, masked = ext.grid_bmm_backward(g, uc, su, vc, sv, False, True, mask)
+    assert torch.equal(masked, ext.masked_grad(gv, mask))  # masked as it is written
 
 
 def test_not_used_without_8_bit_levels():

@@ -323,13 +323,12 @@ class QuantizedGridBmm(torch.autograd.Function):
     def backward(ctx, grad):
         u_codes, u_scale, u_mask, v_codes, v_scale, v_mask = ctx.saved_tensors
         need_u, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # v's mask applied as grad_v is written (one pass fewer over the largest gradient)
         grad_u, grad_v = ctx.ext.grid_bmm_backward(
-            grad.contiguous(), u_codes, u_scale, v_codes, v_scale, need_u, need_v
+            grad.contiguous(), u_codes, u_scale, v_codes, v_scale, need_u, need_v, v_mask
         )
-        if u_mask is not None:  # the quantizers' straight-through gradients
+        if u_mask is not None:  # the weights' quantizer's straight-through gradient
             grad_u = ctx.ext.masked_grad(grad_u, u_mask)
-        if v_mask is not None:
-            grad_v = ctx.ext.masked_grad(grad_v, v_mask)
         return grad_u, grad_v, None, None, None, None, None, None, None
 
 

@@ -838,7 +838,8 @@ void grid_grad_u(const float* g, const int8_t* v, float sv, int64_t K, int64_t C
 // large tensor are written past the caches (store_rows, as the transforms' position-major rows).
 template <typename Fill>
 void nn_product(const float* a, int64_t M, int64_t Kred, int64_t N, float scale, float* out,
-                int64_t ldo, bool stream, std::vector<float>& panel, const Fill& fill) {
+                int64_t ldo, bool stream, std::vector<float>& panel, const Fill& fill,
+                const int8_t* mask = nullptr) {
   const int64_t M8 = (M + 7) / 8;
   panel.resize(Kred * 32);
   const __m512 s = _mm512_set1_ps(scale);
@@ -862,12 +863,18 @@ void nn_product(const float* a, int64_t M, int64_t Kred, int64_t N, float scale,
       }
       for (int i = 0; i < 8 && ib * 8 + i < M; ++i) {
         float* o = out + (ib * 8 + i) * ldo + j0;
+        __m512 y0 = _mm512_mul_ps(acc[i][0], s), y1 = _mm512_mul_ps(acc[i][1], s);
+        if (mask) {  // mask * value, as masked_grad multiplies (0/1 exact)
+          const int8_t* mr = mask + (ib * 8 + i) * ldo + j0;
+          y0 = _mm512_mul_ps(levels16(mr, m0), y0);
+          y1 = _mm512_mul_ps(levels16(mr + 16, m1), y1);
+        }
         if (whole) {
-          _mm512_stream_ps(o, _mm512_mul_ps(acc[i][0], s));
-          _mm512_stream_ps(o + 16, _mm512_mul_ps(acc[i][1], s));
+          _mm512_stream_ps(o, y0);
+          _mm512_stream_ps(o + 16, y1);
         } else {
-          _mm512_mask_storeu_ps(o, m0, _mm512_mul_ps(acc[i][0], s));
-          _mm512_mask_storeu_ps(o + 16, m1, _mm512_mul_ps(acc[i][1], s));
+          _mm512_mask_storeu_ps(o, m0, y0);
+          _mm512_mask_storeu_ps(o + 16, m1, y1);
         }
       }
     }
@@ -876,7 +883,8 @@ void nn_product(const float* a, int64_t M, int64_t Kred, int64_t N, float scale,
 
 // grad_v = su * u^T @ grad: a = u's levels as floats, b = grad's rows.
 void grid_grad_v(const float* g, const int8_t* u, float su, int64_t K, int64_t C, int64_t NT,
-                 float* out, bool stream, std::vector<float>& a, std::vector<float>& panel) {
+                 float* out, bool stream, std::vector<float>& a, std::vector<float>& panel,
+                 const int8_t* mask) {
   const int64_t C8 = (C + 7) / 8;
   a.resize(C8 * K * 8);  // a[cb][k][i] = u[k][cb * 8 + i], 0 past C
   for (int64_t k = 0; k < K; ++k) {
@@ -894,7 +902,7 @@ void grid_grad_v(const float* g, const int8_t* u, float su, int64_t K, int64_t C
       _mm512_storeu_ps(pn + k * 32, _mm512_maskz_loadu_ps(m0, g + k * NT + t0));
       _mm512_storeu_ps(pn + k * 32 + 16, _mm512_maskz_loadu_ps(m1, g + k * NT + t0 + 16));
     }
-  });
+  }, mask);
 }
 
 // grad_u = sv * grad @ v^T for few tiles (the sums along them too short for grid_grad_u's
@@ -925,10 +933,13 @@ bool grid_bmm_backward_supported() {
 
 // grad (alpha^2, K, NT) float32, u_codes (alpha^2, K, C) and v_codes (alpha^2, C, NT) int8,
 // u_scale and v_scale float32 (alpha^2): {grad_u (alpha^2, K, C) if need_u, grad_v (alpha^2,
-// C, NT) if need_v} (undefined tensors where not asked).
+// C, NT) if need_v} (undefined tensors where not asked). v_mask (optional, int8 0/1 laid out
+// as grad_v): grad_v multiplied by it as it is written (masked_grad's products), the
+// straight-through gradient of v's quantizer.
 std::vector<at::Tensor> grid_bmm_backward(const at::Tensor& grad, const at::Tensor& u_codes,
                                           const at::Tensor& u_scale, const at::Tensor& v_codes,
-                                          const at::Tensor& v_scale, bool need_u, bool need_v) {
+                                          const at::Tensor& v_scale, bool need_u, bool need_v,
+                                          const std::optional<at::Tensor>& v_mask) {
   TORCH_CHECK(grid_bmm_backward_supported(), "grid_bmm_backward needs the AVX-512 build");
   TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.dim() == 3,
               "grad must be a (alpha^2, K, NT) float32 CPU tensor");
@@ -942,8 +953,13 @@ std::vector<at::Tensor> grid_bmm_backward(const at::Tensor& grad, const at::Tens
   TORCH_CHECK(u_scale.scalar_type() == at::kFloat && u_scale.numel() == a2 &&
                   v_scale.scalar_type() == at::kFloat && v_scale.numel() == a2,
               "u_scale and v_scale must hold alpha^2 float32 values");
+  const bool masked = v_mask.has_value() && v_mask->defined();
+  TORCH_CHECK(!masked || (need_v && v_mask->scalar_type() == at::kChar &&
+                          v_mask->is_contiguous() && v_mask->numel() == a2 * C * NT),
+              "v_mask must be a contiguous int8 tensor laid out as grad_v");
   at::Tensor gu, gv;
 #if defined(__AVX512F__)
+  const int8_t* pmask = masked ? v_mask->data_ptr<int8_t>() : nullptr;
   const at::Tensor gc = grad.contiguous(), uc = u_codes.contiguous(), vc = v_codes.contiguous();
   const at::Tensor us = u_scale.contiguous(), vs = v_scale.contiguous();
   if (need_u) gu = at::empty({a2, K, C}, gc.options());
@@ -966,7 +982,8 @@ std::vector<at::Tensor> grid_bmm_backward(const at::Tensor& grad, const at::Tens
         grid_grad_u_short(g, pv + p * C * NT, pvs[p], K, C, NT, pgu + p * K * C, a, panel);
       }
       if (pgv) {
-        grid_grad_v(g, pu + p * K * C, pus[p], K, C, NT, pgv + p * C * NT, stream, a, panel);
+        grid_grad_v(g, pu + p * K * C, pus[p], K, C, NT, pgv + p * C * NT, stream, a, panel,
+                    pmask ? pmask + p * C * NT : nullptr);
       }
     }
   });
@@ -2029,7 +2046,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grid_bmm_backward_supported", &grid_bmm_backward_supported,
         "whether grid_bmm_backward runs here (AVX-512 build)");
   m.def("grid_bmm_backward", &grid_bmm_backward,
-        "training: the gradients of the Winograd-domain product, read from the levels");
+        "training: the gradients of the Winograd-domain product, read from the levels",
+        pybind11::arg("grad"), pybind11::arg("u_codes"), pybind11::arg("u_scale"),
+        pybind11::arg("v_codes"), pybind11::arg("v_scale"), pybind11::arg("need_u"),
+        pybind11::arg("need_v"), pybind11::arg("v_mask") = pybind11::none());
   m.def("q8_grid_bmm", &q8_grid_bmm,
         "training: the Winograd-domain product of two 8-bit grids, exact integer sums (VNNI)");
   m.def("winograd_f32_conv", &winograd_f32_conv,

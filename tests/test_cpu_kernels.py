@@ -404,6 +404,32 @@ def test_the_product_quantized_into_the_output_transform_is_the_same(
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(
+    "m,n,c,h,w", [(2, 2, 3, 9, 17), (4, 1, 2, 18, 35), (2, 3, 1, 16, 16), (4, 2, 2, 7, 30)]
+)
+def test_the_input_gradient_adds_tiles_in_increasing_order(fused, m, n, c, h, w):
+    """d x from the windows is each pixel's sum over the tiles that cover it, added in
+    increasing tile order (the vector form for rows of 4 tiles and more included): bit for bit
+    the float32 sums of adding every tile's gradient in turn."""
+    a = m + 2
+    th, tw = -(-h // m), -(-w // m)
+    g = torch.Generator().manual_seed(h * w + m)
+    mat = torch.randn(a, a, generator=g)
+    grad = torch.randn(a * a, n * c * th * tw, generator=g)
+    none = torch.empty(0)
+    d_x, _ = fused.transform2d_backward(
+        mat, none, none, grad, True, False, [], [n, c, h, w, th, tw]
+    )
+    d_tiles, _ = fused.transform2d_backward(mat, none, none, grad, True, False)  # same per tile
+    padded = torch.zeros(n, c, th * m + 2, tw * m + 2)  # one pixel of padding up and left
+    for index in range(n * c * th * tw):
+        tj, rest = index % tw, index // tw
+        ti, plane = rest % th, rest // th
+        ch, img = plane // n, plane % n
+        padded[img, ch, ti * m : ti * m + a, tj * m : tj * m + a] += d_tiles[:, index].view(a, a)
+    assert torch.equal(bits_of(d_x), bits_of(padded[:, :, 1 : h + 1, 1 : w + 1].contiguous()))
+
+
 def test_an_input_window_that_does_not_fit_its_tiles_is_refused(fused):
     x, mat = torch.randn(2, 3, 9, 9), torch.randn(6, 6)
     with pytest.raises(RuntimeError, match="must just cover"):

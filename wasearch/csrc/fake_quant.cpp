@@ -1530,10 +1530,85 @@ __attribute__((noinline)) void load_block(const TileRows& x, int rows, int64_t c
 // The tiles' gradient from the block at c0 added into x's (N x C x H x W, zero where no window
 // has added yet), lane by lane in order: the sum over the windows that cover a pixel, in
 // increasing tile order.
+#if defined(__AVX512F__)
+// scatter_block for windows of F2 and F4 (a = m + 2, m = 2 or 4) in vector registers, a run of
+// lanes at a time (consecutive tiles of one tile row) and one pixel row of their windows at a
+// time. A tile's window columns j < m ("own") fall on its m pixels, columns m and m + 1
+// ("spill") on the first two of the next tile's: the pixel row gets the run's spill, then its
+// own values. Each pixel so receives its values in increasing tile order (the spill of tile
+// t - 1 before the own value of tile t; earlier rows of tiles in earlier runs), the scalar
+// loop's order: the same sums bit for bit. Measured on Zen 5 (1 thread, batch 32, d x only): F2
+// on 32 channels at 32x32 5.7 -> 3.5 ms, F4 2.7 -> 2.1 ms; 8x8 images at F2 1.4 -> 1.1 ms.
+void scatter_runs_v(float* gx, const Window& g, int64_t n, const int64_t* off, const int64_t* y0,
+                    const int64_t* x0, const vf* v) {
+  const int64_t m = g.m, a = g.a;
+  const __m512i k16 = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  int64_t l = 0;
+  while (l < n) {
+    int64_t r = l + 1;
+    // the run: the same row of the same plane (offsets and columns advance alike)
+    while (r < n && y0[r] == y0[l] && x0[r] - x0[l] == (r - l) * m &&
+           off[r] - off[l] == (r - l) * m) {
+      ++r;
+    }
+    const int64_t R = r - l, span = (R + 1) * m;
+    for (int64_t i = 0; i < a; ++i) {
+      const int64_t y = y0[l] + i;
+      if (y < 0 || y >= g.h) continue;
+      float* row = gx + off[l] + i * g.w;  // pixel x0[l] of row y
+      const __m512* vi = reinterpret_cast<const __m512*>(v + i * a);
+      for (int64_t c = 0; c * 16 < span; ++c) {
+        const __m512i k = _mm512_add_epi32(k16, _mm512_set1_epi32(static_cast<int32_t>(c * 16)));
+        // tile (lane offset) and column of each position k: k / m, k % m (m a power of two)
+        const int32_t shift = m == 2 ? 1 : 2;
+        const __m512i t = _mm512_srli_epi32(k, shift);
+        const __m512i col = _mm512_and_si512(k, _mm512_set1_epi32(static_cast<int32_t>(m - 1)));
+        const __m512i x = _mm512_add_epi32(k, _mm512_set1_epi32(static_cast<int32_t>(x0[l])));
+        const __mmask16 inside =
+            _mm512_cmpge_epi32_mask(x, _mm512_setzero_si512()) &
+            _mm512_cmplt_epi32_mask(x, _mm512_set1_epi32(static_cast<int32_t>(g.w)));
+        const __mmask16 own_k =
+            _mm512_cmplt_epi32_mask(k, _mm512_set1_epi32(static_cast<int32_t>(R * m))) & inside;
+        const __mmask16 spill_k =
+            _mm512_cmpge_epi32_mask(k, _mm512_set1_epi32(static_cast<int32_t>(m))) &
+            _mm512_cmplt_epi32_mask(k, _mm512_set1_epi32(static_cast<int32_t>(span))) &
+            _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(2)) & inside;
+        if (!(own_k | spill_k)) continue;
+        // lane l + t of column col: columns 0, 1 (and m + 0, m + 1 for the spill) from one
+        // pair of registers, 2 and 3 (F4's own) from the next
+        const __m512i lane = _mm512_add_epi32(t, _mm512_set1_epi32(static_cast<int32_t>(l)));
+        const __m512i pick = _mm512_add_epi32(
+            lane, _mm512_slli_epi32(_mm512_and_si512(col, _mm512_set1_epi32(1)), 4));
+        __m512 own = _mm512_permutex2var_ps(vi[0], pick, vi[1]);
+        if (m == 4) {
+          const __m512 hi = _mm512_permutex2var_ps(vi[2], pick, vi[3]);
+          own = _mm512_mask_mov_ps(own, _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(2)), hi);
+        }
+        const __m512i prev = _mm512_sub_epi32(pick, _mm512_set1_epi32(1));  // lane l + t - 1
+        const __m512 spill = _mm512_permutex2var_ps(vi[m], prev, vi[m + 1]);
+        float* p = row + c * 16;
+        __m512 d = _mm512_maskz_loadu_ps(own_k | spill_k, p);
+        d = _mm512_mask_add_ps(d, spill_k, d, spill);
+        d = _mm512_mask_add_ps(d, own_k, d, own);
+        _mm512_mask_storeu_ps(p, own_k | spill_k, d);
+      }
+    }
+    l = r;
+  }
+}
+#endif
+
 __attribute__((noinline)) void scatter_block(float* gx, const Window& g, int64_t c0, int64_t n,
                                              const vf* v) {
   int64_t off[kV], y0[kV], x0[kV];
   g.lanes(c0, n, off, y0, x0);
+#if defined(__AVX512F__)
+  // (for runs of 4 tiles and more: shorter rows of tiles ran as fast or faster lane by lane)
+  if ((g.m == 2 || g.m == 4) && g.a == g.m + 2 && g.tw >= 4 && g.w < (int64_t{1} << 30)) {
+    scatter_runs_v(gx, g, n, off, y0, x0, v);
+    return;
+  }
+#endif
   for (int64_t l = 0; l < n; ++l) {  // the window's rows and columns inside the image
     const int64_t i0 = std::max<int64_t>(0, -y0[l]), i1 = std::min(g.a, g.h - y0[l]);
     const int64_t j0 = std::max<int64_t>(0, -x0[l]), j1 = std::min(g.a, g.w - x0[l]);

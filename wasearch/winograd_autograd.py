@@ -3,8 +3,9 @@
 (rebuilt bit for bit) or recompute it, and run on the fused CPU kernels where those are built
 (``cpu_kernels``): the 2-D transforms (:class:`Transform2d`), the product's quantizer with the
 output transform (:class:`QuantizedOutput`), the batched product on quantized operands
-(:class:`GridBmm`) and the input's tiles (:class:`GatherTiles`). Used by the pipeline only;
-split from ``winograd.py`` to keep each module readable at once.
+(:class:`GridBmm`), the two Winograd-domain quantizers with that product on their 8-bit levels
+(:class:`QuantizedGridBmm`) and the input's tiles (:class:`GatherTiles`). Used by the pipeline
+only; split from ``winograd.py`` to keep each module readable at once.
 """
 
 from __future__ import annotations

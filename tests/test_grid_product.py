@@ -1,7 +1,7 @@
 """The Winograd-domain product on two 8-bit grids as exact integer sums (``q8_grid_bmm``, used
 by :class:`wasearch.winograd_autograd.GridBmm` where the CPU has AVX-512 VNNI): the exact
 product of the levels, scaled once; the backward unchanged; a layer's training step the same
-up to float rounding."""
+up to float rounding; and the deploy float32 product (``f32_bmm``)."""
 
 from __future__ import annotations
 
@@ -192,3 +192,21 @@ def test_quantizing_to_levels_only_changes_nothing(mode, gran, monkeypatch):
         for a, b in zip(g1 + b1, g2 + b2, strict=True):
             assert torch.equal(a, b)
     assert seen and all(seen)  # the fused step ran in every pass
+
+
+@pytest.mark.parametrize(
+    "a2, tiles, c, k",
+    [(36, 9, 5, 3), (36, 33, 70, 45), (16, 40, 300, 40), (4, 17, 512, 33), (16, 3, 64, 64)],
+)
+def test_the_deploy_float_product(a2, tiles, c, k):
+    """The deploy float32 Winograd-domain product (f32_bmm: 8 x 32 register blocks, input
+    channels in panels of 256, every tail) is bmm's within float rounding of float64."""
+    ext = cpu_kernels.kernels()
+    if ext is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    g = torch.Generator().manual_seed(a2 + tiles + c + k)
+    v, w = torch.randn(a2, tiles, c, generator=g), torch.randn(a2, c, k, generator=g)
+    exact = torch.bmm(v.double(), w.double())
+    got = ext.f32_bmm(v, w)
+    assert got.shape == (a2, tiles, k)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * c**0.5)

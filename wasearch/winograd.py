@@ -333,7 +333,11 @@ def winograd_conv2d(
     Where the CPU kernels run and ``"product"`` is a :class:`~wasearch.quant.FakeQuantize`,
     the product is quantized to its levels only and the output transform reads them
     (:class:`QuantizedOutput`): its float values, a tensor as large as the Winograd-domain
-    input, are never written; the same outputs and gradients bit for bit.
+    input, are never written; the same outputs and gradients bit for bit. Where ``"weight_wd"``
+    and ``"input_wd"`` are both such quantizers of 8 bits or fewer and the CPU has AVX-512
+    VNNI, they write their levels and masks only and the product runs on the levels
+    (:class:`~wasearch.winograd_autograd.QuantizedGridBmm`): exact integer sums scaled once,
+    which differ from ``torch.bmm`` of the float values by float rounding only.
     """
     n, c, h, w = x.shape
     k = weight.shape[0]

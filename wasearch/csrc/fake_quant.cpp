@@ -276,8 +276,9 @@ void input_tile(const float* px, const float* B, int64_t H, int64_t W, int64_t C
 // other before the block is done; written through the caches, each line was also read first.
 // Measured on Zen 5 at F4, batch 32: a 32-channel 32x32 layer's A^T backward 3.6 -> 1.1 ms, a
 // 64-channel 16x16 layer's B^T forward 2.3 -> 0.8 ms. (A consumer then reads the rows from
-// memory, where rows this large would have been anyway.) Callers that store so fence after
-// their parallel loop (stream_fence).
+// memory, where rows this large would have been anyway.) Every thread that stores so fences
+// (stream_fence) before its part of the parallel loop ends: non-temporal stores are weakly
+// ordered, and the join alone does not promise the other threads see them.
 constexpr int64_t kLargeRows = int64_t{2} << 20;
 
 inline void stream_fence() {
@@ -986,6 +987,7 @@ std::vector<at::Tensor> grid_bmm_backward(const at::Tensor& grad, const at::Tens
                     pmask ? pmask + p * C * NT : nullptr);
       }
     }
+    if (stream) stream_fence();  // this thread's non-temporal stores, before the join
   });
   if (stream) stream_fence();
 #endif
@@ -1943,6 +1945,7 @@ void transform2d_impl(const float* M, const TileRows& x, float* po, int64_t coun
         store_block(po, P * P, count, c0, n, ov);
       }
     }
+    stream_fence();  // this thread's non-temporal stores visible before the join
   });
 }
 
@@ -2033,6 +2036,7 @@ void transform2d_backward_impl(const float* M, const TileRows& x, const float* p
         for (int e = 0; e < P * A; ++e) partial[ch * P * A + e] = lane_sum(dm[e]);
       }
     }
+    stream_fence();  // this thread's non-temporal stores visible before the join
   });
 }
 

@@ -1,7 +1,7 @@
-"""The Winograd-domain product on two 8-bit grids as exact integer sums (``q8_grid_bmm``, used
-by :class:`wasearch.winograd_autograd.GridBmm` where the CPU has AVX-512 VNNI): the exact
-product of the levels, scaled once; the backward unchanged; a layer's training step the same
-up to float rounding; and the deploy float32 product (``f32_bmm``)."""
+"""The Winograd-domain product on two 8-bit grids as exact integer sums (``q8_grid_bmm``, run by
+:class:`wasearch.winograd_autograd.QuantizedGridBmm` where the CPU has AVX-512 VNNI): the exact
+product of the levels, scaled once; its backward from the levels; a layer's training step the
+same up to float rounding; and the deploy float32 product (``f32_bmm``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 
 from wasearch import cpu_kernels
 from wasearch.layers import WinogradConv2d
-from wasearch.winograd_autograd import GridBmm
+from wasearch.quant import FakeQuantize
+from wasearch.winograd_autograd import GridBmm, QuantizedGridBmm, quantized_grid_product
 
 
 def _kernels():
@@ -20,6 +21,42 @@ def _kernels():
     if ext is None or not ext.q8_product_supported():
         pytest.skip("the product on levels needs the AVX-512 build on a CPU with VNNI")
     return ext
+
+
+def _record_fused(monkeypatch) -> list[bool]:
+    """Patch ``winograd.quantized_grid_product`` to record, call by call, whether it ran."""
+    from wasearch import winograd
+
+    seen = []
+    real = winograd.quantized_grid_product
+
+    def recorded(*args):
+        out = real(*args)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(winograd, "quantized_grid_product", recorded)
+    return seen
+
+
+class _GridBmmOnLevels(torch.autograd.Function):
+    """A reference: :class:`GridBmm`'s interface, the product and both gradients on the levels
+    (``q8_grid_bmm``, ``grid_bmm_backward``), the quantizers' masks left to their own backward:
+    what :class:`QuantizedGridBmm` must equal bit for bit."""
+
+    @staticmethod
+    def forward(ctx, u, v, u_codes, u_scale, v_codes, v_scale):
+        a2 = u.shape[0]
+        ctx.rows = [s.reshape(-1).expand(a2).contiguous() for s in (u_scale, v_scale)]
+        ctx.save_for_backward(u_codes, v_codes)
+        return cpu_kernels.kernels().q8_grid_bmm(u_codes, v_codes, ctx.rows[0] * ctx.rows[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        u_codes, v_codes = ctx.saved_tensors
+        (su, sv), ext = ctx.rows, cpu_kernels.kernels()
+        gu, gv = ext.grid_bmm_backward(grad.contiguous(), u_codes, su, v_codes, sv, True, True)
+        return gu, gv, None, None, None, None
 
 
 @pytest.mark.parametrize(
@@ -40,8 +77,8 @@ def test_the_integer_product_is_exact(a2, k, c, nt):
 
 
 @pytest.mark.parametrize("per_position", [False, True])
-def test_grid_bmm_runs_on_the_levels_and_keeps_its_backward(per_position):
-    _kernels()
+def test_the_product_runs_on_the_levels_with_its_backward(per_position):
+    ext = _kernels()
     torch.manual_seed(1)
     a2, k, c, nt = 36, 12, 10, 40
     su = torch.rand(a2, 1, 1) / 50 + 1e-3 if per_position else torch.tensor(0.013)
@@ -50,13 +87,12 @@ def test_grid_bmm_runs_on_the_levels_and_keeps_its_backward(per_position):
     vc = torch.randint(-127, 128, (a2, c, nt), dtype=torch.int8)
     runs = []
     for off in (True, False):
-        u = (uc.float() * su).requires_grad_(True)
+        u = (uc.float() * su).requires_grad_(True)  # on their grids: their levels are uc, vc
         v = (vc.float() * sv).requires_grad_(True)
         if off:
-            with cpu_kernels.disabled("grid_product"):
-                out = GridBmm.apply(u, v, uc, su, vc, sv)
+            out = GridBmm.apply(u, v, uc, su, vc, sv)  # bmm of the float values
         else:
-            out = GridBmm.apply(u, v, uc, su, vc, sv)
+            out = QuantizedGridBmm.apply(u, v, su, sv, 127, 127, False, False, ext)
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
         out.backward(g)
         runs.append((out.detach(), u.grad, v.grad))
@@ -101,35 +137,22 @@ def test_the_backward_from_the_levels(a2, k, c, nt):
 
 def test_not_used_without_8_bit_levels():
     _kernels()
-    from wasearch.winograd_autograd import _grid_product_kernels
-
-    u = torch.randn(16, 4, 4)
-    lv8 = torch.zeros(16, 4, 4, dtype=torch.int8)
-    lv16 = torch.zeros(16, 4, 4, dtype=torch.int16)
-    s = torch.tensor(0.1)
-    assert _grid_product_kernels(u, lv8, s, lv8, s) is not None
-    assert _grid_product_kernels(u, lv16, s, lv8, s) is None  # 9 to 16 bits: bmm
-    assert _grid_product_kernels(u, None, None, lv8, s) is None
-    assert _grid_product_kernels(u.double(), lv8, s, lv8, s) is None
-    assert _grid_product_kernels(u, lv8, torch.rand(4, 1, 1), lv8, s) is None  # not per position
+    u = torch.randn(16, 4, 4, requires_grad=True)
+    v = torch.randn(16, 4, 5, requires_grad=True)
+    q8, q12 = FakeQuantize(8), FakeQuantize(12)
+    assert quantized_grid_product(q8, FakeQuantize(8), u, v) is not None
+    assert quantized_grid_product(q12, q8, u, v) is None  # 9 to 16 bits: bmm
+    assert quantized_grid_product(None, q8, u, v) is None
+    assert quantized_grid_product(q8, q8, u.double(), v.double()) is None
+    assert quantized_grid_product(q8, q8, u.detach(), v) is None  # u's gradient not asked
     with cpu_kernels.disabled("grid_product"):
-        assert _grid_product_kernels(u, lv8, s, lv8, s) is None
+        assert quantized_grid_product(q8, q8, u, v) is None
 
 
 @pytest.mark.parametrize("mode, tile, gran", [("flex", 4, "tensor"), ("static", 6, "tap")])
 def test_a_training_step_differs_only_at_rounding_boundaries(mode, tile, gran, monkeypatch):
     _kernels()
-    from wasearch import winograd
-
-    calls = []
-    real = winograd.quantized_grid_product
-
-    def counted(*args):
-        out = real(*args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(winograd, "quantized_grid_product", counted)
+    calls = _record_fused(monkeypatch)
     torch.manual_seed(4)
     layer = WinogradConv2d(16, 16, tile=tile, mode=mode, bits=8, granularity=gran).train()
     ref = copy.deepcopy(layer)
@@ -159,27 +182,24 @@ def test_a_training_step_differs_only_at_rounding_boundaries(mode, tile, gran, m
 @pytest.mark.parametrize("gran", ["tensor", "tap"])
 def test_quantizing_to_levels_only_changes_nothing(mode, gran, monkeypatch):
     """QuantizedGridBmm (the quantizers write levels and masks only) against quantizing to
-    values first and GridBmm on the levels: the same outputs, gradients and running ranges bit
-    for bit, through a batch that the running ranges clip and in evaluation."""
+    values first and the same product on the levels (_GridBmmOnLevels): the same outputs,
+    gradients and running ranges bit for bit, through a batch that the running ranges clip and
+    in evaluation."""
     _kernels()
     from wasearch import winograd
 
     torch.manual_seed(6)
     layer = WinogradConv2d(12, 10, tile=4, mode=mode, bits=8, granularity=gran, bias=True)
     ref = copy.deepcopy(layer)
-    seen = []
-    real = winograd.quantized_grid_product
-
-    def fused(*args):
-        out = real(*args)
-        seen.append(out is not None)
-        return out
-
+    seen = _record_fused(monkeypatch)
+    fused = winograd.quantized_grid_product
     for scale, train in ((1.0, True), (3.0, True), (1.0, False)):
         x = scale * torch.randn(2, 12, 9, 10, generator=torch.Generator().manual_seed(7))
         results = []
-        for lay, patched in ((layer, fused), (ref, lambda *args: None)):
+        for lay, on_levels in ((layer, True), (ref, False)):
+            patched = fused if on_levels else (lambda *args: None)
             monkeypatch.setattr(winograd, "quantized_grid_product", patched)
+            monkeypatch.setattr(winograd, "GridBmm", GridBmm if on_levels else _GridBmmOnLevels)
             lay.train(train)
             xi = x.clone().requires_grad_(True)
             y = lay(xi)

@@ -212,17 +212,8 @@ class GridBmm(torch.autograd.Function):
     """``torch.bmm(u, v)`` for a ``u`` or ``v`` on a quantization grid (``u == u_codes *
     u_scale``; ``v`` alike; None: not on one), keeping each operand the other's gradient needs
     as its integer levels where it has them: the same products as autograd's bmm backward, on
-    the same values, in a quarter of the memory at 8 bits.
-
-    Where both operands come with 8-bit levels and the CPU has AVX-512 VNNI, the forward product
-    itself runs on the levels (``q8_grid_bmm``): exact integer sums, then one product with the
-    two scales, where ``torch.bmm`` of the float values rounds after every addition; so the
-    product differs from bmm's by float rounding only (3-6x faster on the CPU measured). The
-    backward then reads both gradients' operands from the levels too (``grid_bmm_backward``:
-    float32 sums in AVX-512 registers, no float operand rebuilt; 1.1-2.9x faster than
-    ``torch.bmm``, which runs MKL's AVX2 code on AMD CPUs), the same products summed in another
-    order. The ``"grid_product"`` part of :func:`~wasearch.cpu_kernels.disabled` switches both
-    off."""
+    the same values, in a quarter of the memory at 8 bits. (Where both operands' quantizers
+    give 8-bit levels on the CPU, :class:`QuantizedGridBmm` runs the product on them instead.)"""
 
     @staticmethod
     def forward(ctx, u, v, u_codes, u_scale, v_codes, v_scale):
@@ -238,28 +229,11 @@ class GridBmm(torch.autograd.Function):
             v_codes if need_u else None,
             v_scale,
         )
-        ctx.ext = ext = _grid_product_kernels(u, u_codes, u_scale, v_codes, v_scale)
-        if ext is not None:  # exact integer sums of the levels, scaled once
-            scale = (u_scale * v_scale).reshape(-1).expand(u.shape[0]).contiguous()
-            return ext.q8_grid_bmm(u_codes, v_codes, scale)
         return torch.bmm(u, v)
 
     @staticmethod
     def backward(ctx, grad):
         u, u_codes, u_scale, v, v_codes, v_scale = ctx.saved_tensors
-        if ctx.ext is not None and u_codes is not None and v_codes is not None:
-            # both gradients read from the levels (their products as bmm's, summed otherwise)
-            a2 = grad.shape[0]
-            grad_u, grad_v = ctx.ext.grid_bmm_backward(
-                grad.contiguous(),
-                u_codes,
-                u_scale.reshape(-1).expand(a2).contiguous(),
-                v_codes,
-                v_scale.reshape(-1).expand(a2).contiguous(),
-                True,
-                True,
-            )
-            return grad_u, grad_v, None, None, None, None
         grad_u = grad_v = None
         if ctx.needs_input_grad[0]:
             v = v if v_codes is None else rebuild(v_codes, v_scale, ctx.dtype)
@@ -270,33 +244,18 @@ class GridBmm(torch.autograd.Function):
         return grad_u, grad_v, None, None, None, None
 
 
-def _grid_product_kernels(u, u_codes, u_scale, v_codes, v_scale):
-    """The compiled kernels where :class:`GridBmm`'s product runs on the levels (``q8_grid_bmm``:
-    int8 levels of both operands, one scale each or one per tile position, float32 CPU tensors,
-    a CPU with AVX-512 VNNI), else None."""
-    if u_codes is None or v_codes is None or u.dtype != torch.float32 or u.device.type != "cpu":
-        return None
-    if u_codes.dtype != torch.int8 or v_codes.dtype != torch.int8:
-        return None
-    a2 = u.shape[0]
-    if any(
-        s.numel() not in (1, a2) or (s.numel() == a2 and s.shape[0] != a2)
-        for s in (u_scale, v_scale)
-    ):
-        return None
-    ext = cpu_kernels.kernels("grid_product")
-    if ext is None or not ext.q8_product_supported():
-        return None
-    return ext
-
-
 class QuantizedGridBmm(torch.autograd.Function):
     """The two Winograd-domain quantizers and the product as one step: ``u`` (``G g G^T``) and
     ``v`` (``B^T d B``) quantized to their integer levels and clip masks only, in one pass each
     (their float values, as large as the Winograd-domain input, are never written), the
-    product summed exactly on the levels (``q8_grid_bmm``), its backward read from the levels
-    (``grid_bmm_backward``) and masked where the quantizers may clip. The same outputs and
-    gradients, bit for bit, as quantizing to values and running :class:`GridBmm` on the levels.
+    product summed exactly on the levels (``q8_grid_bmm``: integer sums, then one product with
+    the two scales, where ``torch.bmm`` of the float values rounds after every addition; 3-6x
+    faster on the CPU measured), its backward read from the levels (``grid_bmm_backward``:
+    float32 sums in AVX-512 registers, no float operand rebuilt; 1.1-2.9x faster than
+    ``torch.bmm``, which runs MKL's AVX2 code on AMD CPUs) and masked where the quantizers may
+    clip. The quantizers' levels, masks and running ranges are theirs bit for bit; the product
+    and gradients differ from quantizing to values and :class:`GridBmm` by float rounding only.
+    The ``"grid_product"`` part of :func:`~wasearch.cpu_kernels.disabled` switches it off.
     """
 
     @staticmethod

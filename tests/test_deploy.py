@@ -17,6 +17,7 @@ from wasearch.deploy import (
     pick_fastest_forms,
     to_deploy,
     winograd_deploy_conv2d,
+    winograd_input_tiles,
 )
 from wasearch.winograd import transform_matrices
 
@@ -456,20 +457,61 @@ def test_the_fused_kernels_cover_whole_and_partial_channel_vectors(tile, c, k):
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
 
 
+def _transform_of_pattern(tile: int, pattern: str) -> torch.Tensor:
+    """B^T of F(tile): Cook-Toom's, every entry nonzero (a learned one), or Cook-Toom's with
+    one nonzero entry zeroed (a pattern of its own)."""
+    B_t = transform_matrices(tile)[2].clone()
+    if pattern == "dense":
+        B_t += torch.where(B_t == 0, 0.05, 0.01) * (1 + torch.rand_like(B_t))
+    elif pattern == "own":
+        B_t[1, 2] = 0.0
+    return B_t.contiguous()
+
+
+@pytest.mark.parametrize("tile", [2, 4, 6])
+@pytest.mark.parametrize("pattern", ["cook-toom", "dense", "own"])
+def test_the_input_transform_of_every_nonzero_pattern(tile, pattern):
+    """The input transform's compiled forms (Cook-Toom's nonzero pattern or a dense B^T, the
+    zero tests folded away) and its tested form (any other pattern) against a float64
+    reference; the 8-bit transform is the torch chain on the float one bit for bit, channels
+    padded with the zero point."""
+    if not cpu_kernels.available():
+        pytest.skip("the compiled CPU kernels could not be built here")
+    ext = cpu_kernels.kernels()
+    torch.manual_seed(tile)
+    B_t = _transform_of_pattern(tile, pattern)
+    a, c = tile + 2, 21  # a partial last vector of channels
+    x = torch.randn(2, c, 13, 10).relu().contiguous(memory_format=torch.channels_last)
+    xn = x.permute(0, 2, 3, 1)
+    th, tw = -(-13 // tile), -(-10 // tile)
+    v = ext.winograd_input(xn, B_t, tile, th, tw, 0, 2)  # (a2, NT, C)
+    d = winograd_input_tiles(x.double(), tile).reshape(a, a, -1)
+    ref = torch.einsum("pi,ijn,qj->pqn", B_t.double(), d, B_t.double()).reshape(a * a, 2, c, -1)
+    ref = ref.permute(0, 1, 3, 2).reshape(a * a, -1, c)  # (a2, N * tiles, C), as v
+    torch.testing.assert_close(v.double(), ref, rtol=1e-5, atol=1e-4)
+    inv = 127 / (v.abs().reshape(a * a, -1).amax(dim=1) * 0.8)
+    chain = (v * inv.view(-1, 1, 1)).round_().add_(128).clamp_(0, 255).to(torch.uint8)
+    q = ext.winograd_input_q8(xn, B_t, tile, th, tw, 0, 2, inv, 128, 24, True)
+    assert torch.equal(q[:, :, :c], chain) and bool((q[:, :, c:] == 128).all())
+
+
 @pytest.mark.parametrize("tile", [2, 4, 6])
 def test_the_fused_int8_product_and_output_transform_change_no_bit(tile):
     """winograd_q8_conv's fused form (the product of a block of tiles transformed from a buffer
     in cache) against its unfused form (the product written whole, then transformed): the same
-    operations on the same values, so the same bits, for partial blocks, a cropped output, with
-    and without bias, and any number of images per group."""
+    operations on the same values, so the same bits, for partial blocks, a cropped output, input
+    channels padded to a multiple of 4, with and without bias, Cook-Toom's and a learned input
+    transform, and any number of images per group (the fused form runs the batch in blocks of
+    tiles, its input transform in the block too)."""
     if not cpu_kernels.available() or not cpu_kernels.kernels().q8_product_supported():
         pytest.skip("no AVX-512 VNNI build here")
     ext = cpu_kernels.kernels()
     torch.manual_seed(tile)
     A_t, G, B_t = transform_matrices(tile)
-    x = torch.randn(5, 24, 13, 11).relu().contiguous(memory_format=torch.channels_last)
-    for bias in (None, torch.randn(40)):
-        mod = WinogradConv(torch.randn(40, 24, 3, 3), bias, A_t, G, B_t, bits=8, act_amax=3.0)
+    x = torch.randn(5, 22, 13, 11).relu().contiguous(memory_format=torch.channels_last)
+    flex = _transform_of_pattern(tile, "dense")  # a learned B^T
+    for bias, b_t in ((None, B_t), (torch.randn(40), B_t), (None, flex)):
+        mod = WinogradConv(torch.randn(40, 22, 3, 3), bias, A_t, G, b_t, bits=8, act_amax=3.0)
         packed, sums, scales = mod._vnni_weights()
         scale, inv = mod._position_scales()
         xn = x.permute(0, 2, 3, 1)

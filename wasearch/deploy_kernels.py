@@ -36,8 +36,9 @@ transform's pass (uint8 straight into the product's layout) and scales each
 position's product inside the output transform's: three passes per group of images, where the
 float Winograd-domain input was written, then read and rewritten five times by the quantizer's
 torch chain, and the product rescaled in a pass of its own. With ``q8_product``, whose weights
-of all positions fit in 3 MiB, two: the product of each block of tiles is transformed from a
-buffer in cache (``winograd_q8_conv``), and the whole layer is one call into the kernels.
+of all positions fit in 3 MiB, one: each block of tiles is transformed, quantized, multiplied
+and transformed back through buffers in cache (``winograd_q8_conv``), and the whole layer is
+one call into the kernels.
 """
 
 from __future__ import annotations
@@ -462,7 +463,9 @@ class WinogradConv(nn.Module):
         int8 product, and the output transform that scales each position's product, untiles
         and adds the bias. Same values as the unfused form's up to float rounding (the
         quantized input bit for bit; the position scale applied in the transform's weights).
-        With the VNNI product the whole layer is one call into the compiled kernels."""
+        With the VNNI product the whole layer is one call into the compiled kernels, and where
+        its Winograd-domain weights fit in cache (``winograd_q8_conv``), the three passes run per
+        block of a few dozen tiles, their intermediates never leaving the cache."""
         n, c, h, w = x.shape
         m, a2, k = self.tile, (self.tile + 2) ** 2, self.out_channels
         th, tw = tile_counts(h, w, m)

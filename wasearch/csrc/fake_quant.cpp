@@ -287,6 +287,36 @@ inline void stream_fence() {
 #endif
 }
 
+// Which entries of a square a x a matrix are nonzero: bit i * a + j for entry (i, j) (a <= 8).
+uint64_t nonzero_pattern(const float* M, int64_t a) {
+  uint64_t bits = 0;
+  for (int64_t e = 0; e < a * a && e < 64; ++e)
+    if (M[e] != 0.0f) bits |= uint64_t{1} << e;
+  return bits;
+}
+
+// The nonzero patterns of the Cook-Toom B^T that wasearch.winograd.transform_matrices builds for
+// F2, F4 and F6 (alpha 4, 6, 8; row p, column i at bit p * alpha + i): a transform with this
+// pattern (every static layer) runs the multiply-adds of its nonzero entries only, the test
+// of each entry compiled away; a transform with no zero (a learned, flex one) runs all of them
+// without tests; any other pattern tests each entry as it goes (input_tile_pattern).
+constexpr uint64_t pattern_rows(std::initializer_list<uint64_t> rows, int a) {
+  uint64_t bits = 0;
+  int p = 0;
+  for (uint64_t r : rows) bits |= r << (p++ * a);
+  return bits;
+}
+// each row's literal lists columns 0, 1, ... from its lowest bit
+constexpr uint64_t kCookToomB4 = pattern_rows({0b0101, 0b0110, 0b0110, 0b1010}, 4);
+constexpr uint64_t kCookToomB6 =
+    pattern_rows({0b010101, 0b011110, 0b011110, 0b011110, 0b011110, 0b101010}, 6);
+constexpr uint64_t kCookToomB8 = pattern_rows(
+    {0b01010101, 0b01111110, 0b01111110, 0b01111110, 0b01111110, 0b01111110, 0b01111110,
+     0b10101010},
+    8);
+constexpr uint64_t kDense4 = (uint64_t{1} << 16) - 1, kDense6 = (uint64_t{1} << 36) - 1;
+constexpr uint64_t kDense8 = ~uint64_t{0};
+
 #if defined(__AVX512F__)
 // The lanes of a 16-float vector that hold channels: all, or the first `left` (1..15) of the last.
 inline __mmask16 tail_mask(int64_t left) {
@@ -300,9 +330,12 @@ inline __mmask16 lanes_left(int64_t left) { return left <= 0 ? 0 : tail_mask(lef
 // each column of the tile loaded once (zeros where it lies in the padding), B applied along it
 // into rows[p][j], then along the rows, every product a fused multiply-add (the generic form
 // passes each partial sum through memory, a load and a store per multiply-add: 2-3x slower).
+// Mask: B's nonzero pattern when known at compile time (nonzero_pattern; with the loops
+// unrolled, every test of an entry folds away), 0 to test each entry at run time; either way
+// the nonzero entries' products are added in the same order: the forms agree bit for bit.
 // Q8: out is uint8, each position quantized as winograd_input_q8 says (round half to even,
 // zero point, clamp); else float. Position (p, q) at out + (p * A + q) * pos_stride.
-template <int A, bool Q8>
+template <int A, bool Q8, uint64_t Mask>
 void input_tile_v(const float* px, const float* B, int64_t H, int64_t W, int64_t C, int64_t m,
                   int64_t n, int64_t ti, int64_t tj, void* out, int64_t pos_stride,
                   const float* inv, float zp) {
@@ -312,27 +345,34 @@ void input_tile_v(const float* px, const float* B, int64_t H, int64_t W, int64_t
     for (int j = 0; j < A; ++j) {
       const int64_t q = tj * m + j - 1;
       __m512 d[A];
+#pragma GCC unroll 8
       for (int i = 0; i < A; ++i) {
         const int64_t r = ti * m + i - 1;
         d[i] = (r < 0 || r >= H || q < 0 || q >= W)
                    ? _mm512_setzero_ps()
                    : _mm512_maskz_loadu_ps(mask, px + ((n * H + r) * W + q) * C + c0);
       }
+#pragma GCC unroll 8
       for (int p = 0; p < A; ++p) {
         __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 8
         for (int i = 0; i < A; ++i) {
           const float b = B[p * A + i];
-          if (b != 0.0f) acc = _mm512_fmadd_ps(_mm512_set1_ps(b), d[i], acc);
+          if (Mask ? ((Mask >> (p * A + i)) & 1) != 0 : b != 0.0f)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(b), d[i], acc);
         }
         rows[p][j] = acc;
       }
     }
     for (int p = 0; p < A; ++p) {
+#pragma GCC unroll 8
       for (int qq = 0; qq < A; ++qq) {
         __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 8
         for (int j = 0; j < A; ++j) {
           const float b = B[qq * A + j];
-          if (b != 0.0f) acc = _mm512_fmadd_ps(_mm512_set1_ps(b), rows[p][j], acc);
+          if (Mask ? ((Mask >> (qq * A + j)) & 1) != 0 : b != 0.0f)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(b), rows[p][j], acc);
         }
         const int64_t pos = p * A + qq;
         if constexpr (Q8) {
@@ -362,19 +402,50 @@ bool has_tile_v(int64_t a) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// input_tile_v for B's nonzero pattern (nonzero_pattern(B, A)): compiled for the Cook-Toom
+// pattern and for a dense B, tested entry by entry for any other. Only where that measured
+// faster (interleaved against the tested form, 1 thread, Zen 5, 64 channels, static and flex
+// transforms alike): alpha 4 (F2) 0.69-0.79x the time in both precisions, alpha 8 (F6) 0.46-
+// 0.57x quantized; alpha 6 (F4) and alpha 8 in float32 ran 0.93-1.4x, and keep the tests.
+template <int A, bool Q8, uint64_t CookToom, uint64_t Dense>
+void input_tile_pattern(uint64_t pattern, const float* px, const float* B, int64_t H, int64_t W,
+                        int64_t C, int64_t m, int64_t n, int64_t ti, int64_t tj, void* out,
+                        int64_t pos_stride, const float* inv, float zp) {
+  if constexpr (A == 4 || (A == 8 && Q8)) {
+    if (pattern == CookToom)
+      return input_tile_v<A, Q8, CookToom>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp);
+    if (pattern == Dense)
+      return input_tile_v<A, Q8, Dense>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp);
+  }
+  input_tile_v<A, Q8, 0>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp);
+}
+#endif
+
 // The vector form for alpha 4, 6 or 8 (F2, F4, F6) in the AVX-512 build: whether it ran.
+// pattern: nonzero_pattern(B, a), computed once per call of the caller.
 template <bool Q8>
-bool input_tile_fast(int64_t a, const float* px, const float* B, int64_t H, int64_t W,
-                     int64_t C, int64_t m, int64_t n, int64_t ti, int64_t tj, void* out,
-                     int64_t pos_stride, const float* inv, float zp) {
+bool input_tile_fast(int64_t a, uint64_t pattern, const float* px, const float* B, int64_t H,
+                     int64_t W, int64_t C, int64_t m, int64_t n, int64_t ti, int64_t tj,
+                     void* out, int64_t pos_stride, const float* inv, float zp) {
 #if defined(__AVX512F__)
   switch (a) {
-    case 4: input_tile_v<4, Q8>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp); return true;
-    case 6: input_tile_v<6, Q8>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp); return true;
-    case 8: input_tile_v<8, Q8>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp); return true;
+    case 4:
+      input_tile_pattern<4, Q8, kCookToomB4, kDense4>(pattern, px, B, H, W, C, m, n, ti, tj, out,
+                                                      pos_stride, inv, zp);
+      return true;
+    case 6:
+      input_tile_pattern<6, Q8, kCookToomB6, kDense6>(pattern, px, B, H, W, C, m, n, ti, tj, out,
+                                                      pos_stride, inv, zp);
+      return true;
+    case 8:
+      input_tile_pattern<8, Q8, kCookToomB8, kDense8>(pattern, px, B, H, W, C, m, n, ti, tj, out,
+                                                      pos_stride, inv, zp);
+      return true;
     default: return false;
   }
 #else
+  (void)pattern;
   return false;
 #endif
 }
@@ -405,11 +476,12 @@ at::Tensor winograd_input(const at::Tensor& x, const at::Tensor& bt, int64_t m, 
   float* pv = v.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a * a * C, 1));
   const int64_t scratch = has_tile_v(a) ? 0 : a * a * C;  // the generic form's
+  const uint64_t pattern = nonzero_pattern(B, a);
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> d(scratch), rows(scratch);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = n0 + tile / T, ti = (tile % T) / tw, tj = tile % tw;
-      if (!input_tile_fast<false>(a, px, B, H, W, C, m, n, ti, tj, pv + tile * C, NT * C,
+      if (!input_tile_fast<false>(a, pattern, px, B, H, W, C, m, n, ti, tj, pv + tile * C, NT * C,
                                   nullptr, 0.0f)) {
         input_tile(px, B, H, W, C, a, m, n, ti, tj, d.data(), rows.data(), pv + tile * C,
                    NT * C);
@@ -451,12 +523,13 @@ at::Tensor winograd_input_q8(const at::Tensor& x, const at::Tensor& bt, int64_t 
   uint8_t* pq = q.data_ptr<uint8_t>();
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a2 * C, 1));
   const int64_t scratch = has_tile_v(a) ? 0 : a2 * C;  // the generic form's
+  const uint64_t pattern = nonzero_pattern(B, a);
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> d(scratch), rows(scratch), v(scratch);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = n0 + tile / T, ti = (tile % T) / tw, tj = tile % tw;
       uint8_t* __restrict o = pq + tile * ts;
-      if (input_tile_fast<true>(a, px, B, H, W, C, m, n, ti, tj, o, ps, inv, zp)) {
+      if (input_tile_fast<true>(a, pattern, px, B, H, W, C, m, n, ti, tj, o, ps, inv, zp)) {
         if (Cs > C) {
           for (int64_t p = 0; p < a2; ++p)
             std::fill(o + p * ps + C, o + p * ps + Cs, static_cast<uint8_t>(zero_point));
@@ -1257,11 +1330,15 @@ at::Tensor winograd_f32_conv(const at::Tensor& x, const at::Tensor& bt, const at
 // fuse_product: where the packed weights of all positions fit in kFuseWeightBytes (they are
 // then read from cache once per block of tiles: 3 MiB, tuned on a Zen 4 with 1 MiB of L2 and
 // 32 MiB of L3 per core complex, where 1 MiB left the 36 x 128 x 256 layers unfused at 1.16x
-// of oneDNN's direct convolution, 0.84x fused), the product and the output transform run per
-// block of tiles, the block's int32 sums dequantized into a buffer that stays in cache and
-// transformed from there: the product (alpha^2 x tiles x K floats) is never written to memory
-// and read back. The same operations on the same values: the output is the unfused form's bit
-// for bit.
+// of oneDNN's direct convolution, 0.84x fused), the whole layer runs per block of tiles of the
+// batch (chunk_images is then unused): the block's input tiles transformed and quantized into
+// a buffer, its product's int32 sums dequantized into another, both staying in cache, and
+// transformed to the output from there; neither the quantized input (alpha^2 x tiles x C
+// bytes) nor the product (alpha^2 x tiles x K floats) is written to memory and read back. The
+// same operations on the same values: the output is the unfused form's bit for bit. (With the
+// input transform in the block too, Zen 5, 1 thread, batch 32: 64 -> 64 channels at 32x32
+// 4.95 -> 4.32 ms, 128 -> 128 at 16x16 2.87 -> 2.10 ms; the quantized input of a group of
+// images had rows 16 KiB apart, 36 of them in one set of the L1 cache.)
 constexpr int64_t kFuseWeightBytes = 3 << 20;
 constexpr int64_t kFuseBufferBytes = 256 << 10;
 
@@ -1311,29 +1388,50 @@ at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at:
   const float* psc = wscale.data_ptr<float>();
   const float* pb = has_bias ? bias->data_ptr<float>() : nullptr;
   float* po = out.data_ptr<float>();
-  // tiles per block: a multiple of kTB whose product buffer stays within kFuseBufferBytes
+  const float* B = bt.data_ptr<float>();
+  const float* inv = inv_scale.data_ptr<float>();
+  const float* px = x.data_ptr<float>();
+  const int64_t C = x.size(3);
+  TORCH_CHECK(inv_scale.scalar_type() == at::kFloat && inv_scale.is_contiguous() &&
+                  inv_scale.numel() == a2,
+              "inv_scale must be alpha^2 contiguous float32 values");
+  TORCH_CHECK(Cs >= C, "wpack's input channels must be at least x's");
+  check_input(x, bt);
+  // tiles per block: a multiple of kTB whose product buffer stays within kFuseBufferBytes,
+  // and, where the batch is small, at least 4 blocks per thread while blocks of kTB allow it
+  const int64_t NT = N * T;
   const int64_t fit = kFuseBufferBytes / (a2 * K * static_cast<int64_t>(sizeof(float)));
-  const int64_t tb2 = std::max<int64_t>(kTB, std::min<int64_t>(48, fit / kTB * kTB));
-  for (int64_t n0 = 0; n0 < N; n0 += chunk_images) {
-    const int64_t nb = std::min(chunk_images, N - n0), NT = nb * T;
-    const at::Tensor q = winograd_input_q8(x, bt, m, th, tw, n0, nb, inv_scale, 128, Cs, true);
-    const uint8_t* pq = q.data_ptr<uint8_t>();
-    const int64_t nblk = (NT + tb2 - 1) / tb2;
-    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(a2 * tb2 * K);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t t0 = blk * tb2, t1 = std::min(NT, t0 + tb2);
-        for (int64_t p = 0; p < a2; ++p)
-          q8_position(pq, pw, ps, psc, buf.data(), p, t0, t1, NT, Cs, K, Kb, 128, tb2 * K, t0);
-        for (int64_t tile = t0; tile < t1; ++tile) {
-          const int64_t n = n0 + tile / T, ti = (tile % T) / tw, tj = tile % tw;
-          const int64_t rows_in = std::min(m, H - ti * m), cols_in = std::min(m, W - tj * m);
-          output_tile_fast(a, buf.data() + (tile - t0) * K, tb2 * K, w1.data(), A, pb, K, rows_in,
-                           cols_in, po + ((n * H + ti * m) * W + tj * m) * K, W * K);
+  int64_t tb2 = std::max<int64_t>(kTB, std::min<int64_t>(48, fit / kTB * kTB));
+  const int64_t share = NT / (4 * std::max<int64_t>(1, at::get_num_threads()));
+  tb2 = std::max<int64_t>(kTB, std::min<int64_t>(tb2, share / kTB * kTB));
+  const int64_t nblk = (NT + tb2 - 1) / tb2;
+  const uint8_t zpb = 128;
+  const uint64_t pattern = nonzero_pattern(B, a);
+  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> qbuf(a2 * tb2 * Cs);
+    std::vector<float> buf(a2 * tb2 * K);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t t0 = blk * tb2, t1 = std::min(NT, t0 + tb2);
+      for (int64_t tile = t0; tile < t1; ++tile) {  // the block's quantized input tiles
+        const int64_t n = tile / T, ti = (tile % T) / tw, tj = tile % tw;
+        uint8_t* o = qbuf.data() + (tile - t0) * Cs;
+        input_tile_fast<true>(a, pattern, px, B, H, W, C, m, n, ti, tj, o, tb2 * Cs, inv,
+                              128.0f);
+        if (Cs > C) {
+          for (int64_t p = 0; p < a2; ++p) std::fill(o + p * tb2 * Cs + C, o + p * tb2 * Cs + Cs, zpb);
         }
       }
-    });
-  }
+      for (int64_t p = 0; p < a2; ++p)
+        q8_position(qbuf.data(), pw, ps, psc, buf.data(), p, 0, t1 - t0, tb2, Cs, K, Kb, 128,
+                    tb2 * K, 0);
+      for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t n = tile / T, ti = (tile % T) / tw, tj = tile % tw;
+        const int64_t rows_in = std::min(m, H - ti * m), cols_in = std::min(m, W - tj * m);
+        output_tile_fast(a, buf.data() + (tile - t0) * K, tb2 * K, w1.data(), A, pb, K, rows_in,
+                         cols_in, po + ((n * H + ti * m) * W + tj * m) * K, W * K);
+      }
+    }
+  });
 #endif
   return out;
 }

@@ -330,62 +330,108 @@ inline __mmask16 lanes_left(int64_t left) { return left <= 0 ? 0 : tail_mask(lef
 // each column of the tile loaded once (zeros where it lies in the padding), B applied along it
 // into rows[p][j], then along the rows, every product a fused multiply-add (the generic form
 // passes each partial sum through memory, a load and a store per multiply-add: 2-3x slower).
-// Mask: B's nonzero pattern when known at compile time (nonzero_pattern; with the loops
+// Mask: B's nonzero pattern when known at compile time (nonzero_pattern; with the inner loops
 // unrolled, every test of an entry folds away), 0 to test each entry at run time; either way
 // the nonzero entries' products are added in the same order: the forms agree bit for bit.
 // Q8: out is uint8, each position quantized as winograd_input_q8 says (round half to even,
 // zero point, clamp); else float. Position (p, q) at out + (p * A + q) * pos_stride.
+// Position pos of one tile, 16 channels: stored as float, or quantized as winograd_input_q8
+// says (round half to even, zero point, clamp) and stored as uint8.
+template <bool Q8>
+inline void store_position(__m512 acc, int64_t pos, void* out, int64_t pos_stride, int64_t c0,
+                           __mmask16 mask, const float* inv, float zp) {
+  if constexpr (Q8) {
+    __m512 y = _mm512_roundscale_ps(_mm512_mul_ps(acc, _mm512_set1_ps(inv[pos])),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, _mm512_set1_ps(zp)), _mm512_setzero_ps()),
+                      _mm512_set1_ps(255.0f));
+    _mm_mask_storeu_epi8(static_cast<uint8_t*>(out) + pos * pos_stride + c0, mask,
+                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(y)));
+  } else {
+    _mm512_mask_storeu_ps(static_cast<float*>(out) + pos * pos_stride + c0, mask, acc);
+  }
+}
+
 template <int A, bool Q8, uint64_t Mask>
 void input_tile_v(const float* px, const float* B, int64_t H, int64_t W, int64_t C, int64_t m,
                   int64_t n, int64_t ti, int64_t tj, void* out, int64_t pos_stride,
                   const float* inv, float zp) {
+  if constexpr (Mask != 0) {
+    // The pattern known: the tile's 16 channels copied to a buffer (zeros in the padding),
+    // then one row p of B d at a time from the buffer (A sums live, not A^2: the column-first
+    // order below spilled its A^2 sums once the tests were gone, and ran slower than with
+    // them at F4), and that row's A positions from it; the loop over rows stays a loop (all
+    // of it unrolled, the buffer's loads were shared across rows, and spilled). The same
+    // products added in the same order as below.
+    alignas(64) float dbuf[A * A * 16];
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      const __mmask16 mask = tail_mask(C - c0);
+      for (int i = 0; i < A; ++i) {
+        const int64_t r = ti * m + i - 1;
+        for (int j = 0; j < A; ++j) {
+          const int64_t q = tj * m + j - 1;
+          const __m512 d = (r < 0 || r >= H || q < 0 || q >= W)
+                               ? _mm512_setzero_ps()
+                               : _mm512_maskz_loadu_ps(mask, px + ((n * H + r) * W + q) * C + c0);
+          _mm512_store_ps(dbuf + (i * A + j) * 16, d);
+        }
+      }
+      for (int p = 0; p < A; ++p) {
+        __m512 row[A];
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) {
+          __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 8
+          for (int i = 0; i < A; ++i) {
+            if ((Mask >> (p * A + i)) & 1)
+              acc = _mm512_fmadd_ps(_mm512_set1_ps(B[p * A + i]),
+                                    _mm512_load_ps(dbuf + (i * A + j) * 16), acc);
+          }
+          row[j] = acc;
+        }
+#pragma GCC unroll 8
+        for (int qq = 0; qq < A; ++qq) {
+          __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 8
+          for (int j = 0; j < A; ++j) {
+            if ((Mask >> (qq * A + j)) & 1)
+              acc = _mm512_fmadd_ps(_mm512_set1_ps(B[qq * A + j]), row[j], acc);
+          }
+          store_position<Q8>(acc, p * A + qq, out, pos_stride, c0, mask, inv, zp);
+        }
+      }
+    }
+    return;
+  }
   __m512 rows[A][A];
   for (int64_t c0 = 0; c0 < C; c0 += 16) {
     const __mmask16 mask = tail_mask(C - c0);
     for (int j = 0; j < A; ++j) {
       const int64_t q = tj * m + j - 1;
       __m512 d[A];
-#pragma GCC unroll 8
       for (int i = 0; i < A; ++i) {
         const int64_t r = ti * m + i - 1;
         d[i] = (r < 0 || r >= H || q < 0 || q >= W)
                    ? _mm512_setzero_ps()
                    : _mm512_maskz_loadu_ps(mask, px + ((n * H + r) * W + q) * C + c0);
       }
-#pragma GCC unroll 8
       for (int p = 0; p < A; ++p) {
         __m512 acc = _mm512_setzero_ps();
-#pragma GCC unroll 8
         for (int i = 0; i < A; ++i) {
           const float b = B[p * A + i];
-          if (Mask ? ((Mask >> (p * A + i)) & 1) != 0 : b != 0.0f)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(b), d[i], acc);
+          if (b != 0.0f) acc = _mm512_fmadd_ps(_mm512_set1_ps(b), d[i], acc);
         }
         rows[p][j] = acc;
       }
     }
     for (int p = 0; p < A; ++p) {
-#pragma GCC unroll 8
       for (int qq = 0; qq < A; ++qq) {
         __m512 acc = _mm512_setzero_ps();
-#pragma GCC unroll 8
         for (int j = 0; j < A; ++j) {
           const float b = B[qq * A + j];
-          if (Mask ? ((Mask >> (qq * A + j)) & 1) != 0 : b != 0.0f)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(b), rows[p][j], acc);
+          if (b != 0.0f) acc = _mm512_fmadd_ps(_mm512_set1_ps(b), rows[p][j], acc);
         }
-        const int64_t pos = p * A + qq;
-        if constexpr (Q8) {
-          __m512 y = _mm512_roundscale_ps(_mm512_mul_ps(acc, _mm512_set1_ps(inv[pos])),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          y = _mm512_min_ps(
-              _mm512_max_ps(_mm512_add_ps(y, _mm512_set1_ps(zp)), _mm512_setzero_ps()),
-              _mm512_set1_ps(255.0f));
-          _mm_mask_storeu_epi8(static_cast<uint8_t*>(out) + pos * pos_stride + c0, mask,
-                               _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(y)));
-        } else {
-          _mm512_mask_storeu_ps(static_cast<float*>(out) + pos * pos_stride + c0, mask, acc);
-        }
+        store_position<Q8>(acc, p * A + qq, out, pos_stride, c0, mask, inv, zp);
       }
     }
   }
@@ -404,20 +450,17 @@ bool has_tile_v(int64_t a) {
 
 #if defined(__AVX512F__)
 // input_tile_v for B's nonzero pattern (nonzero_pattern(B, A)): compiled for the Cook-Toom
-// pattern and for a dense B, tested entry by entry for any other. Only where that measured
-// faster (interleaved against the tested form, 1 thread, Zen 5, 64 channels, static and flex
-// transforms alike): alpha 4 (F2) 0.69-0.79x the time in both precisions, alpha 8 (F6) 0.46-
-// 0.57x quantized; alpha 6 (F4) and alpha 8 in float32 ran 0.93-1.4x, and keep the tests.
+// pattern and for a dense B, tested entry by entry for any other. Measured against the tested
+// form (interleaved, 1 thread, Zen 5, 64 channels, float32 / 8-bit): Cook-Toom's F2 0.79x /
+// 0.73x the time, F4 0.81x / 0.97x, F6 0.62x / 0.59x.
 template <int A, bool Q8, uint64_t CookToom, uint64_t Dense>
 void input_tile_pattern(uint64_t pattern, const float* px, const float* B, int64_t H, int64_t W,
                         int64_t C, int64_t m, int64_t n, int64_t ti, int64_t tj, void* out,
                         int64_t pos_stride, const float* inv, float zp) {
-  if constexpr (A == 4 || (A == 8 && Q8)) {
-    if (pattern == CookToom)
-      return input_tile_v<A, Q8, CookToom>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp);
-    if (pattern == Dense)
-      return input_tile_v<A, Q8, Dense>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp);
-  }
+  if (pattern == CookToom)
+    return input_tile_v<A, Q8, CookToom>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp);
+  if (pattern == Dense)
+    return input_tile_v<A, Q8, Dense>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp);
   input_tile_v<A, Q8, 0>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp);
 }
 #endif

@@ -522,6 +522,9 @@ def test_the_fused_int8_product_and_output_transform_change_no_bit(tile):
             assert fused.shape == (5, 13, 11, 40)
             assert torch.equal(fused, plain)
         assert torch.equal(mod(x), fused.permute(0, 3, 1, 2))  # the module runs the fused form
+    other = transform_matrices(4 if tile != 4 else 2)[2].contiguous()  # another tile's B^T
+    with pytest.raises(RuntimeError, match="one tile size"):
+        ext.winograd_q8_conv(xn, other, *args[2:])
 
 
 def test_int8_winograd_packed_weights_follow_loaded_weights():

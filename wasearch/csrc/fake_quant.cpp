@@ -1440,6 +1440,7 @@ at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at:
               "inv_scale must be alpha^2 contiguous float32 values");
   TORCH_CHECK(Cs >= C, "wpack's input channels must be at least x's");
   check_input(x, bt);
+  TORCH_CHECK(bt.size(0) == a, "B_t and A_t must be of one tile size");
   // tiles per block: a multiple of kTB whose product buffer stays within kFuseBufferBytes,
   // and, where the batch is small, at least 4 blocks per thread while blocks of kTB allow it
   const int64_t NT = N * T;
@@ -1460,9 +1461,8 @@ at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at:
         uint8_t* o = qbuf.data() + (tile - t0) * Cs;
         input_tile_fast<true>(a, pattern, px, B, H, W, C, m, n, ti, tj, o, tb2 * Cs, inv,
                               128.0f);
-        if (Cs > C) {
-          for (int64_t p = 0; p < a2; ++p) std::fill(o + p * tb2 * Cs + C, o + p * tb2 * Cs + Cs, zpb);
-        }
+        for (int64_t p = 0; Cs > C && p < a2; ++p)
+          std::fill(o + p * tb2 * Cs + C, o + p * tb2 * Cs + Cs, zpb);
       }
       for (int64_t p = 0; p < a2; ++p)
         q8_position(qbuf.data(), pw, ps, psc, buf.data(), p, 0, t1 - t0, tb2, Cs, K, Kb, 128,

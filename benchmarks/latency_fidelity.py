@@ -22,8 +22,10 @@ space's). Every searchable layer may be direct (``normal``) or static/flex Winog
 2. **Timing.** The table: every operation timed in place in ``measure``'s networks (the 4
    uniform deploy networks, direct and static F2/F4/F6, and each tile's 2 networks alternating
    it with direct), each key's row pooling every network's samples, and a row per context
-   (the kind of the searchable layer before the operation), as ``search.py measure`` does;
-   the end-to-end times: each chosen
+   (the kind of the searchable layer before the operation), as ``search.py measure`` does,
+   each op-by-op pass followed by a plain pass of the same network and the clock's cost per
+   module operation (``NetworkTimer.op_overhead``: the median excess over all of that
+   network's pairs) taken off once every round is done; the end-to-end times: each chosen
    network's deploy model, plain forward passes. Interleaved (default): ``--repeats`` rounds,
    each running every op-by-op job and every end-to-end job once in a shuffled order, each
    timed pass right after 2 untimed passes of the same network (so neither a table row nor an
@@ -429,9 +431,12 @@ class FastPredictor:
 
 # -- timing --------------------------------------------------------------------------------------
 def timed_pass(timer: NetworkTimer, *, ops: bool) -> dict | list[float]:
-    """One timed pass right after ``WARM_PASSES`` untimed ones of the same network."""
+    """One timed pass right after ``WARM_PASSES`` untimed ones of the same network; with
+    ``ops``, timed operation by operation as the clock reads it (``NetworkTimer.run_raw``: a
+    plain pass follows it, for the clock's cost, which ``NetworkTimer.correct`` takes off once
+    every round is done)."""
     timer.warmup(0.0)  # exactly WARM_PASSES (2) untimed passes, then the timed one
-    return timer.run(1) if ops else timer.run_total(1)
+    return timer.run_raw(1) if ops else timer.run_total(1)
 
 
 def pilot_table(
@@ -831,18 +836,23 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
     if args.sequential:
         e2e = [n.warmup().run_total(args.repeats) for n in nets]
     else:
-        samples: dict = {}
+        raw: list[dict] = [{} for _ in table_nets]
         e2e = [[] for _ in nets]
-        jobs = [(t, None) for t in table_nets] + [(n, i) for i, n in enumerate(nets)]
+        jobs = [(t, None, j) for j, t in enumerate(table_nets)]
+        jobs += [(n, i, None) for i, n in enumerate(nets)]
         order = random.Random(args.seed + 1)
         for _ in tqdm(range(args.repeats), desc="rounds", leave=False):
             order.shuffle(jobs)
-            for timer, i in jobs:
+            for timer, i, j in jobs:
                 if i is None:
                     for key, got in timed_pass(timer, ops=True).items():
-                        samples.setdefault(key, []).extend(got)
+                        raw[j].setdefault(key, []).extend(got)
                 else:
                     e2e[i].extend(timed_pass(timer, ops=False))
+        samples: dict = {}
+        for timer, got in zip(table_nets, raw, strict=True):  # the clock's cost off, at the end
+            for key, vals in timer.correct(got).items():
+                samples.setdefault(key, []).extend(vals)
         table = LatencyTable(rows_from_samples(samples, keys, stat=args.stat, identity=ident))
     if args.table:
         path = Path(args.table)

@@ -582,17 +582,28 @@ def test_op_overhead_spreads_the_in_place_excess_over_module_operations(monkeypa
     from wasearch.latency.timing import NetworkTimer
 
     timer = NetworkTimer.__new__(NetworkTimer)
-    timer._hook_cost, timer._op_overhead = 2e-6, None
+    timer._hook_cost = 2e-6
     conv = OpKey("conv3x3", 8, 8, 4, 4)
     glue = OpKey("functions", 8, 8, 4, 4, detail="glue")
     raw = {conv: [100e-6, 100e-6, 100e-6, 100e-6], glue: [20e-6]}  # 4 module ops, 420 us
     monkeypatch.setattr(timer, "_run_raw", lambda repeats=1: {k: list(v) for k, v in raw.items()})
-    monkeypatch.setattr(timer, "run_total", lambda repeats=1: [380e-6] * repeats)
+    plain = [380e-6]
+    monkeypatch.setattr(timer, "run_total", lambda repeats=1: plain * repeats)
     assert timer.op_overhead() == pytest.approx(10e-6)  # (420 - 380) / 4 module operations
+    assert len(timer._excess) == 9  # the pairs taken on first use
     got = timer.run(1)
     assert got[conv] == pytest.approx([90e-6] * 4)  # module operations corrected
     assert got[glue] == pytest.approx([20e-6])  # the functions between modules are not
+    assert len(timer._excess) == 10  # each timed pass is paired with a plain one
+    # The estimate follows the pairs as they come: the median over all of them, and samples
+    # taken earlier are corrected with the estimate of the moment they are corrected at.
+    early = timer.run_raw(1)
+    plain[0] = 340e-6  # the clock's cost grows to (420 - 340) / 4 = 20 us a module operation
+    later = timer.run_raw(20)
+    assert len(timer._excess) == 31 and timer.op_overhead() == pytest.approx(20e-6)
+    assert timer.correct(early)[conv] == pytest.approx([80e-6] * 4)
+    assert timer.correct(later)[glue] == pytest.approx([20e-6] * 20)
     # A plain pass slower than the ticked one (noise): never below the hooks' own cost.
-    timer._op_overhead = None
-    monkeypatch.setattr(timer, "run_total", lambda repeats=1: [500e-6] * repeats)
+    timer._excess = []
+    plain[0] = 500e-6
     assert timer.op_overhead() == pytest.approx(2e-6)

@@ -240,7 +240,7 @@ class NetworkTimer:
         self.keys = {op.name: key for op, key in zip(ops, keys, strict=True)}
         self.modules = [op.module for op in ops if op.module is not None]
         self._hook_cost: float | None = None
-        self._op_overhead: float | None = None
+        self._excess: list[float] = []  # per module operation, one per paired pass
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -285,38 +285,64 @@ class NetworkTimer:
     def run(self, repeats: int = 1) -> dict[OpKey, list[float]]:
         """Per-operation samples of ``repeats`` passes (layers sharing a key pool theirs), each
         module operation's sample less what the in-place clock adds to it
-        (:meth:`op_overhead`)."""
-        samples = self._run_raw(repeats)
-        cost = self.op_overhead()
-        for key, got in samples.items():
-            if key.op != "functions":
-                got[:] = [max(v - cost, 0.0) for v in got]
+        (:meth:`op_overhead`, as estimated once these passes are done)."""
+        return self.correct(self.run_raw(repeats))
+
+    def run_raw(self, repeats: int = 1) -> dict[OpKey, list[float]]:
+        """Per-operation samples of ``repeats`` passes as the clock read them, each pass
+        followed by a plain one: the pair is one more sample of what the clock costs
+        (:meth:`op_overhead`). :meth:`correct` takes that cost off, with the estimate of the
+        moment: a caller that times a network in many calls corrects its samples once, at
+        the end."""
+        samples: dict[OpKey, list[float]] = {}
+        for _ in range(repeats):
+            one = self._run_raw(1)
+            self._note_pair(one, self.run_total(1)[0])
+            for key, got in one.items():
+                samples.setdefault(key, []).extend(got)
         return samples
 
-    def op_overhead(self, pairs: int = 9) -> float:
-        """Seconds the in-place clock adds to one module operation of *this* network. Cached.
+    def correct(self, samples: dict[OpKey, list[float]]) -> dict[OpKey, list[float]]:
+        """``samples`` of :meth:`run_raw` with :meth:`op_overhead` taken off every module
+        operation's (never below 0; the functions between modules are left as read)."""
+        cost = self.op_overhead()
+        return {
+            key: list(got) if key.op == "functions" else [max(v - cost, 0.0) for v in got]
+            for key, got in samples.items()
+        }
 
-        Measured on the network itself: ``pairs`` times, one pass timed operation by operation
-        and one plain pass, back to back; the operations' sum exceeds the plain pass by what the
-        ticks (hooks, clock reads, bookkeeping, and the caches they disturb) cost, spread over
-        the module operations of a pass; the median over pairs, at least the cost of the hooks
+    def _note_pair(self, raw: dict[OpKey, list[float]], plain: float) -> None:
+        ops = sum(len(v) for k, v in raw.items() if k.op != "functions")
+        if not hasattr(self, "_excess"):
+            self._excess = []
+        if ops:
+            self._excess.append((sum(sum(v) for v in raw.values()) - plain) / ops)
+
+    def op_overhead(self, pairs: int = 9) -> float:
+        """Seconds the in-place clock adds to one module operation of *this* network.
+
+        Measured on the network itself: a pass timed operation by operation and a plain pass,
+        back to back; the operations' sum exceeds the plain pass by what the ticks (hooks,
+        clock reads, bookkeeping, and the caches they disturb) cost, spread over the module
+        operations of a pass. The median over every pair so far (``pairs`` of them taken on
+        first use; :meth:`run_raw` adds one per pass it times), at least the cost of the hooks
         alone (:meth:`hook_cost`). A probe module's hook cost alone (~6 us here) left the
         operation-by-operation sums of small networks 5-13 % above their plain passes (the
         more so the cheaper their operations: direct convolutions at batch 1), so a table
-        over-priced direct layers against Winograd ones.
+        over-priced direct layers against Winograd ones. One estimate taken on first use and
+        kept was not enough either: on the VGG at batch 1 (Zen 5), the excess of one network
+        moved from 301 to 176 us between its first pairs and later ones, and across networks
+        it ranged 117-343 us (all-direct to all-F6), so the uniform F4 and F6 references were
+        predicted 11-31 % above their plain passes.
         """
-        if self._op_overhead is not None:
-            return self._op_overhead
         floor = self.hook_cost()
-        per_op = []
-        for _ in range(pairs):
-            raw = self._run_raw(1)
-            plain = self.run_total(1)[0]
-            ops = sum(len(v) for k, v in raw.items() if k.op != "functions")
-            if ops:
-                per_op.append((sum(sum(v) for v in raw.values()) - plain) / ops)
-        self._op_overhead = max(statistics.median(per_op), floor) if per_op else floor
-        return self._op_overhead
+        if not hasattr(self, "_excess"):
+            self._excess = []
+        for _ in range(pairs - len(self._excess)):
+            self._note_pair(self._run_raw(1), self.run_total(1)[0])
+        if not self._excess:  # a network without module operations
+            return floor
+        return max(statistics.median(self._excess), floor)
 
     def hook_cost(self, calls: int = 400, repeats: int = 5) -> float:
         """Seconds the in-place clock adds to one module call (its hooks and ticks, measured

@@ -496,6 +496,40 @@ def test_the_input_transform_of_every_nonzero_pattern(tile, pattern):
 
 
 @pytest.mark.parametrize("tile", [2, 4, 6])
+@pytest.mark.parametrize("pattern", ["cook-toom", "dense", "own", "zero-scale"])
+def test_the_output_transform_of_every_nonzero_pattern(tile, pattern):
+    """The output transform's compiled forms (Cook-Toom's A^T or a dense one) and its tested
+    form (another pattern, or a position scale of 0, which zeroes entries of the first pass's
+    weights) against a float64 reference: A^T (M * scale) A per tile, cropped, plus the bias."""
+    if not cpu_kernels.available():
+        pytest.skip("the compiled CPU kernels could not be built here")
+    ext = cpu_kernels.kernels()
+    torch.manual_seed(tile)
+    A_t = transform_matrices(tile)[0].clone()
+    if pattern == "dense":
+        A_t += torch.where(A_t == 0, 0.05, 0.01) * (1 + torch.rand_like(A_t))
+    elif pattern == "own":
+        A_t[1, 2] = 0.0
+    A_t = A_t.contiguous()
+    a, k, n, h, w = tile + 2, 21, 2, 13, 10
+    th, tw = -(-h // tile), -(-w // tile)
+    mp = torch.randn(a * a, n * th * tw, k)
+    ps = torch.rand(a * a) + 0.5
+    if pattern == "zero-scale":
+        ps[3] = 0.0
+    bias = torch.randn(k)
+    for scale in (None, ps):
+        out = torch.empty(n, h, w, k)
+        ext.winograd_output(mp, A_t, bias, out, th, tw, 0, scale)
+        m64 = mp.double().view(a, a, n, th, tw, k)
+        if scale is not None:
+            m64 = m64 * scale.double().view(a, a, 1, 1, 1, 1)
+        y = torch.einsum("ri,ijntuk,sj->ntrusk", A_t.double(), m64, A_t.double())
+        ref = y.reshape(n, th * tile, tw * tile, k)[:, :h, :w] + bias.double()
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tile", [2, 4, 6])
 def test_the_fused_int8_product_and_output_transform_change_no_bit(tile):
     """winograd_q8_conv's fused form (the product of a block of tiles transformed from a buffer
     in cache) against its unfused form (the product written whole, then transformed): the same

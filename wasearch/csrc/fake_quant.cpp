@@ -1123,12 +1123,32 @@ std::vector<float> first_pass_weights(const float* A, int64_t m, int64_t a, cons
   return w1;
 }
 
+// The nonzero patterns of the Cook-Toom A^T of F2, F4 and F6 (m x alpha; row r, column i at
+// bit r * alpha + i) and of a dense one: the output transform's compiled forms, as the input
+// transform's (input_tile_pattern).
+constexpr uint64_t kCookToomA4 = 0xe7, kCookToomA6 = 0xf9e79f, kCookToomA8 = 0xfe7e7e7e7e7f;
+constexpr uint64_t kDenseA4 = 0xff, kDenseA6 = 0xffffff, kDenseA8 = 0xffffffffffff;
+
+// The pattern output_tile_fast compiles for A^T (m x a) and the first pass's weights w1 made
+// from it with the position scales ps (null: none): A^T's, where every scale is nonzero (w1's
+// zeros are then A^T's); else 0, each entry tested.
+uint64_t output_pattern(const float* At, int64_t m, int64_t a, const float* ps) {
+  for (int64_t p = 0; ps && p < a * a; ++p)
+    if (ps[p] == 0.0f) return 0;
+  uint64_t bits = 0;
+  for (int64_t e = 0; e < m * a && e < 64; ++e)
+    if (At[e] != 0.0f) bits |= uint64_t{1} << e;
+  return bits;
+}
+
 #if defined(__AVX512F__)
 // One tile of winograd_output with 16 channels at a time in vector registers, alpha = A (m =
 // A - 2) known at compile time: each column j of M loaded once, the first pass's weights w1
 // (A, position-scaled) applied along it, then A along the rows, with the bias, every product a
-// fused multiply-add; rows and columns past rows_in / cols_in (the crop) skipped.
-template <int A>
+// fused multiply-add; rows and columns past rows_in / cols_in (the crop) skipped. Mask: A^T's
+// nonzero pattern when compiled (output_pattern), 0 to test each entry; the nonzero entries'
+// products are added in the same order either way.
+template <int A, uint64_t Mask>
 void output_tile_v(const float* pm, int64_t sp, const float* w1, const float* At,
                    const float* pb, int64_t K, int64_t rows_in, int64_t cols_in, float* po,
                    int64_t row_stride) {
@@ -1138,13 +1158,17 @@ void output_tile_v(const float* pm, int64_t sp, const float* w1, const float* At
     const __mmask16 mask = tail_mask(K - c0);
     for (int j = 0; j < A; ++j) {
       __m512 col[A];
+#pragma GCC unroll 8
       for (int i = 0; i < A; ++i) col[i] = _mm512_maskz_loadu_ps(mask, pm + (i * A + j) * sp + c0);
+#pragma GCC unroll 8
       for (int r = 0; r < m; ++r) {
         if (r >= rows_in) break;
         __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 8
         for (int i = 0; i < A; ++i) {
           const float w = w1[(r * A + j) * A + i];
-          if (w != 0.0f) acc = _mm512_fmadd_ps(_mm512_set1_ps(w), col[i], acc);
+          if (Mask ? ((Mask >> (r * A + i)) & 1) != 0 : w != 0.0f)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(w), col[i], acc);
         }
         rows[r][j] = acc;
       }
@@ -1152,32 +1176,57 @@ void output_tile_v(const float* pm, int64_t sp, const float* w1, const float* At
     const __m512 bias = pb ? _mm512_maskz_loadu_ps(mask, pb + c0) : _mm512_setzero_ps();
     for (int r = 0; r < m; ++r) {
       if (r >= rows_in) break;
+#pragma GCC unroll 8
       for (int s2 = 0; s2 < m; ++s2) {
         if (s2 >= cols_in) break;
         __m512 acc = bias;
+#pragma GCC unroll 8
         for (int j = 0; j < A; ++j) {
           const float w = At[s2 * A + j];
-          if (w != 0.0f) acc = _mm512_fmadd_ps(_mm512_set1_ps(w), rows[r][j], acc);
+          if (Mask ? ((Mask >> (s2 * A + j)) & 1) != 0 : w != 0.0f)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(w), rows[r][j], acc);
         }
         _mm512_mask_storeu_ps(po + r * row_stride + s2 * K + c0, mask, acc);
       }
     }
   }
 }
+
+template <int A, uint64_t CookToom, uint64_t Dense>
+void output_tile_pattern(uint64_t pattern, const float* pm, int64_t sp, const float* w1,
+                         const float* At, const float* pb, int64_t K, int64_t rows_in,
+                         int64_t cols_in, float* po, int64_t row_stride) {
+  if (pattern == CookToom)
+    return output_tile_v<A, CookToom>(pm, sp, w1, At, pb, K, rows_in, cols_in, po, row_stride);
+  if (pattern == Dense)
+    return output_tile_v<A, Dense>(pm, sp, w1, At, pb, K, rows_in, cols_in, po, row_stride);
+  output_tile_v<A, 0>(pm, sp, w1, At, pb, K, rows_in, cols_in, po, row_stride);
+}
 #endif
 
-// The vector form for alpha 4, 6 or 8 in the AVX-512 build: whether it ran.
-bool output_tile_fast(int64_t a, const float* pm, int64_t sp, const float* w1, const float* At,
-                      const float* pb, int64_t K, int64_t rows_in, int64_t cols_in, float* po,
-                      int64_t row_stride) {
+// The vector form for alpha 4, 6 or 8 in the AVX-512 build: whether it ran. pattern:
+// output_pattern of A^T and the position scales w1 was made with.
+bool output_tile_fast(int64_t a, uint64_t pattern, const float* pm, int64_t sp, const float* w1,
+                      const float* At, const float* pb, int64_t K, int64_t rows_in,
+                      int64_t cols_in, float* po, int64_t row_stride) {
 #if defined(__AVX512F__)
   switch (a) {
-    case 4: output_tile_v<4>(pm, sp, w1, At, pb, K, rows_in, cols_in, po, row_stride); return true;
-    case 6: output_tile_v<6>(pm, sp, w1, At, pb, K, rows_in, cols_in, po, row_stride); return true;
-    case 8: output_tile_v<8>(pm, sp, w1, At, pb, K, rows_in, cols_in, po, row_stride); return true;
+    case 4:
+      output_tile_pattern<4, kCookToomA4, kDenseA4>(pattern, pm, sp, w1, At, pb, K, rows_in,
+                                                    cols_in, po, row_stride);
+      return true;
+    case 6:
+      output_tile_pattern<6, kCookToomA6, kDenseA6>(pattern, pm, sp, w1, At, pb, K, rows_in,
+                                                    cols_in, po, row_stride);
+      return true;
+    case 8:
+      output_tile_pattern<8, kCookToomA8, kDenseA8>(pattern, pm, sp, w1, At, pb, K, rows_in,
+                                                    cols_in, po, row_stride);
+      return true;
     default: return false;
   }
 #else
+  (void)pattern;
   return false;
 #endif
 }
@@ -1221,6 +1270,7 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
   const float* ps = scaled ? pos_scale->data_ptr<float>() : nullptr;
   float* po = out.data_ptr<float>();
   const std::vector<float> w1 = first_pass_weights(A, m, a, ps);
+  const uint64_t pattern = output_pattern(A, m, a, ps);
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a * a * K, 1));
   const bool vec = has_tile_v(a) && m == a - 2;  // the vector form serves F(a - 2, 3)
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
@@ -1228,8 +1278,8 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = n0 + tile / T, ti = (tile % T) / tw, tj = tile % tw;
       const int64_t rows_in = std::min(m, Ho - ti * m), cols_in = std::min(m, Wo - tj * m);
-      if (vec && output_tile_fast(a, pm + tile * st, sp, w1.data(), A, pb, K, rows_in, cols_in,
-                                  po + ((n * Ho + ti * m) * Wo + tj * m) * K, Wo * K)) {
+      if (vec && output_tile_fast(a, pattern, pm + tile * st, sp, w1.data(), A, pb, K, rows_in,
+                                  cols_in, po + ((n * Ho + ti * m) * Wo + tj * m) * K, Wo * K)) {
         continue;
       }
       for (int64_t r = 0; r < rows_in; ++r) {
@@ -1426,6 +1476,7 @@ at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at:
   const float* A = at_.data_ptr<float>();
   const float* psc_pos = pos_scale.data_ptr<float>();
   const std::vector<float> w1 = first_pass_weights(A, m, a, psc_pos);
+  const uint64_t out_pattern = output_pattern(A, m, a, psc_pos);
   const int8_t* pw = wpack.data_ptr<int8_t>();
   const int32_t* ps = wsum.data_ptr<int32_t>();
   const float* psc = wscale.data_ptr<float>();
@@ -1470,8 +1521,8 @@ at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at:
       for (int64_t tile = t0; tile < t1; ++tile) {
         const int64_t n = tile / T, ti = (tile % T) / tw, tj = tile % tw;
         const int64_t rows_in = std::min(m, H - ti * m), cols_in = std::min(m, W - tj * m);
-        output_tile_fast(a, buf.data() + (tile - t0) * K, tb2 * K, w1.data(), A, pb, K, rows_in,
-                         cols_in, po + ((n * H + ti * m) * W + tj * m) * K, W * K);
+        output_tile_fast(a, out_pattern, buf.data() + (tile - t0) * K, tb2 * K, w1.data(), A, pb,
+                         K, rows_in, cols_in, po + ((n * H + ti * m) * W + tj * m) * K, W * K);
       }
     }
   });

@@ -287,12 +287,19 @@ inline void stream_fence() {
 #endif
 }
 
-// Which entries of a square a x a matrix are nonzero: bit i * a + j for entry (i, j) (a <= 8).
-uint64_t nonzero_pattern(const float* M, int64_t a) {
+// Which of a row-major matrix's first `count` entries (at most 64) are nonzero: bit e for
+// entry e (of an r x c matrix, entry (i, j) at bit i * c + j).
+uint64_t nonzero_pattern(const float* M, int64_t count) {
   uint64_t bits = 0;
-  for (int64_t e = 0; e < a * a && e < 64; ++e)
+  for (int64_t e = 0; e < count && e < 64; ++e)
     if (M[e] != 0.0f) bits |= uint64_t{1} << e;
   return bits;
+}
+
+// inv_scale (or pos_scale): one float32 per tile position, contiguous.
+void check_position_scales(const at::Tensor& s, int64_t a2, const char* name) {
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == a2, name,
+              " must be alpha^2 contiguous float32 values");
 }
 
 // The nonzero patterns of the Cook-Toom B^T that wasearch.winograd.transform_matrices builds for
@@ -449,7 +456,7 @@ bool has_tile_v(int64_t a) {
 }
 
 #if defined(__AVX512F__)
-// input_tile_v for B's nonzero pattern (nonzero_pattern(B, A)): compiled for the Cook-Toom
+// input_tile_v for B's nonzero pattern (nonzero_pattern(B, A * A)): compiled for the Cook-Toom
 // pattern and for a dense B, tested entry by entry for any other. Measured against the tested
 // form (interleaved, 1 thread, Zen 5, 64 channels, float32 / 8-bit): Cook-Toom's F2 0.79x /
 // 0.73x the time, F4 0.81x / 0.97x, F6 0.62x / 0.59x.
@@ -466,7 +473,7 @@ void input_tile_pattern(uint64_t pattern, const float* px, const float* B, int64
 #endif
 
 // The vector form for alpha 4, 6 or 8 (F2, F4, F6) in the AVX-512 build: whether it ran.
-// pattern: nonzero_pattern(B, a), computed once per call of the caller.
+// pattern: nonzero_pattern(B, a * a), computed once per call of the caller.
 template <bool Q8>
 bool input_tile_fast(int64_t a, uint64_t pattern, const float* px, const float* B, int64_t H,
                      int64_t W, int64_t C, int64_t m, int64_t n, int64_t ti, int64_t tj,
@@ -519,7 +526,7 @@ at::Tensor winograd_input(const at::Tensor& x, const at::Tensor& bt, int64_t m, 
   float* pv = v.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a * a * C, 1));
   const int64_t scratch = has_tile_v(a) ? 0 : a * a * C;  // the generic form's
-  const uint64_t pattern = nonzero_pattern(B, a);
+  const uint64_t pattern = nonzero_pattern(B, a * a);
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> d(scratch), rows(scratch);
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -549,9 +556,7 @@ at::Tensor winograd_input_q8(const at::Tensor& x, const at::Tensor& bt, int64_t 
   check_input(x, bt);
   const int64_t H = x.size(1), W = x.size(2), C = x.size(3), a = bt.size(0), T = th * tw;
   const int64_t NT = nb * T, a2 = a * a;
-  TORCH_CHECK(inv_scale.scalar_type() == at::kFloat && inv_scale.is_contiguous() &&
-                  inv_scale.numel() == a2,
-              "inv_scale must be alpha^2 contiguous float32 values");
+  check_position_scales(inv_scale, a2, "inv_scale");
   TORCH_CHECK(zero_point >= 0 && zero_point <= 255, "zero_point must lie in [0, 255]");
   const int64_t Cs = channel_stride;  // >= C: the channels past C hold the zero point
   TORCH_CHECK(Cs >= C, "channel_stride must be at least the number of channels");
@@ -566,7 +571,7 @@ at::Tensor winograd_input_q8(const at::Tensor& x, const at::Tensor& bt, int64_t 
   uint8_t* pq = q.data_ptr<uint8_t>();
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a2 * C, 1));
   const int64_t scratch = has_tile_v(a) ? 0 : a2 * C;  // the generic form's
-  const uint64_t pattern = nonzero_pattern(B, a);
+  const uint64_t pattern = nonzero_pattern(B, a * a);
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> d(scratch), rows(scratch), v(scratch);
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -1135,10 +1140,7 @@ constexpr uint64_t kDenseA4 = 0xff, kDenseA6 = 0xffffff, kDenseA8 = 0xffffffffff
 uint64_t output_pattern(const float* At, int64_t m, int64_t a, const float* ps) {
   for (int64_t p = 0; ps && p < a * a; ++p)
     if (ps[p] == 0.0f) return 0;
-  uint64_t bits = 0;
-  for (int64_t e = 0; e < m * a && e < 64; ++e)
-    if (At[e] != 0.0f) bits |= uint64_t{1} << e;
-  return bits;
+  return nonzero_pattern(At, m * a);
 }
 
 #if defined(__AVX512F__)
@@ -1261,9 +1263,7 @@ void winograd_output(const at::Tensor& mprod, const at::Tensor& at_, const at::T
                             bias.is_contiguous()),
               "bias must be K contiguous float32 values");
   const bool scaled = pos_scale.has_value();
-  TORCH_CHECK(!scaled || (pos_scale->scalar_type() == at::kFloat &&
-                          pos_scale->numel() == a * a && pos_scale->is_contiguous()),
-              "pos_scale must be alpha^2 contiguous float32 values");
+  if (scaled) check_position_scales(*pos_scale, a * a, "pos_scale");
   const float* pm = mprod.data_ptr<float>();
   const float* A = at_.data_ptr<float>();
   const float* pb = has_bias ? bias.data_ptr<float>() : nullptr;
@@ -1466,9 +1466,7 @@ at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at:
 #if defined(__AVX512F__)
   TORCH_CHECK(q8_product_supported(), "the fused product needs a CPU with VNNI");
   check_q8_weights(wpack, wsum, wscale, a2, Cs, K);
-  TORCH_CHECK(pos_scale.scalar_type() == at::kFloat && pos_scale.is_contiguous() &&
-                  pos_scale.numel() == a2,
-              "pos_scale must be alpha^2 contiguous float32 values");
+  check_position_scales(pos_scale, a2, "pos_scale");
   const bool has_bias = bias.has_value() && bias->defined() && bias->numel() > 0;
   TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->numel() == K &&
                             bias->is_contiguous()),
@@ -1486,9 +1484,7 @@ at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at:
   const float* inv = inv_scale.data_ptr<float>();
   const float* px = x.data_ptr<float>();
   const int64_t C = x.size(3);
-  TORCH_CHECK(inv_scale.scalar_type() == at::kFloat && inv_scale.is_contiguous() &&
-                  inv_scale.numel() == a2,
-              "inv_scale must be alpha^2 contiguous float32 values");
+  check_position_scales(inv_scale, a2, "inv_scale");
   TORCH_CHECK(Cs >= C, "wpack's input channels must be at least x's");
   check_input(x, bt);
   TORCH_CHECK(bt.size(0) == a, "B_t and A_t must be of one tile size");
@@ -1500,10 +1496,10 @@ at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at:
   const int64_t share = NT / (4 * std::max<int64_t>(1, at::get_num_threads()));
   tb2 = std::max<int64_t>(kTB, std::min<int64_t>(tb2, share / kTB * kTB));
   const int64_t nblk = (NT + tb2 - 1) / tb2;
-  const uint8_t zpb = 128;
-  const uint64_t pattern = nonzero_pattern(B, a);
+  const uint64_t pattern = nonzero_pattern(B, a * a);
   at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> qbuf(a2 * tb2 * Cs);
+    // the channels past C hold the zero point; the input transform writes the first C only
+    std::vector<uint8_t> qbuf(a2 * tb2 * Cs, uint8_t{128});
     std::vector<float> buf(a2 * tb2 * K);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t t0 = blk * tb2, t1 = std::min(NT, t0 + tb2);
@@ -1512,8 +1508,6 @@ at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at:
         uint8_t* o = qbuf.data() + (tile - t0) * Cs;
         input_tile_fast<true>(a, pattern, px, B, H, W, C, m, n, ti, tj, o, tb2 * Cs, inv,
                               128.0f);
-        for (int64_t p = 0; Cs > C && p < a2; ++p)
-          std::fill(o + p * tb2 * Cs + C, o + p * tb2 * Cs + Cs, zpb);
       }
       for (int64_t p = 0; p < a2; ++p)
         q8_position(qbuf.data(), pw, ps, psc, buf.data(), p, 0, t1 - t0, tb2, Cs, K, Kb, 128,

@@ -582,7 +582,7 @@ def test_op_overhead_spreads_the_in_place_excess_over_module_operations(monkeypa
     from wasearch.latency.timing import NetworkTimer
 
     timer = NetworkTimer.__new__(NetworkTimer)
-    timer._hook_cost = 2e-6
+    timer._hook_cost, timer._excess = 2e-6, []
     conv = OpKey("conv3x3", 8, 8, 4, 4)
     glue = OpKey("functions", 8, 8, 4, 4, detail="glue")
     raw = {conv: [100e-6, 100e-6, 100e-6, 100e-6], glue: [20e-6]}  # 4 module ops, 420 us

@@ -313,8 +313,6 @@ class NetworkTimer:
 
     def _note_pair(self, raw: dict[OpKey, list[float]], plain: float) -> None:
         ops = sum(len(v) for k, v in raw.items() if k.op != "functions")
-        if not hasattr(self, "_excess"):
-            self._excess = []
         if ops:
             self._excess.append((sum(sum(v) for v in raw.values()) - plain) / ops)
 
@@ -336,8 +334,6 @@ class NetworkTimer:
         predicted 11-31 % above their plain passes.
         """
         floor = self.hook_cost()
-        if not hasattr(self, "_excess"):
-            self._excess = []
         for _ in range(pairs - len(self._excess)):
             self._note_pair(self._run_raw(1), self.run_total(1)[0])
         if not self._excess:  # a network without module operations

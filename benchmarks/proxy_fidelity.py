@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -46,6 +45,7 @@ from wasearch.engine import (
     select_device,
 )
 from wasearch.fileio import atomic_write_text
+from wasearch.latency.timing import cpu_model
 from wasearch.models import build
 from wasearch.stats import binomial_se as shared_binomial_se
 
@@ -97,16 +97,8 @@ class Setting:
 
 
 def _machine() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "isa": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),

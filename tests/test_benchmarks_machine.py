@@ -278,3 +278,54 @@ def test_train_step_rotates_the_order_of_each_round():
     assert times == {"a": [1.0] * 3, "b": [1.0] * 3, "c": [1.0] * 3}
     ratio = train_step.paired_ratio([2.0, 3.0, 9.0], [1.0, 1.0, 1.0])
     assert ratio == {"median": 3.0, "q25": 2.5, "q75": 6.0}
+
+
+# -- the CPU's identity --------------------------------------------------------------------------
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: {family}
+model\t\t: {model}
+model name\t: AMD EPYC
+flags\t\t: fpu avx512f
+
+processor\t: 1
+cpu family\t: 99
+model\t\t: 99
+model name\t: Other
+"""
+
+
+def test_a_generic_cpu_name_is_told_apart_by_family_and_model(monkeypatch):
+    """Two virtual machines both named "AMD EPYC" (a Zen 4 and a Zen 5) get two identities,
+    read from the first processor's block; without the numbers, the name alone."""
+    from wasearch.latency import timing
+
+    zen4 = timing.cpu_model(CPUINFO.format(family=25, model=17))
+    zen5 = timing.cpu_model(CPUINFO.format(family=26, model=2))
+    assert zen4 == "AMD EPYC (family 25, model 17)" and zen5 == "AMD EPYC (family 26, model 2)"
+    assert timing.cpu_model("model name\t: Some CPU\n") == "Some CPU"
+    monkeypatch.setattr(timing, "cpu_model", lambda: zen4)
+    assert timing.device_identity("cpu")["device"] == f"cpu: {zen4}"
+    assert timing.device_slug("cpu", threads=2) == "cpu-amd-epyc-f25m17-2t"
+    long = "Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz with a long name (family 6, model 143)"
+    monkeypatch.setattr(timing, "cpu_model", lambda: long)
+    assert timing.device_slug("cpu", threads=1).endswith("-f6m143-1t")  # kept past the cut
+
+
+def test_a_table_timed_on_another_cpu_of_the_same_name_is_refused(monkeypatch, tmp_path):
+    """A measured table keeps the CPU it was timed on; a machine of the same model name but
+    another family or model does not extend it silently (the error names both)."""
+    from wasearch.latency import LatencyError, timing
+    from wasearch.latency.measure import MeasuredModel
+
+    path = tmp_path / "t.csv"
+    path.write_text(
+        "op,in_channels,out_channels,height,width,batch,conv,tile,bits,seconds,device,threads\n"
+        'relu,8,8,4,4,1,,,fp32,1e-06,"cpu: AMD EPYC (family 26, model 2)",1\n'
+    )
+    monkeypatch.setattr(timing, "cpu_model", lambda: "AMD EPYC (family 25, model 17)")
+    with pytest.raises(LatencyError, match=r"family 26, model 2.*family 25, model 17"):
+        MeasuredModel(path, threads=1)
+    monkeypatch.setattr(timing, "cpu_model", lambda: "AMD EPYC (family 26, model 2)")
+    MeasuredModel(path, threads=1)  # the same machine: the table is its own

@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "NetworkTimer",
     "Timing",
     "calls_per_sample",
+    "cpu_model",
     "device_identity",
     "device_slug",
     "machine_line",
@@ -41,15 +43,31 @@ __all__ = [
 
 
 # -- machine identity ----------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name, with its family and model numbers where ``/proc/cpuinfo`` gives
+    them: a virtual machine's name is often generic (``AMD EPYC`` was a Zen 4 in one session
+    and a Zen 5 in the next), and the numbers tell such machines apart, so a latency table
+    timed on one is not silently reused on the other. ``cpuinfo``: that file's text (tests)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip().lower()
+        if not sep:
+            if fields:  # the first processor's block ends at its blank line
+                break
+            continue
+        fields.setdefault(key, value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    name = name or "unknown cpu"
+    family, model = fields.get("cpu family"), fields.get("model")
+    if family and model and family.isdigit() and model.isdigit():
+        return f"{name} (family {family}, model {model})"
+    return name
 
 
 def device_identity(
@@ -60,7 +78,7 @@ def device_identity(
     if dev.type == "cuda":
         name = f"cuda: {torch.cuda.get_device_name(dev)}"
     else:
-        name = f"cpu: {_cpu_model()}"
+        name = f"cpu: {cpu_model()}"
     return {
         "device": name,
         "cores": str(os.cpu_count() or 0),
@@ -86,10 +104,15 @@ def machine_line(device: str | torch.device = "cpu", *, threads: int | None = No
 
 
 def device_slug(device: str | torch.device = "cpu", *, threads: int | None = None) -> str:
-    """A file-name-safe name of this machine, e.g. ``cpu-amd-epyc-2t``."""
+    """A file-name-safe name of this machine, e.g. ``cpu-amd-epyc-f25m17-2t``: the model name
+    (its first 32 characters), the CPU family and model where known, and the threads."""
     ident = device_identity(device, threads=threads)
-    slug = re.sub(r"[^a-z0-9]+", "-", ident["device"].lower()).strip("-")
-    return f"{slug[:40].rstrip('-')}-{ident['threads']}t"
+    name, numbers = ident["device"], ""
+    found = re.search(r" \(family (\d+), model (\d+)\)$", name)
+    if found:
+        name, numbers = name[: found.start()], f"-f{found[1]}m{found[2]}"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return f"{slug[:32].rstrip('-')}{numbers}-{ident['threads']}t"
 
 
 # -- timing --------------------------------------------------------------------------------------

@@ -216,11 +216,26 @@ def test_quantizing_to_levels_only_changes_nothing(mode, gran, monkeypatch):
 
 @pytest.mark.parametrize(
     "a2, tiles, c, k",
-    [(36, 9, 5, 3), (36, 33, 70, 45), (16, 40, 300, 40), (4, 17, 512, 33), (16, 3, 64, 64)],
+    [
+        (36, 9, 5, 3),
+        (36, 33, 70, 45),
+        (16, 40, 300, 40),
+        (4, 17, 512, 33),
+        (16, 3, 64, 64),
+        (36, 1, 300, 200),
+        (36, 2, 9, 129),
+        (4, 3, 1, 16),
+        (36, 4, 70, 45),
+        (4, 5, 512, 17),
+        (16, 6, 33, 64),
+        (16, 7, 33, 130),
+    ],
 )
 def test_the_deploy_float_product(a2, tiles, c, k):
     """The deploy float32 Winograd-domain product (f32_bmm: 8 x 32 register blocks, input
-    channels in panels of 256, every tail) is bmm's within float rounding of float64."""
+    channels in panels of 256, every tail; under 8 tiles, every row count from 1 to 7 on
+    blocks of 128 or 64 columns, the last one partial) is bmm's within float rounding of
+    float64."""
     ext = cpu_kernels.kernels()
     if ext is None:
         pytest.skip("the compiled CPU kernels are not built here")

@@ -488,12 +488,17 @@ def swapped_layer_rounds(
     first (direct) is the context itself."""
     opts = layer_options(bits)
     context = base.with_layers({spec.name: opts[0] for spec in base.specs()})
-    ctx = NetworkTimer(context, batch=args.batch, device=device).warmup()
+    ctx = NetworkTimer(context, batch=args.batch, device=device, stat=args.stat).warmup()
     rng = random.Random(args.seed + 2)
     out = {}
     for spec in tqdm(base.specs(), desc="layer swaps", leave=False):
         nets = [ctx] + [
-            NetworkTimer(context.with_layers({spec.name: o}), batch=args.batch, device=device)
+            NetworkTimer(
+                context.with_layers({spec.name: o}),
+                batch=args.batch,
+                device=device,
+                stat=args.stat,
+            )
             for o in opts[1:]
         ]
         for net in nets[1:]:
@@ -789,7 +794,8 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
     ident = device_identity(device, threads=args.threads)
     keys = plan.keys()
     table_nets = [  # samples keyed in context: rows per neighbour kind, and pooled
-        NetworkTimer(a, batch=args.batch, device=device, context=True) for a in plan_networks(plan)
+        NetworkTimer(a, batch=args.batch, device=device, context=True, stat=args.stat)
+        for a in plan_networks(plan)
     ]
 
     # 1. the networks: uniform references + stratified mixes (picked with a pilot table)
@@ -824,7 +830,10 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
     archs = refs + [candidates[i] for i in picked]
     kinds = ["ref"] * len(refs) + ["mix"] * len(picked)
     by_summary = {t.arch: t for t in table_nets}
-    nets = [by_summary.get(a) or NetworkTimer(a, batch=args.batch, device=device) for a in archs]
+    nets = [
+        by_summary.get(a) or NetworkTimer(a, batch=args.batch, device=device, stat=args.stat)
+        for a in archs
+    ]
     print(
         f"picked {len(picked)} of {len(candidates)} candidate mixes over the predicted range "
         f"{min(cand_pred) * 1e3:.3f}..{max(cand_pred) * 1e3:.3f} ms "

@@ -576,13 +576,47 @@ def test_space_of_any_network_is_planned_and_measured(tmp_path: Path) -> None:
     assert all(runs[k] > most[k] for k in pooled)  # every kernel: more than one network's
 
 
+def test_ticking_wraps_each_unit_forward_and_restores_it() -> None:
+    """``DeployNet.ticking`` ticks before and after every call of the named modules, the k-th
+    call of a module in a pass named ``path#k``, the output unchanged; on exit every wrapped
+    module's ``forward`` is what it was (the class's method, or its own attribute)."""
+    import torch
+    from torch import nn
+
+    from wasearch.deploy import DeployNet
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 3, 3, padding=1), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.act(self.conv(x)) - 0.5)
+
+    body = Twice()
+    own = body.act.forward  # a bound method set as the module's own attribute
+    body.act.forward = own
+    net = DeployNet(body, kernels={}, substituted=[])
+    x = torch.randn(1, 3, 6, 6)
+    plain = net(x)
+    names: list[str] = []
+    with net.ticking(["conv", "act"], names.append):
+        assert torch.equal(net(x), plain)
+        assert torch.equal(net(x), plain)  # the calls are counted per pass
+    pass_names = ["conv:pre", "conv", "act:pre", "act", "act#2:pre", "act#2"]
+    assert names == pass_names * 2
+    assert "forward" not in body.conv.__dict__ and body.act.__dict__["forward"] is own
+    names.clear()
+    assert torch.equal(net(x), plain) and names == []  # outside: nothing ticks
+
+
 def test_op_overhead_spreads_the_in_place_excess_over_module_operations(monkeypatch) -> None:
     # Deterministic: the op-by-op pass and the plain pass are stand-ins with known times.
     from wasearch.latency.ops import OpKey
     from wasearch.latency.timing import NetworkTimer
 
     timer = NetworkTimer.__new__(NetworkTimer)
-    timer._hook_cost, timer._excess = 2e-6, []
+    timer._hook_cost, timer._excess, timer.stat = 2e-6, [], "median"
     conv = OpKey("conv3x3", 8, 8, 4, 4)
     glue = OpKey("functions", 8, 8, 4, 4, detail="glue")
     raw = {conv: [100e-6, 100e-6, 100e-6, 100e-6], glue: [20e-6]}  # 4 module ops, 420 us
@@ -603,6 +637,10 @@ def test_op_overhead_spreads_the_in_place_excess_over_module_operations(monkeypa
     assert len(timer._excess) == 31 and timer.op_overhead() == pytest.approx(20e-6)
     assert timer.correct(early)[conv] == pytest.approx([80e-6] * 4)
     assert timer.correct(later)[glue] == pytest.approx([20e-6] * 20)
+    # Rows summarized by their mean take the mean excess off: 11 pairs at 10 us, 20 at 20 us.
+    timer.stat = "mean"
+    assert timer.op_overhead() == pytest.approx((11 * 10e-6 + 20 * 20e-6) / 31)
+    timer.stat = "median"
     # A plain pass slower than the ticked one (noise): never below the hooks' own cost.
     timer._excess = []
     plain[0] = 500e-6

@@ -186,7 +186,13 @@ def measure_plan(
             if bar is not None:
                 bar.set_postfix_str(arch.summary(), refresh=False)
             for key, samples in time_network_ops(
-                arch, batch=b, device=dev, repeats=repeats, warmup_s=warmup_s, context=True
+                arch,
+                batch=b,
+                device=dev,
+                repeats=repeats,
+                warmup_s=warmup_s,
+                context=True,
+                stat=stat,
             ).items():
                 if key.pooled() in missing:
                     found.setdefault(key, []).extend(samples)
@@ -358,7 +364,7 @@ class MeasuredModel(TableModel):
             torch.set_num_threads(self.threads)
         try:
             samples = time_network_ops(
-                arch, batch=b, device=self.device, repeats=self.repeats, warmup_s=0.05
+                arch, batch=b, device=self.device, repeats=self.repeats, warmup_s=0.05, stat=stat
             )
         finally:
             torch.set_num_threads(prev_threads)

@@ -237,6 +237,10 @@ class NetworkTimer:
     With ``context``, each operation's samples are keyed in its context (``OpKey.after``: the
     kernel family of the searchable convolution before it, ``ops.keys_in_context``), so that
     one operation timed after a direct layer and after a Winograd one keeps two sets of samples.
+
+    ``stat``: the statistic the samples will be summarized by (a table row's ``stat``);
+    :meth:`op_overhead` estimates the clock's cost in the same one, so that a network's rows,
+    less that cost, add up to the same statistic of its plain passes.
     """
 
     def __init__(
@@ -246,10 +250,14 @@ class NetworkTimer:
         batch: int = 1,
         device: str | torch.device = "cpu",
         context: bool = False,
+        stat: str = "median",
     ) -> None:
         from ..models import build
 
+        if stat not in STATS:
+            raise ValueError(f"stat must be one of {', '.join(STATS)}, not {stat!r}")
         self.arch = arch
+        self.stat = stat
         self.device = torch.device(device)
         self.x = torch.randn(batch, 3, arch.input_size, arch.input_size, device=self.device)
         quantized = any(c.bits is not None for _, c in arch) or arch.default.bits is not None
@@ -282,14 +290,21 @@ class NetworkTimer:
         """Per-operation samples of ``repeats`` passes as the clock read them (uncorrected)."""
         samples: dict[OpKey, list[float]] = {}
         clock = [0.0]
+        keys, now_s = self.keys, time.perf_counter
+        sync = self._sync if self.device.type == "cuda" else None
 
-        def tick(name: str) -> None:
-            key = self.keys.get(name)
+        def tick(name: str) -> None:  # every call is a cost the clock adds: kept short
+            key = keys.get(name)
             if key is None:  # no functions before this module: its time runs on
                 return
-            self._sync()
-            now = time.perf_counter()
-            samples.setdefault(key, []).append(now - clock[0])
+            if sync is not None:
+                sync()
+            now = now_s()
+            got = samples.get(key)
+            if got is None:
+                samples[key] = [now - clock[0]]
+            else:
+                got.append(now - clock[0])
             clock[0] = now
 
         with torch.inference_mode():
@@ -342,26 +357,28 @@ class NetworkTimer:
     def op_overhead(self, pairs: int = 9) -> float:
         """Seconds the in-place clock adds to one module operation of *this* network.
 
-        Measured on the network itself: a pass timed operation by operation and a plain pass,
-        back to back; the operations' sum exceeds the plain pass by what the ticks (hooks,
-        clock reads, bookkeeping, and the caches they disturb) cost, spread over the module
-        operations of a pass. The median over every pair so far (``pairs`` of them taken on
-        first use; :meth:`run_raw` adds one per pass it times), at least the cost of the hooks
-        alone (:meth:`hook_cost`). A probe module's hook cost alone (~6 us here) left the
-        operation-by-operation sums of small networks 5-13 % above their plain passes (the
-        more so the cheaper their operations: direct convolutions at batch 1), so a table
-        over-priced direct layers against Winograd ones. One estimate taken on first use and
-        kept was not enough either: on the VGG at batch 1 (Zen 5), the excess of one network
-        moved from 301 to 176 us between its first pairs and later ones, and across networks
-        it ranged 117-343 us (all-direct to all-F6), so the uniform F4 and F6 references were
-        predicted 11-31 % above their plain passes.
+        Measured on the network itself: a pass timed operation by operation and a plain pass, back
+        to back; the operations' sum exceeds the plain pass by what the ticks (the wrapped
+        forwards, clock reads, bookkeeping, and the caches they disturb) cost, spread over the
+        module operations of a pass. The median over every pair so far (``pairs`` of them taken on
+        first use; :meth:`run_raw` adds one per pass it times; their mean where the samples are
+        summarized by their mean, which makes the rows of the network's own passes add up to its
+        plain passes' mean), at least the cost of the ticks alone (:meth:`hook_cost`). A probe
+        module's tick cost alone (~6 us with forward hooks) left the operation-by-operation sums of
+        small networks 5-13 % above their plain passes (the more so the cheaper their operations:
+        direct convolutions at batch 1), so a table over-priced direct layers against Winograd
+        ones. One estimate taken on first use and kept was not enough either: on the VGG at batch 1
+        (Zen 5), the excess of one network moved from 301 to 176 us between its first pairs and
+        later ones, and across networks it ranged 117-343 us (all-direct to all-F6), so the uniform
+        F4 and F6 references were predicted 11-31 % above their plain passes.
         """
         floor = self.hook_cost()
         for _ in range(pairs - len(self._excess)):
             self._note_pair(self._run_raw(1), self.run_total(1)[0])
         if not self._excess:  # a network without module operations
             return floor
-        return max(statistics.median(self._excess), floor)
+        center = statistics.mean if self.stat == "mean" else statistics.median
+        return max(center(self._excess), floor)
 
     def hook_cost(self, calls: int = 400, repeats: int = 5) -> float:
         """Seconds the in-place clock adds to one module call (its hooks and ticks, measured
@@ -422,9 +439,11 @@ def time_network_ops(
     repeats: int = 15,
     warmup_s: float = 0.05,
     context: bool = False,
+    stat: str = "median",
 ) -> dict[OpKey, list[float]]:
     """Per-operation samples of ``repeats`` forward passes of ``arch``'s deploy model, timed in
-    place (see :class:`NetworkTimer`, also for ``context``), after ``warmup_s`` seconds of
-    warm-up."""
-    timer = NetworkTimer(arch, batch=batch, device=device, context=context).warmup(warmup_s)
+    place (see :class:`NetworkTimer`, also for ``context`` and ``stat``), after ``warmup_s``
+    seconds of warm-up."""
+    timer = NetworkTimer(arch, batch=batch, device=device, context=context, stat=stat)
+    timer.warmup(warmup_s)
     return timer.run(repeats)

@@ -24,8 +24,8 @@ space's). Every searchable layer may be direct (``normal``) or static/flex Winog
    it with direct), each key's row pooling every network's samples, and a row per context
    (the kind of the searchable layer before the operation), as ``search.py measure`` does,
    each op-by-op pass followed by a plain pass of the same network and the clock's cost per
-   module operation (``NetworkTimer.op_overhead``: the median excess over all of that
-   network's pairs) taken off once every round is done; the end-to-end times: each chosen
+   module operation (``NetworkTimer.op_overhead``: the mean excess over all of that
+   network's pairs with ``--stat mean``, else the median) taken off once every round is done; the end-to-end times: each chosen
    network's deploy model, plain forward passes. Interleaved (default): ``--repeats`` rounds,
    each running every op-by-op job and every end-to-end job once in a shuffled order, each
    timed pass right after 2 untimed passes of the same network (so neither a table row nor an

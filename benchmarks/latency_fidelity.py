@@ -20,18 +20,18 @@ space's). Every searchable layer may be direct (``normal``) or static/flex Winog
    takes the unpicked candidate nearest its centre). The pilot table only chooses networks:
    every prediction reported comes from the full table of step 2.
 2. **Timing.** The table: every operation timed in place in ``measure``'s networks (the 4
-   uniform deploy networks, direct and static F2/F4/F6, and each tile's 2 networks alternating
-   it with direct), each key's row pooling every network's samples, and a row per context
-   (the kind of the searchable layer before the operation), as ``search.py measure`` does,
-   each op-by-op pass followed by a plain pass of the same network and the clock's cost per
-   module operation (``NetworkTimer.op_overhead``: the mean excess over all of that
-   network's pairs with ``--stat mean``, else the median) taken off once every round is done; the end-to-end times: each chosen
-   network's deploy model, plain forward passes. Interleaved (default): ``--repeats`` rounds,
-   each running every op-by-op job and every end-to-end job once in a shuffled order, each
-   timed pass right after 2 untimed passes of the same network (so neither a table row nor an
-   end-to-end time is charged the cold start of switching networks: caches, oneDNN primitives,
-   allocator). ``--sequential``: the table first (``measure_plan``: warm-up, then ``--repeats``
-   passes per network), then each network (warm-up, then ``--repeats`` passes).
+   uniform deploy networks, direct and static F2/F4/F6, and each tile's 2 networks alternating it
+   with direct), each key's row pooling every network's samples, and a row per context (the kind of
+   the searchable layer before the operation), as ``search.py measure`` does, each op-by-op pass
+   followed by a plain pass of the same network and the clock's cost per module operation
+   (``NetworkTimer.op_overhead``: the mean excess over all of that network's pairs with ``--stat
+   mean``, else the median) taken off once every round is done; the end-to-end times: each chosen
+   network's deploy model, plain forward passes. Interleaved (default): ``--repeats`` rounds, each
+   running every op-by-op job and every end-to-end job once in a shuffled order, each timed pass
+   right after 2 untimed passes of the same network (so neither a table row nor an end-to-end time
+   is charged the cold start of switching networks: caches, oneDNN primitives, allocator).
+   ``--sequential``: the table first (``measure_plan``: warm-up, then ``--repeats`` passes per
+   network), then each network (warm-up, then ``--repeats`` passes).
 3. **End to end.** For each network, the table's prediction (``TableModel.price(arch).total``,
    each operation priced in its context) against its measured time: mean absolute percentage
    error (MAPE), worst error, Spearman's rank correlation (average ranks for ties: static and

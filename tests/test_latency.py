@@ -344,6 +344,13 @@ def _csv(rows: list[str], header: str | None = None) -> str:
         ),
         (_csv(["relu,8,8,16,16,1,,,fp32,nan"]), "row 2: column 'seconds'"),
         (_csv(["norm,8,8,16,16,1,,,fp32,1e-6"]), "row 2: column 'detail' needs op 'norm'"),
+        (
+            _csv(
+                ["relu,8,8,16,16,1,,,fp32,1e-6,p90"],
+                "op,in_channels,out_channels,height,width,batch,conv,tile,bits,seconds,stat",
+            ),
+            "row 2: column 'stat': 'p90'",
+        ),
     ],
 )
 def test_malformed_table_is_rejected(tmp_path: Path, text: str, message: str) -> None:

@@ -54,6 +54,7 @@ from .analytical import Profile, calibrate, load_profile, op_counts, precision
 from .base import LatencyError, LatencyModel
 from .generic import GENERIC_OPS
 from .ops import OPS, SEARCHABLE_OP, OpKey
+from .timing import STATS
 
 __all__ = ["COLUMNS", "REQUIRED", "LatencyTable", "Row", "TableModel", "table_rows_as_samples"]
 
@@ -198,6 +199,11 @@ def _parse_row(rec: dict[str, str], where: str) -> Row:
     spread = number("spread", required=False)
     rep_text = (rec.get("repeats") or "").strip()
     repeats = integer("repeats") if rep_text else None
+    stat = (rec.get("stat") or "").strip()
+    if stat and stat not in STATS:
+        raise LatencyError(
+            f"{where}: column 'stat': {stat!r}; use {', '.join(STATS)} or leave it empty"
+        )
     info = {
         c: (v or "").strip()
         for c, v in rec.items()

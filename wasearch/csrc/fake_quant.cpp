@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -456,6 +457,16 @@ bool has_tile_v(int64_t a) {
 }
 
 #if defined(__AVX512F__)
+// f(mask) with a transform's nonzero pattern as a compile-time constant (a std::integral_constant)
+// where it is one of the two compiled ones, Cook-Toom's or a dense matrix's, else with 0 (each
+// entry tested at run time): the dispatch of the input and output transforms' tile kernels.
+template <uint64_t CookToom, uint64_t Dense, typename F>
+inline void with_pattern(uint64_t pattern, const F& f) {
+  if (pattern == CookToom) return f(std::integral_constant<uint64_t, CookToom>{});
+  if (pattern == Dense) return f(std::integral_constant<uint64_t, Dense>{});
+  f(std::integral_constant<uint64_t, 0>{});
+}
+
 // input_tile_v for B's nonzero pattern (nonzero_pattern(B, A * A)): compiled for the Cook-Toom
 // pattern and for a dense B, tested entry by entry for any other. Measured against the tested
 // form (interleaved, 1 thread, Zen 5, 64 channels, float32 / 8-bit): Cook-Toom's F2 0.79x /
@@ -464,11 +475,10 @@ template <int A, bool Q8, uint64_t CookToom, uint64_t Dense>
 void input_tile_pattern(uint64_t pattern, const float* px, const float* B, int64_t H, int64_t W,
                         int64_t C, int64_t m, int64_t n, int64_t ti, int64_t tj, void* out,
                         int64_t pos_stride, const float* inv, float zp) {
-  if (pattern == CookToom)
-    return input_tile_v<A, Q8, CookToom>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp);
-  if (pattern == Dense)
-    return input_tile_v<A, Q8, Dense>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp);
-  input_tile_v<A, Q8, 0>(px, B, H, W, C, m, n, ti, tj, out, pos_stride, inv, zp);
+  with_pattern<CookToom, Dense>(pattern, [&](auto mask) {
+    input_tile_v<A, Q8, decltype(mask)::value>(px, B, H, W, C, m, n, ti, tj, out, pos_stride,
+                                               inv, zp);
+  });
 }
 #endif
 
@@ -1198,11 +1208,10 @@ template <int A, uint64_t CookToom, uint64_t Dense>
 void output_tile_pattern(uint64_t pattern, const float* pm, int64_t sp, const float* w1,
                          const float* At, const float* pb, int64_t K, int64_t rows_in,
                          int64_t cols_in, float* po, int64_t row_stride) {
-  if (pattern == CookToom)
-    return output_tile_v<A, CookToom>(pm, sp, w1, At, pb, K, rows_in, cols_in, po, row_stride);
-  if (pattern == Dense)
-    return output_tile_v<A, Dense>(pm, sp, w1, At, pb, K, rows_in, cols_in, po, row_stride);
-  output_tile_v<A, 0>(pm, sp, w1, At, pb, K, rows_in, cols_in, po, row_stride);
+  with_pattern<CookToom, Dense>(pattern, [&](auto mask) {
+    output_tile_v<A, decltype(mask)::value>(pm, sp, w1, At, pb, K, rows_in, cols_in, po,
+                                            row_stride);
+  });
 }
 #endif
 

@@ -290,23 +290,7 @@ class NetworkTimer:
         """Per-operation samples of ``repeats`` passes as the clock read them (uncorrected)."""
         samples: dict[OpKey, list[float]] = {}
         clock = [0.0]
-        keys, now_s = self.keys, time.perf_counter
-        sync = self._sync if self.device.type == "cuda" else None
-
-        def tick(name: str) -> None:  # every call is a cost the clock adds: kept short
-            key = keys.get(name)
-            if key is None:  # no functions before this module: its time runs on
-                return
-            if sync is not None:
-                sync()
-            now = now_s()
-            got = samples.get(key)
-            if got is None:
-                samples[key] = [now - clock[0]]
-            else:
-                got.append(now - clock[0])
-            clock[0] = now
-
+        tick = self._ticker(self.keys, samples, clock)
         with torch.inference_mode():
             if not isinstance(self.deployed, deploy.DeployNet):
                 for _ in range(repeats):
@@ -319,6 +303,32 @@ class NetworkTimer:
                     self.deployed(self.x)
                     tick(OUTPUT_OP)
         return samples
+
+    def _ticker(
+        self, keys: dict[str, OpKey], samples: dict[OpKey, list[float]], clock: list[float]
+    ) -> Callable[[str], None]:
+        """The in-place clock: ``tick(name)`` adds the time since ``clock[0]`` to the samples of
+        ``keys[name]`` and restarts the clock (names not in ``keys`` are passed over: no
+        functions before that module, its time runs on). Every call is a cost the clock adds,
+        so it is kept short; :meth:`hook_cost` measures this same closure."""
+        now_s = time.perf_counter
+        sync = self._sync if self.device.type == "cuda" else None
+
+        def tick(name: str) -> None:
+            key = keys.get(name)
+            if key is None:
+                return
+            if sync is not None:
+                sync()
+            now = now_s()
+            got = samples.get(key)
+            if got is None:
+                samples[key] = [now - clock[0]]
+            else:
+                got.append(now - clock[0])
+            clock[0] = now
+
+        return tick
 
     def run(self, repeats: int = 1) -> dict[OpKey, list[float]]:
         """Per-operation samples of ``repeats`` passes (layers sharing a key pool theirs), each
@@ -373,16 +383,16 @@ class NetworkTimer:
         F4 and F6 references were predicted 11-31 % above their plain passes.
         """
         floor = self.hook_cost()
-        for _ in range(pairs - len(self._excess)):
-            self._note_pair(self._run_raw(1), self.run_total(1)[0])
+        self.run_raw(max(pairs - len(self._excess), 0))  # the pairs still missing
         if not self._excess:  # a network without module operations
             return floor
         center = statistics.mean if self.stat == "mean" else statistics.median
         return max(center(self._excess), floor)
 
     def hook_cost(self, calls: int = 400, repeats: int = 5) -> float:
-        """Seconds the in-place clock adds to one module call (its hooks and ticks, measured
-        on an identity module with and without them; the median of ``repeats``). Cached."""
+        """Seconds the in-place clock adds to one module call (its wrapped forward and ticks,
+        measured on an identity module with and without them; the median of ``repeats``).
+        Cached."""
         if self._hook_cost is not None:
             return self._hook_cost
         probe = deploy.DeployNet(
@@ -390,17 +400,7 @@ class NetworkTimer:
         )
         x = self.x
         found: dict[OpKey, list[float]] = {}
-        key = OpKey("free", 1, 1, 1, 1, detail="probe")
-        clock = [0.0]
-
-        def tick(name: str) -> None:
-            got = {"0": key}.get(name)
-            if got is None:
-                return
-            self._sync()
-            now = time.perf_counter()
-            found.setdefault(got, []).append(now - clock[0])
-            clock[0] = now
+        tick = self._ticker({"0": OpKey("free", 1, 1, 1, 1, detail="probe")}, found, [0.0])
 
         def loop() -> float:
             t0 = time.perf_counter()

@@ -468,30 +468,37 @@ def _transform_of_pattern(tile: int, pattern: str) -> torch.Tensor:
     return B_t.contiguous()
 
 
+# (N, C, H, W): a small input, and one past kPrefetchFromBytes (1 MiB), where the compiled
+# forms prefetch the next tile's pixels (odd sizes: partial tiles and channel vectors)
+_SMALL, _PAST_PREFETCH = (2, 21, 13, 10), (3, 40, 47, 45)
+
+
 @pytest.mark.parametrize("tile", [2, 4, 6])
 @pytest.mark.parametrize("pattern", ["cook-toom", "dense", "own"])
-def test_the_input_transform_of_every_nonzero_pattern(tile, pattern):
+@pytest.mark.parametrize("shape", [_SMALL, _PAST_PREFETCH])
+def test_the_input_transform_of_every_nonzero_pattern(tile, pattern, shape):
     """The input transform's compiled forms (Cook-Toom's nonzero pattern or a dense B^T, the
     zero tests folded away) and its tested form (any other pattern) against a float64
-    reference; the 8-bit transform is the torch chain on the float one bit for bit, channels
-    padded with the zero point."""
+    reference, on a small input and on one large enough for the compiled forms to prefetch;
+    the 8-bit transform is the torch chain on the float one bit for bit, channels padded with
+    the zero point."""
     if not cpu_kernels.available():
         pytest.skip("the compiled CPU kernels could not be built here")
     ext = cpu_kernels.kernels()
     torch.manual_seed(tile)
     B_t = _transform_of_pattern(tile, pattern)
-    a, c = tile + 2, 21  # a partial last vector of channels
-    x = torch.randn(2, c, 13, 10).relu().contiguous(memory_format=torch.channels_last)
+    (n, c, h, w), a = shape, tile + 2  # c: a partial last vector of channels
+    x = torch.randn(n, c, h, w).relu().contiguous(memory_format=torch.channels_last)
     xn = x.permute(0, 2, 3, 1)
-    th, tw = -(-13 // tile), -(-10 // tile)
-    v = ext.winograd_input(xn, B_t, tile, th, tw, 0, 2)  # (a2, NT, C)
+    th, tw = -(-h // tile), -(-w // tile)
+    v = ext.winograd_input(xn, B_t, tile, th, tw, 0, n)  # (a2, NT, C)
     d = winograd_input_tiles(x.double(), tile).reshape(a, a, -1)
-    ref = torch.einsum("pi,ijn,qj->pqn", B_t.double(), d, B_t.double()).reshape(a * a, 2, c, -1)
+    ref = torch.einsum("pi,ijn,qj->pqn", B_t.double(), d, B_t.double()).reshape(a * a, n, c, -1)
     ref = ref.permute(0, 1, 3, 2).reshape(a * a, -1, c)  # (a2, N * tiles, C), as v
     torch.testing.assert_close(v.double(), ref, rtol=1e-5, atol=1e-4)
     inv = 127 / (v.abs().reshape(a * a, -1).amax(dim=1) * 0.8)
     chain = (v * inv.view(-1, 1, 1)).round_().add_(128).clamp_(0, 255).to(torch.uint8)
-    q = ext.winograd_input_q8(xn, B_t, tile, th, tw, 0, 2, inv, 128, 24, True)
+    q = ext.winograd_input_q8(xn, B_t, tile, th, tw, 0, n, inv, 128, -(-c // 4) * 4 + 4, True)
     assert torch.equal(q[:, :, :c], chain) and bool((q[:, :, c:] == 128).all())
 
 
@@ -530,19 +537,22 @@ def test_the_output_transform_of_every_nonzero_pattern(tile, pattern):
 
 
 @pytest.mark.parametrize("tile", [2, 4, 6])
-def test_the_fused_int8_product_and_output_transform_change_no_bit(tile):
+@pytest.mark.parametrize("size", [(5, 13, 11), (4, 57, 55)])  # (N, H, W): the second past 1 MiB
+def test_the_fused_int8_product_and_output_transform_change_no_bit(tile, size):
     """winograd_q8_conv's fused form (the product of a block of tiles transformed from a buffer
     in cache) against its unfused form (the product written whole, then transformed): the same
     operations on the same values, so the same bits, for partial blocks, a cropped output, input
     channels padded to a multiple of 4, with and without bias, Cook-Toom's and a learned input
     transform, and any number of images per group (the fused form runs the batch in blocks of
-    tiles, its input transform in the block too)."""
+    tiles, its input transform in the block too), on a small input and on one large enough for
+    the input transform to prefetch."""
     if not cpu_kernels.available() or not cpu_kernels.kernels().q8_product_supported():
         pytest.skip("no AVX-512 VNNI build here")
     ext = cpu_kernels.kernels()
     torch.manual_seed(tile)
     A_t, G, B_t = transform_matrices(tile)
-    x = torch.randn(5, 22, 13, 11).relu().contiguous(memory_format=torch.channels_last)
+    n, h, w = size
+    x = torch.randn(n, 22, h, w).relu().contiguous(memory_format=torch.channels_last)
     flex = _transform_of_pattern(tile, "dense")  # a learned B^T
     for bias, b_t in ((None, B_t), (torch.randn(40), B_t), (None, flex)):
         mod = WinogradConv(torch.randn(40, 22, 3, 3), bias, A_t, G, b_t, bits=8, act_amax=3.0)
@@ -553,7 +563,7 @@ def test_the_fused_int8_product_and_output_transform_change_no_bit(tile):
             args = (xn, mod.B_t, mod.A_t, inv, scale, packed, sums, scales, 40, mod.bias, chunk)
             fused = ext.winograd_q8_conv(*args, fuse_product=True)
             plain = ext.winograd_q8_conv(*args, fuse_product=False)
-            assert fused.shape == (5, 13, 11, 40)
+            assert fused.shape == (n, h, w, 40)
             assert torch.equal(fused, plain)
         assert torch.equal(mod(x), fused.permute(0, 3, 1, 2))  # the module runs the fused form
     other = transform_matrices(4 if tile != 4 else 2)[2].contiguous()  # another tile's B^T

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -569,6 +571,57 @@ def test_the_fused_int8_product_and_output_transform_change_no_bit(tile, size):
     other = transform_matrices(4 if tile != 4 else 2)[2].contiguous()  # another tile's B^T
     with pytest.raises(RuntimeError, match="one tile size"):
         ext.winograd_q8_conv(xn, other, *args[2:])
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_the_kept_call_plan_follows_every_change_of_the_layer(bits):
+    """WinogradConv keeps its call into the compiled kernels, arguments prepared, while the
+    input's shape and the layer's buffers and form stay the same: a range or bias changed in
+    place, weights loaded, another batch size, another product, the kernels switched off, each
+    gives what a layer built with that state gives; and the module still copies and pickles."""
+    if not cpu_kernels.available() or (bits and not int8_available()):
+        pytest.skip("the compiled CPU kernels (or the int8 kernel) could not be built here")
+    torch.manual_seed(11)
+    A_t, G, B_t = transform_matrices(4)
+    amax = torch.full((36,), 4.0)
+
+    def layer(w, bias, act_amax=amax):
+        mod = WinogradConv(w, bias, A_t, G, B_t, bits=bits, act_amax=act_amax if bits else None)
+        mod.set_form("fused", 256)
+        return mod
+
+    w, bias, x = torch.randn(12, 8, 3, 3), torch.randn(12), torch.randn(2, 8, 9, 9).relu()
+    mod = layer(w, bias)
+    first = mod(x)
+    assert mod._plan[1] is not None  # the plan runs this layer
+    assert torch.equal(mod(x), first)
+    with torch.no_grad():
+        mod.bias.add_(1.0)
+    assert torch.equal(mod(x), layer(w, bias + 1.0)(x))
+    if bits:
+        with torch.no_grad():
+            mod.act_amax.mul_(2.0)
+        assert torch.equal(mod(x), layer(w, bias + 1.0, amax * 2.0)(x))
+    w2 = torch.randn(12, 8, 3, 3)
+    other = layer(w2, torch.randn(12))
+    with torch.no_grad():  # the Winograd-domain weights alone replaced in place
+        for name in ("u_scales", "qu") if bits else ("u_t",):
+            getattr(mod, name).copy_(getattr(other, name))
+    assert torch.equal(mod(x), layer(w2, bias + 1.0, amax * 2.0)(x))
+    mod.load_state_dict(other.state_dict())
+    assert torch.equal(mod(x), other(x))
+    x5 = torch.randn(5, 8, 9, 9).relu()
+    assert torch.equal(mod(x5), other(x5))  # another batch: another plan
+    mod.set_form("fused", None)
+    assert torch.equal(mod(x5), other(x5))  # the whole batch in one group: same values here
+    copied = copy.deepcopy(mod)
+    assert torch.equal(copied(x5), mod(x5))
+    assert torch.equal(pickle.loads(pickle.dumps(mod))(x5), mod(x5))
+    with cpu_kernels.disabled():  # the torch operations, as a layer made now would run
+        assert torch.equal(mod(x5), copy.deepcopy(other)(x5))
+    if bits and mod.int8_product == "vnni":
+        mod.int8_product = "onednn"
+        assert mod(x5).shape == (5, 12, 9, 9) and mod._plan[1] is None
 
 
 def test_int8_winograd_packed_weights_follow_loaded_weights():

@@ -39,31 +39,31 @@ space's). Every searchable layer may be direct (``normal``) or static/flex Winog
    for the table's pooled rows alone (``TableModel(context=False)``) are printed beside them
    (``pooled`` in the JSON): the two readings of one measurement, paired.
 4. **Per layer.** For each searchable layer, its distinct kernels (direct, and Winograd F2/F4/F6;
-   flex runs the static kernel, so it is not a distinct option) ordered by the table (swap:
-   the swapped network priced end to end, less the all-direct one, so that the rows in
-   context of the layer and of the operations after it count; isolated: the layer's pooled
-   rows) against an *independent* measurement, paired by round:
-   ``--layer-reference swap`` (default): the layer set to each option in turn in a *context*
-   network whose searchable layers are all direct, each such network timed end to end (a
-   separate harness and separate minutes from the table's), ``--layer-repeats`` interleaved
-   rounds per layer; what the search's choice for that layer does to a network, neighbours'
-   caches included. ``isolated``: each kernel timed alone (``kernel_for``), all kernels
-   sampled once per round in a shuffled order; a kernel alone keeps its weights in cache from
-   call to call, which a network's pass does not (at batch 1 a Winograd layer's transformed
-   weights are 1.8-7x a direct layer's: alone, F4 and F6 look up to twice as fast as in a
-   network). A pair of options is *resolved* when the median of its per-round differences
-   (swap: of the two networks' times; isolated: the log of the kernels' ratio) is at least
-   ``--layer-tie`` away from 0 (swap: 0.5 % of the context network's time; isolated: 2 % of
-   the kernel's) and its 95 % bootstrap interval over rounds excludes 0; a closer pair is a
-   tie, which either order gets right (a search loses nothing by picking either). Reported:
-   Kendall's tau over the resolved pairs of all layers pooled, (concordant - discordant) /
-   resolved (a layer with one resolved pair weighs one pair; layers of one geometry share
-   their rows, but the search prices layers, so each counts), per layer the same over its
-   own pairs (the worst layer is named), and how many pairs were resolved. Beside it:
-   Spearman over all four options (ties by noise included: one swapped pair moves it by
-   0.4), and the *pick regret*: what the option the table prices fastest costs over the
-   fastest measured, from the paired rounds (of the network's time for swap, of the kernel's
-   for isolated).
+   flex runs the static kernel, so it is not a distinct option) ordered by the table (swap: the
+   swapped network priced end to end, less the all-direct one, so that the rows in context of the
+   layer and of the operations after it count; isolated: the layer's pooled rows) against an
+   *independent* measurement, paired by round: ``--layer-reference swap`` (default): the layer set
+   to each option in turn in a *context* network whose searchable layers are all direct, each such
+   network timed end to end (a separate harness and separate minutes from the table's),
+   ``--layer-repeats`` interleaved rounds per layer, each network built ``--layer-instances`` times
+   (3) and a round's time of an option the mean of its builds' (two builds of one network differ by
+   more than a layer's options do: :func:`swapped_layer_rounds`); what the search's choice for that
+   layer does to a network, neighbours' caches included. ``isolated``: each kernel timed alone
+   (``kernel_for``), all kernels sampled once per round in a shuffled order; a kernel alone keeps
+   its weights in cache from call to call, which a network's pass does not (at batch 1 a Winograd
+   layer's transformed weights are 1.8-7x a direct layer's: alone, F4 and F6 look up to twice as
+   fast as in a network). A pair of options is *resolved* when the median of its per-round
+   differences (swap: of the two networks' times; isolated: the log of the kernels' ratio) is at
+   least ``--layer-tie`` away from 0 (swap: 0.5 % of the context network's time; isolated: 2 % of
+   the kernel's) and its 95 % bootstrap interval over rounds excludes 0; a closer pair is a tie,
+   which either order gets right (a search loses nothing by picking either). Reported: Kendall's
+   tau over the resolved pairs of all layers pooled, (concordant - discordant) / resolved (a layer
+   with one resolved pair weighs one pair; layers of one geometry share their rows, but the search
+   prices layers, so each counts), per layer the same over its own pairs (the worst layer is
+   named), and how many pairs were resolved. Beside it: Spearman over all four options (ties by
+   noise included: one swapped pair moves it by 0.4), and the *pick regret*: what the option the
+   table prices fastest costs over the fastest measured, from the paired rounds (of the network's
+   time for swap, of the kernel's for isolated).
 5. **Confidence.** Each figure carries a 95 % percentile-bootstrap interval (``--bootstrap``
    resamples, seeded): MAPE and Spearman resample the networks, the per-layer figure resamples
    the layers. It is the uncertainty of the figure over *which* networks (layers) were drawn,
@@ -210,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=30,
         help="interleaved rounds of the per-layer measurement, swaps or kernels alone (>= 2; "
         "default 30)",
+    )
+    p.add_argument(
+        "--layer-instances",
+        type=_positive(int),
+        default=3,
+        help="swap: networks built per option of a layer (and of the all-direct context), "
+        "each round's time of an option the mean of its instances' (default 3; 1: one each)",
     )
     p.add_argument(
         "--layer-reference",
@@ -481,34 +488,43 @@ def swapped_layer_rounds(
     base: Arch, bits: int | None, args: argparse.Namespace, device: torch.device
 ) -> dict[str, list[list[float]]]:
     """For each searchable layer of ``base``: the *context* network (every searchable layer
-    direct) with that layer set to each of its options in turn, timed end to end in
-    ``--layer-repeats`` rounds, each round timing the layer's networks once in a shuffled
-    order (seeded), each pass right after ``WARM_PASSES`` untimed ones. Returns ``{layer:
-    [per-round seconds of each option's network]}``, options as :func:`layer_options`; the
-    first (direct) is the context itself."""
+    direct) with that layer set to each of its options in turn, each built
+    ``--layer-instances`` times, timed end to end in ``--layer-repeats`` rounds, each round
+    timing every instance once in a shuffled order (seeded), each pass right after
+    ``WARM_PASSES`` untimed ones. Returns ``{layer: [per-round seconds of each option's
+    network, the mean of its instances']}``, options as :func:`layer_options`; the first
+    (direct) is the context itself.
+
+    Instances, because two builds of one network differ by more than the rounds show: on the
+    Zen 5 machine of the tenth session, six builds of the paper's width-0.25 network in 8-bit,
+    interleaved over 150 rounds, had medians 4-12 % apart (float32: 2.6 %), where a layer's
+    options differ by 1-3 % of the network; each build's offset (where its tensors lie, its
+    random weights) is the same in every round, so the rounds' interval cannot see it, and
+    one build per option resolved pairs in the order of its builds' offsets."""
     opts = layer_options(bits)
     context = base.with_layers({spec.name: opts[0] for spec in base.specs()})
-    ctx = NetworkTimer(context, batch=args.batch, device=device, stat=args.stat).warmup()
+    copies = args.layer_instances
+
+    def builds(arch: Arch) -> list[NetworkTimer]:
+        return [
+            NetworkTimer(arch, batch=args.batch, device=device, stat=args.stat).warmup()
+            for _ in range(copies)
+        ]
+
+    ctx = builds(context)
     rng = random.Random(args.seed + 2)
     out = {}
     for spec in tqdm(base.specs(), desc="layer swaps", leave=False):
-        nets = [ctx] + [
-            NetworkTimer(
-                context.with_layers({spec.name: o}),
-                batch=args.batch,
-                device=device,
-                stat=args.stat,
-            )
-            for o in opts[1:]
-        ]
-        for net in nets[1:]:
-            net.warmup()
+        nets = [ctx] + [builds(context.with_layers({spec.name: o})) for o in opts[1:]]
         got: list[list[float]] = [[] for _ in nets]
-        order = list(range(len(nets)))
+        slots = [(i, j) for i in range(len(nets)) for j in range(copies)]
         for _ in range(args.layer_repeats):
-            rng.shuffle(order)
-            for i in order:
-                got[i].extend(timed_pass(nets[i], ops=False))
+            rng.shuffle(slots)
+            times: list[list[float]] = [[] for _ in nets]
+            for i, j in slots:
+                times[i].extend(timed_pass(nets[i][j], ops=False))
+            for i, t in enumerate(times):
+                got[i].append(float(np.mean(t)))
         out[spec.name] = got
         del nets
     return out
@@ -929,7 +945,8 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
     if swap:
         print(
             f"\nper layer: the table's prediction vs the layer swapped into an all-direct "
-            f"network, timed end to end ({args.layer_repeats} interleaved rounds); options "
+            f"network, timed end to end ({args.layer_repeats} interleaved rounds, "
+            f"{args.layer_instances} builds of each network); options "
             f"direct, F2, F4, F6; both: the network less the all-direct one (ms; table: priced "
             f"in context, measured: median over rounds); tau over the pairs the rounds resolve "
             f"(differ by >= {tie:.1%} of the network, 95% CI); regret of the network"
@@ -1016,6 +1033,7 @@ def run_bits(args: argparse.Namespace, bits_name: str, device: torch.device, mul
         "layer_pairs_resolved": resolved,
         "layer_pairs": int(pairs),
         "layer_reference": args.layer_reference,
+        "layer_instances": args.layer_instances if swap else None,
         "layer_tie": tie,
         "layer_rho": round(float(np.mean(rho_all)), 4) if len(rho_all) else None,
         "layer_regret_mean": round(float(regret.mean()), 4),

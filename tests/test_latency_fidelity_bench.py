@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from benchmark_module import load_benchmark
 from test_discovery import user_nets  # noqa: F401  (fixture; tests/ is on sys.path)
@@ -24,7 +25,18 @@ TINY = {
     "latency": {"kind": "measured", "batch": 1},
     "budget": {"trials": 2},
 }
-QUICK = ["--threads", "1", "--candidates", "150", "--layer-repeats", "3", "--bootstrap", "200"]
+QUICK = [
+    "--threads",
+    "1",
+    "--candidates",
+    "150",
+    "--layer-repeats",
+    "3",
+    "--layer-instances",
+    "2",
+    "--bootstrap",
+    "200",
+]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +110,7 @@ def test_spearman_ties_and_constant_sides(fid) -> None:
         (["--archs", "30", "--candidates", "10"], "--candidates"),
         (["--device", "cuda:9"], "--device"),
         (["--layer-repeats", "1"], "--layer-repeats"),
+        (["--layer-instances", "0"], "--layer-instances"),
         (["--layer-tie", "1.5"], "--layer-tie"),
         (["--layer-tie", "two"], "--layer-tie"),
         (["--layer-reference", "cold"], "--layer-reference"),
@@ -188,6 +201,46 @@ def test_layer_agreement_counts_resolved_pairs_and_regret(fid) -> None:
     slow = np.where(np.arange(20) % 3 == 0, 2.0, 1.0)
     drifting = [n * slow for n in nets]
     assert fid.layer_agreement([1, 2, 3, 4], drifting, tie=0.005, **on_net)["regret"] == 0.0
+
+
+def test_swaps_time_every_build_each_round_and_average_them(fid, monkeypatch, tmp_path) -> None:
+    """Each option of a layer (and the all-direct context) is built --layer-instances times,
+    every build timed once per round, and a round's time of the option is its builds' mean:
+    builds with fixed offsets (where their tensors lie) average out instead of ordering the
+    options."""
+    built: list = []
+
+    class Stub:  # a NetworkTimer whose every pass takes a fixed time of its own build
+        def __init__(self, arch, **_kw) -> None:
+            self.offset = 1.0 + 0.1 * (len(built) % 3)  # builds come in threes
+            built.append(arch)
+
+        def warmup(self, *_a):
+            return self
+
+    monkeypatch.setattr(fid, "NetworkTimer", Stub)
+    calls: list[Stub] = []
+
+    def timed(timer, *, ops):
+        calls.append(timer)
+        return [timer.offset]
+
+    monkeypatch.setattr(fid, "timed_pass", timed)
+    args = fid.build_parser().parse_args(
+        ["--space", str(_space(tmp_path)), "--layer-repeats", "4", "--layer-instances", "3"]
+    )
+    base = fid.base_arch(args, None)
+    rounds = fid.swapped_layer_rounds(base, None, args, torch.device("cpu"))
+    layers = [spec.name for spec in base.specs()]
+    assert list(rounds) == layers
+    options = len(fid.layer_options(None))
+    # the context's 3 builds once, then 3 per Winograd option of each layer
+    assert len(built) == 3 + 3 * (options - 1) * len(layers)
+    assert len(calls) == len(layers) * 4 * options * 3  # every build once a round
+    for got in rounds.values():
+        assert len(got) == options and all(len(r) == 4 for r in got)
+        for per_round in got:  # builds at 1.0, 1.1, 1.2 (the context's alike): mean 1.1
+            assert per_round == pytest.approx([1.1] * 4)
 
 
 # -- miniature runs ------------------------------------------------------------------------------

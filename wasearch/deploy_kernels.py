@@ -562,7 +562,9 @@ class WinogradConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        ext = cpu_kernels.kernels()
+        # the compiled kernels serve the fused form on the CPU only (elsewhere, no build tried)
+        fused = getattr(self, "fused", False)
+        ext = cpu_kernels.kernels() if fused and x.is_cpu else None
         key = self._plan_key(x, ext)
         plan = self.__dict__.get("_plan")
         if plan is None or plan[0] != key:

@@ -496,29 +496,12 @@ class WinogradConv(nn.Module):
         """What a call plan depends on: the input's shape and kind, the form, and the identity
         and version of every buffer it reads (replaced, or changed in place: a range set after
         construction, weights loaded). The plan holds the buffers, so their ids stay theirs."""
-        b = self._buffers
-        a_t, b_t, bias = b["A_t"], b["B_t"], b["bias"]
+        b, d = self._buffers, self.__dict__
         w = b["qu"] if self.bits is not None else b["u_t"]
-        amax = b.get("act_amax")
-        return (
-            x.shape,
-            x.dtype,
-            x.is_cpu,
-            id(ext),
-            self.__dict__.get("fused"),
-            self.__dict__.get("chunk_tiles"),
-            self.__dict__.get("int8_product"),
-            id(a_t),
-            a_t._version,
-            id(b_t),
-            b_t._version,
-            id(w),
-            w._version,
-            id(bias),
-            None if bias is None else bias._version,
-            id(amax),
-            None if amax is None else amax._version,
-        )
+        bufs = (b["A_t"], b["B_t"], w, b["bias"], b.get("act_amax"))
+        form = (d.get("fused"), d.get("chunk_tiles"), d.get("int8_product"))
+        versions = [(id(t), None if t is None else t._version) for t in bufs]
+        return (x.shape, x.dtype, x.is_cpu, id(ext), form, versions)
 
     def _make_plan(self, x: torch.Tensor, ext: Any) -> tuple[Any, tuple[Any, ...]] | None:
         """The layer as one call into the compiled kernels, ``(kernel, arguments after the
@@ -536,14 +519,8 @@ class WinogradConv(nn.Module):
         th, tw = tile_counts(h, w, m)
         step = _images_per_group(n, th * tw, getattr(self, "chunk_tiles", CHUNK_TILES))
         if self.bits is None:
-            fn = ext.winograd_f32_conv
-            args: tuple[Any, ...] = (
-                self.B_t.contiguous(),
-                self.A_t.contiguous(),
-                self.u_t,
-                self.bias,
-                step,
-            )
+            fn, b_t, a_t = ext.winograd_f32_conv, self.B_t.contiguous(), self.A_t.contiguous()
+            args: tuple[Any, ...] = (b_t, a_t, self.u_t, self.bias, step)
         elif self.act_amax is not None and getattr(self, "int8_product", "onednn") == "vnni":
             scale, inv = self._position_scales()
             packed, sums, w_scales = self._vnni_weights()

@@ -593,7 +593,8 @@ def test_the_kept_call_plan_follows_every_change_of_the_layer(bits):
     w, bias, x = torch.randn(12, 8, 3, 3), torch.randn(12), torch.randn(2, 8, 9, 9).relu()
     mod = layer(w, bias)
     first = mod(x)
-    assert mod._plan[1] is not None  # the plan runs this layer
+    # the plan runs this layer: float32, or 8-bit on the VNNI product (the oneDNN one loops)
+    assert (mod._plan[1] is not None) == (not bits or mod.int8_product == "vnni")
     assert torch.equal(mod(x), first)
     with torch.no_grad():
         mod.bias.add_(1.0)

@@ -531,10 +531,12 @@ class WinogradConv(nn.Module):
         return fn, args
 
     def __getstate__(self) -> dict[str, Any]:
-        """The module's state without its call plan (it holds the compiled kernels' functions,
-        which do not pickle; :meth:`forward` makes it again)."""
+        """The module's state without what it derives on use: its call plan (it holds the
+        compiled kernels' functions, which do not pickle) and the ``_derived`` copies (oneDNN's
+        prepacked weights are an opaque tensor, which neither pickles nor copies)."""
         state = super().__getstate__()
-        state.pop("_plan", None)
+        for derived in ("_plan", "_scales_for", "_onednn_for", "_vnni_for"):
+            state.pop(derived, None)
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -466,18 +466,15 @@ class WinogradConv(nn.Module):
         With the VNNI product the whole layer is one call into the compiled kernels, and where
         its Winograd-domain weights fit in cache (``winograd_q8_conv``), the three passes run per
         block of a few dozen tiles, their intermediates never leaving the cache."""
+        plan = self._make_plan(x, ext)  # the VNNI product: the layer in one call
+        if plan is not None:
+            return _run_plan(plan, x)
         n, c, h, w = x.shape
         m, a2, k = self.tile, (self.tile + 2) ** 2, self.out_channels
         th, tw = tile_counts(h, w, m)
         step = _images_per_group(n, th * tw, getattr(self, "chunk_tiles", CHUNK_TILES))
         scale, inv = self._position_scales()
         xn = x.permute(0, 2, 3, 1)  # a view of channels-last data: no copy
-        if getattr(self, "int8_product", "onednn") == "vnni":
-            packed, sums, w_scales = self._vnni_weights()
-            out = ext.winograd_q8_conv(
-                xn, self.B_t, self.A_t, inv, scale, packed, sums, w_scales, k, self.bias, step
-            )
-            return out.permute(0, 3, 1, 2)
         bias = self.bias if self.bias is not None else torch.empty(0)
         out = torch.empty((n, h, w, k), dtype=x.dtype)
         for i in range(0, n, step):
@@ -553,8 +550,7 @@ class WinogradConv(nn.Module):
             plan = (key, self._make_plan(x, ext), sources)
             self.__dict__["_plan"] = plan
         if plan[1] is not None:
-            fn, args = plan[1]
-            return fn(x.permute(0, 2, 3, 1), *args).permute(0, 3, 1, 2)
+            return _run_plan(plan[1], x)
         if (
             self.bits is not None
             and self.act_amax is not None
@@ -577,6 +573,12 @@ class WinogradConv(nn.Module):
             chunk_tiles=getattr(self, "chunk_tiles", CHUNK_TILES),
             fused=getattr(self, "fused", False),
         )
+
+
+def _run_plan(plan: tuple[Any, tuple[Any, ...]], x: torch.Tensor) -> torch.Tensor:
+    """A :meth:`WinogradConv._make_plan` call on ``x`` (channels-last): NHWC in, NCHW view out."""
+    fn, args = plan
+    return fn(x.permute(0, 2, 3, 1), *args).permute(0, 3, 1, 2)
 
 
 class Head(nn.Module):

@@ -329,6 +329,9 @@ constexpr uint64_t kDense8 = ~uint64_t{0};
 // layer's input at batch 1 is in cache (its loads hit), where at batch 32 (8 MiB at 64 channels
 // and 32 x 32) the gather waited on memory for most of its time.
 constexpr int64_t kPrefetchFromBytes = 1 << 20;
+inline bool worth_prefetching(const at::Tensor& x) {
+  return static_cast<int64_t>(x.nbytes()) > kPrefetchFromBytes;
+}
 
 #if defined(__AVX512F__)
 // The lanes of a 16-float vector that hold channels: all, or the first `left` (1..15) of the last.
@@ -573,7 +576,7 @@ at::Tensor winograd_input(const at::Tensor& x, const at::Tensor& bt, int64_t m, 
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a * a * C, 1));
   const int64_t scratch = has_tile_v(a) ? 0 : a * a * C;  // the generic form's
   const uint64_t pattern = nonzero_pattern(B, a * a);
-  const bool prefetch = static_cast<int64_t>(x.nbytes()) > kPrefetchFromBytes;
+  const bool prefetch = worth_prefetching(x);
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> d(scratch), rows(scratch);
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -619,7 +622,7 @@ at::Tensor winograd_input_q8(const at::Tensor& x, const at::Tensor& bt, int64_t 
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(a2 * C, 1));
   const int64_t scratch = has_tile_v(a) ? 0 : a2 * C;  // the generic form's
   const uint64_t pattern = nonzero_pattern(B, a * a);
-  const bool prefetch = static_cast<int64_t>(x.nbytes()) > kPrefetchFromBytes;
+  const bool prefetch = worth_prefetching(x);
   at::parallel_for(0, NT, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> d(scratch), rows(scratch), v(scratch);
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -1622,7 +1625,7 @@ at::Tensor winograd_q8_conv(const at::Tensor& x, const at::Tensor& bt, const at:
   tb2 = std::max<int64_t>(kTB, std::min<int64_t>(tb2, share / kTB * kTB));
   const int64_t nblk = (NT + tb2 - 1) / tb2;
   const uint64_t pattern = nonzero_pattern(B, a * a);
-  const bool prefetch = static_cast<int64_t>(x.nbytes()) > kPrefetchFromBytes;
+  const bool prefetch = worth_prefetching(x);
   at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
     // the channels past C hold the zero point; the input transform writes the first C only
     std::vector<uint8_t> qbuf(a2 * tb2 * Cs, uint8_t{128});
